@@ -1,0 +1,1 @@
+"""Lightning callbacks of llmp, installed as ``llmp.callbacks``."""

@@ -1,0 +1,12 @@
+"""llmp: structured pruning of large language models, with recovery training on Lightning."""
+
+from llmp import _layout
+from llmp.errors import LlmpError
+from llmp.io import load_pruned, save_pruned
+from llmp.models import load_model
+from llmp.pruner import PruneConfig, prune
+
+__all__ = ["LlmpError", "PruneConfig", "load_model", "load_pruned", "prune", "save_pruned"]
+__version__ = "0.1.0"
+
+_layout.install()

@@ -1,0 +1,257 @@
+"""Importance: one score per group element, from weights and calibration gradients.
+
+Criteria (``w`` a weight, ``g`` the gradient of the mean calibration loss, ``F`` the mean of
+per-sample squared gradients, the Fisher approximation of the Hessian diagonal):
+
+=============  =====================================  ===========================
+criterion      per weight, summed over an element      needs
+=============  =====================================  ===========================
+``taylor``     ``|w·g|``                               gradients
+``taylor2``    ``w²·F`` (second-order Taylor term)     per-sample gradients
+``taylor_mix`` ``|w·g − ½·w²·F|``                       both
+``vectorwise`` ``|Σ_row w·g|`` (signs cancel in a row)  gradients
+``l1``/``l2``  ``|w|`` / ``w²``                          nothing
+``random``     uniform noise                            nothing
+=============  =====================================  ===========================
+
+An element's slices each give a score; ``reduction`` (sum, mean, max, prod, first) combines them.
+Second-order scores are reduced as each parameter's gradient arrives and the gradient is freed at
+once, so no copy of all gradients is ever held; first-order ones need the summed gradient and keep
+one (``param.grad``), only for the parameters that belong to a group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmp.errors import LlmpError
+from llmp.structure import Group, Kind, Structure
+
+Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "l1", "l2", "random"]
+Reduction = Literal["sum", "mean", "max", "prod", "first"]
+CRITERIA: tuple[str, ...] = Criterion.__args__
+REDUCTIONS: tuple[str, ...] = Reduction.__args__
+_GRADIENT = {"taylor", "taylor2", "taylor_mix", "vectorwise"}
+_PER_SAMPLE = {"taylor2", "taylor_mix"}
+
+
+def score(
+    model: nn.Module,
+    structure: Structure,
+    calibration: torch.Tensor | None = None,
+    criterion: Criterion = "taylor",
+    reduction: Reduction = "sum",
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Score every element of every group (higher = more important).
+
+    Args:
+        model: the causal LM; its parameters are not changed.
+        structure: the groups to score.
+        calibration: ``[N, L]`` token ids; required by the gradient criteria.
+        criterion: see the module docstring.
+        reduction: how an element's per-slice scores combine.
+        batch_size: calibration samples per forward/backward (per-sample criteria use 1).
+        seed: for ``random``.
+
+    Returns:
+        Group name → float64 tensor of ``group.size`` scores.
+
+    Raises:
+        LlmpError: unknown criterion or reduction, or no calibration data for a gradient criterion.
+    """
+    if criterion not in CRITERIA:
+        raise LlmpError(f"`criterion` must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if reduction not in REDUCTIONS:
+        raise LlmpError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if criterion == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return {g.name: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in structure.groups}
+    if criterion in _GRADIENT and (calibration is None or calibration.numel() == 0):
+        raise LlmpError(
+            f"criterion {criterion!r} needs calibration data and none was given: pass `--calibration FILE` "
+            "(text, JSONL or a datasets id), or use a data-free criterion (l1, l2, random)"
+        )
+    params = dict(model.named_parameters())
+    tracked = _tracked(structure, params)
+    keys = _slice_keys(structure)
+    if criterion in _GRADIENT:
+        sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
+    else:
+        sums, totals = _magnitude_scores(params, tracked, keys, criterion)
+    return {g.name: _group_scores(g, sums, totals, params, reduction) for g in structure.groups}
+
+
+def _tracked(structure: Structure, params: dict[str, nn.Parameter]) -> list[str]:
+    names = {s.param for g in structure.groups for s in g.slices}
+    for group in structure.of_kind(Kind.LAYERS):
+        names.update(n for n in params if any(n.startswith(m + ".") for m in group.modules))
+    return sorted(names)
+
+
+def _slice_keys(structure: Structure) -> dict[str, set[int]]:
+    keys: dict[str, set[int]] = defaultdict(set)
+    for g in structure.groups:
+        for s in g.slices:
+            keys[s.param].add(s.dim)
+    return keys
+
+
+def _reduce_to(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum ``x`` over every dimension but ``dim``."""
+    if x.dim() == 1:
+        return x
+    return x.sum(dim=[d for d in range(x.dim()) if d != dim])
+
+
+def _salience(w: torch.Tensor, g: torch.Tensor | None, f: torch.Tensor | None, criterion: str) -> torch.Tensor:
+    if criterion == "taylor":
+        return (w * g).abs()
+    if criterion == "taylor2":
+        return w * w * f
+    if criterion == "taylor_mix":
+        return (w * g - 0.5 * w * w * f).abs()
+    if criterion == "l1":
+        return w.abs()
+    return w * w  # l2
+
+
+@contextmanager
+def _grad_only_for(model: nn.Module, names: list[str]) -> Iterator[None]:
+    params = dict(model.named_parameters())
+    before = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    was_training = model.training
+    wanted = set(names)
+    for n, p in params.items():
+        p.requires_grad_(n in wanted)
+        p.grad = None
+    model.eval()
+    try:
+        yield
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n])
+            p.grad = grads[n]
+        model.train(was_training)
+
+
+def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size):
+    n = calibration.shape[0]
+    device = next(model.parameters()).device
+    per_sample = criterion in _PER_SAMPLE
+    step = 1 if per_sample else max(1, batch_size)
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    totals: dict[str, float] = defaultdict(float)
+    fisher: dict[str, torch.Tensor] = {}
+    gsum: dict[str, torch.Tensor] = {}
+
+    def consume(name: str, p: torch.Tensor) -> None:
+        # Called as soon as p's gradient for this sample is complete; frees it (second order).
+        g = p.grad.detach()
+        if criterion == "taylor2":
+            contribution = (p.detach() * g).pow_(2).div_(n)
+            for dim in keys.get(name, ()):
+                part = _reduce_to(contribution, dim).double()
+                sums[(name, dim)] = sums[(name, dim)] + part if (name, dim) in sums else part
+            totals[name] += float(contribution.sum())
+        else:  # taylor_mix: keep mean gradient and Fisher diagonal
+            f = g * g / n
+            fisher[name] = fisher[name] + f if name in fisher else f
+            gsum[name] = gsum[name] + g / n if name in gsum else g / n
+        p.grad = None
+
+    with _grad_only_for(model, tracked):
+        handles = []
+        if per_sample:
+            for name in tracked:
+                handles.append(params[name].register_post_accumulate_grad_hook(lambda p, name=name: consume(name, p)))
+        try:
+            for start in tqdm(
+                range(0, n, step), desc=f"calibration ({criterion})", unit="batch", leave=False, disable=None
+            ):
+                batch = calibration[start : start + step].to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
+                (loss if per_sample else loss * (batch.shape[0] / n)).backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if criterion in ("taylor", "vectorwise", "taylor_mix"):
+            for name in tracked:
+                p = params[name]
+                g = gsum.pop(name, None) if criterion == "taylor_mix" else p.grad
+                if g is None:  # unused by the forward (e.g. an ignored bias)
+                    g = torch.zeros_like(p)
+                w = p.detach()
+                if criterion == "vectorwise":
+                    prod = w * g
+                    for dim in keys.get(name, ()):
+                        sums[(name, dim)] = _reduce_to(prod, dim).abs().double()
+                    totals[name] = float(prod.abs().sum())
+                else:
+                    sal = _salience(w, g, fisher.pop(name, None), criterion)
+                    for dim in keys.get(name, ()):
+                        sums[(name, dim)] = _reduce_to(sal, dim).double()
+                    totals[name] = float(sal.sum())
+                p.grad = None
+    return sums, totals
+
+
+@torch.no_grad()
+def _magnitude_scores(params, tracked, keys, criterion):
+    sums, totals = {}, {}
+    for name in tracked:
+        sal = _salience(params[name].detach(), None, None, criterion)
+        for dim in keys.get(name, ()):
+            sums[(name, dim)] = _reduce_to(sal, dim).double()
+        totals[name] = float(sal.sum())
+    return sums, totals
+
+
+def _group_scores(group: Group, sums, totals, params, reduction: str) -> torch.Tensor:
+    if group.kind is Kind.LAYERS:
+        return torch.tensor(
+            [sum(v for n, v in totals.items() if n.startswith(m + ".")) for m in group.modules], dtype=torch.float64
+        )
+    elements = torch.arange(group.size)
+    per_slice = []
+    for s in group.slices:
+        vector = sums.get((s.param, s.dim))
+        if vector is None:
+            continue
+        per_slice.append(vector[s.indices(elements)].view(group.size, s.width).sum(1))
+    stacked = torch.stack(per_slice)
+    if reduction == "sum":
+        out = stacked.sum(0)
+    elif reduction == "mean":
+        out = stacked.mean(0)
+    elif reduction == "max":
+        out = stacked.max(0).values
+    elif reduction == "prod":
+        out = stacked.prod(0)
+    else:  # first
+        out = stacked[0]
+    if not torch.isfinite(out).all():
+        raise LlmpError(f"importance of group {group.name} is not finite; check the model weights and data")
+    return out
+
+
+def element_parameters(group: Group, model: nn.Module) -> torch.Tensor:
+    """Parameters removed with each element of ``group`` (shared weights counted once)."""
+    if group.kind is Kind.LAYERS:
+        counts = [sum(p.numel() for p in model.get_submodule(m).parameters()) for m in group.modules]
+        return torch.tensor(counts, dtype=torch.long)
+    params = dict(model.named_parameters())
+    per = sum(s.width * math.prod(params[s.param].shape) // params[s.param].shape[s.dim] for s in group.slices)
+    return torch.full((group.size,), per, dtype=torch.long)

@@ -1,0 +1,215 @@
+"""The pruning pipeline as one library call: discover → score → plan → apply, in steps.
+
+Example::
+
+    model, tokenizer = llmp.load_model("smollm2-135m")
+    calib = llmp.data.calibration_samples("c4.jsonl", tokenizer, 10, 64)
+    report = llmp.prune(model, PruneConfig(ratio=0.2), calib)
+    report["achieved_ratio"]  # 0.2003
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from llmp import importance, surgery
+from llmp.errors import LlmpError, raise_all
+from llmp.plan import PlanSettings, make_plan
+from llmp.structure import Group, Kind, adapter_for
+
+Scope = Literal["block", "channel", "layer"]
+Attention = Literal["query", "kv", "none"]
+
+
+@dataclass
+class PruneConfig:
+    """What to remove and how to choose it.
+
+    Attributes:
+        ratio: fraction of all model parameters to remove, in [0, 1).
+        scope: ``block`` (attention heads and MLP channels inside layers), ``channel`` (hidden
+            channels of the whole model), or ``layer`` (whole decoder layers).
+        attention: in ``block`` scope, remove query heads evenly inside each KV group (``query``),
+            whole KV groups (``kv``; same as heads for MHA), or no heads (``none``: MLP only).
+        mlp: in ``block`` scope, remove MLP channels.
+        layers: ``A:B`` range of layers (0-based, B excluded) that may be pruned, for heads, MLP
+            channels and whole layers; ``None`` means the llmp default (skip the first and
+            last layer for heads; all layers for MLP).
+        attn_layers: range for heads alone (overrides ``layers``).
+        mlp_layers: range for MLP channels alone (overrides ``layers``).
+        criterion: importance criterion (see :mod:`llmp.importance`).
+        reduction: how one element's slice scores combine.
+        ranking: ``layer`` (same fraction per layer) or ``global``.
+        min_keep: fraction of every group always kept (at least one head per KV group).
+        round_to: kept MLP/hidden channels are a multiple of this.
+        layout: ``heterogeneous`` or ``uniform`` (same counts in every layer: a plain HF config).
+        steps: prune in this many steps, re-scoring between them.
+        batch_size: calibration samples per forward/backward.
+        seed: for sampling and the ``random`` criterion.
+    """
+
+    ratio: float = 0.2
+    scope: Scope = "block"
+    attention: Attention = "none"
+    mlp: bool = True
+    layers: str | None = None
+    attn_layers: str | None = None
+    mlp_layers: str | None = None
+    criterion: importance.Criterion = "taylor"
+    reduction: importance.Reduction = "sum"
+    ranking: Literal["layer", "global"] = "layer"
+    min_keep: float = 0.0
+    round_to: int = 1
+    layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
+    steps: int = 1
+    batch_size: int = 8
+    seed: int = 0
+
+    def check(self) -> None:
+        """Validate what can be checked without a model.
+
+        Raises:
+            LlmpError: every problem found, in one message.
+        """
+        problems = []
+        if not 0.0 <= self.ratio < 1.0:
+            problems.append(f"`ratio` must be in [0, 1) (a fraction of all parameters); got {self.ratio}")
+        choices = {
+            "scope": ("block", "channel", "layer"),
+            "attention": ("query", "kv", "none"),
+            "criterion": importance.CRITERIA,
+            "reduction": importance.REDUCTIONS,
+            "ranking": ("layer", "global"),
+            "layout": ("heterogeneous", "uniform"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.steps < 1:
+            problems.append(f"`steps` must be >= 1; got {self.steps}")
+        if self.layout == "uniform" and (
+            self.ranking == "global" or self.layers or self.attn_layers or self.mlp_layers
+        ):
+            problems.append("`layout` uniform prunes every layer alike: it takes no layer ranges and no global ranking")
+        if self.scope == "block" and self.attention == "none" and not self.mlp:
+            problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
+        for name in ("layers", "attn_layers", "mlp_layers"):
+            if getattr(self, name) is not None:
+                try:
+                    parse_range(getattr(self, name), None)
+                except LlmpError as err:
+                    problems.append(str(err))
+        raise_all(problems)
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        if self.scope == "channel":
+            return (Kind.HIDDEN,)
+        if self.scope == "layer":
+            return (Kind.LAYERS,)
+        kinds = {"query": (Kind.QUERY_HEADS,), "kv": (Kind.KV_GROUPS,), "none": ()}[self.attention]
+        return kinds + ((Kind.MLP,) if self.mlp else ())
+
+
+def parse_range(text: str, n_layers: int | None, name: str = "layers") -> range:
+    """``"A:B"`` → ``range(A, B)``; an empty side means the start or end of the model.
+
+    Raises:
+        LlmpError: malformed, empty, or beyond the model's ``n_layers``.
+    """
+    start, sep, stop = str(text).partition(":")
+    try:
+        a = int(start) if start.strip() else 0
+        b = int(stop) if stop.strip() else n_layers
+    except ValueError:
+        b = a = None
+    if not sep or a is None or (b is not None and (a < 0 or a >= b)):
+        raise LlmpError(f"`{name}` must look like A:B with 0 <= A < B (e.g. 4:30); got {text!r}")
+    if n_layers is not None and b > n_layers:
+        raise LlmpError(f"`{name}` {text} goes beyond the model, which has {n_layers} layers (0:{n_layers})")
+    return range(a, b if b is not None else a + 1)
+
+
+def _ranges(config: PruneConfig, n: int) -> dict[Kind, range]:
+    default_attn = f"1:{n - 1}" if n > 2 else f"0:{n}"
+    attn = config.attn_layers or config.layers or default_attn
+    mlp = config.mlp_layers or config.layers or f"0:{n}"
+    if config.layout == "uniform":
+        attn = mlp = f"0:{n}"
+    ranges = {
+        Kind.QUERY_HEADS: parse_range(attn, n, "attn_layers"),
+        Kind.MLP: parse_range(mlp, n, "mlp_layers"),
+        Kind.LAYERS: parse_range(config.layers or f"0:{n}", n),
+    }
+    ranges[Kind.KV_GROUPS] = ranges[Kind.QUERY_HEADS]
+    return ranges
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune(model: PreTrainedModel, config: PruneConfig, calibration: torch.Tensor | None = None) -> dict:
+    """Prune ``model`` in place and return the report (settings, counts, shapes, timings).
+
+    Raises:
+        LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
+    """
+    config.check()
+    adapter = adapter_for(model)
+    n_layers = len(adapter.layers(model))
+    _ranges(config, n_layers)  # validates the ranges against the model before any work
+    total = count_parameters(model)
+    steps, timings = [], {"scoring_s": 0.0, "planning_s": 0.0, "surgery_s": 0.0}
+    for step in range(1, config.steps + 1):
+        target = round(config.ratio * total * step / config.steps) - (total - count_parameters(model))
+        t0 = time.perf_counter()
+        structure = adapter.discover(model, config.kinds)
+        ranges = _ranges(config, len(adapter.layers(model)))
+        groups = [g for g in structure.groups if g.layer is None or g.layer in ranges[g.kind]]
+        structure.groups = groups
+        scores = importance.score(
+            model, structure, calibration, config.criterion, config.reduction, config.batch_size, config.seed
+        )
+        t1 = time.perf_counter()
+        params = {g.name: importance.element_parameters(g, model) for g in groups}
+        allowed = {g.name: _layer_mask(g, ranges[Kind.LAYERS]) for g in groups if g.kind is Kind.LAYERS}
+        settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
+        plan = make_plan(groups, scores, params, target, settings, allowed)
+        t2 = time.perf_counter()
+        before = count_parameters(model)
+        surgery.apply(model, structure, plan, adapter)
+        t3 = time.perf_counter()
+        timings["scoring_s"] += t1 - t0
+        timings["planning_s"] += t2 - t1
+        timings["surgery_s"] += t3 - t2
+        steps.append(
+            {
+                "step": step,
+                "params_before": before,
+                "params_after": count_parameters(model),
+                "removed": {name: len(v) for name, v in plan.items()},
+            }
+        )
+    after = count_parameters(model)
+    return {
+        "settings": asdict(config),
+        "family": adapter.family,
+        "params_before": total,
+        "params_after": after,
+        "achieved_ratio": round(1 - after / total, 6),
+        "layer_shapes": adapter.layer_shapes(model),
+        "hidden_size": model.config.hidden_size,
+        "num_layers": len(adapter.layers(model)),
+        "steps": steps,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def _layer_mask(group: Group, allowed: range) -> torch.Tensor:
+    return torch.tensor([i in allowed for i in range(group.size)])

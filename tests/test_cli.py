@@ -1,0 +1,124 @@
+"""The `llmp` command: prune / eval ppl / generate on a tiny model folder, and its error lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llmp.cli import main
+from llmp.data.resources import BUILTIN_DATA
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a real (byte-level BPE) tokenizer, saved as a model folder."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = BUILTIN_DATA["wikitext2"].read_text()[:20000]
+    tok.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        head_dim=16,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_eval_generate(model_dir, tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--ratio",
+        0.2,
+        "--output",
+        out_dir,
+        "--attention",
+        "query",
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+        "--eval-data",
+        "wikitext2",
+        "--eval-tokens",
+        2048,
+    )
+    assert code == 0, err
+    assert "parameters:" in out and "perplexity on wikitext2" in out
+    report = json.loads((out_dir / "pruning_report.json").read_text())
+    assert abs(report["achieved_ratio"] - 0.2) <= 0.01
+    assert {"dense", "pruned", "protocol"} <= set(report["perplexity"])
+    assert (out_dir / "tokenizer.json").exists() and (out_dir / "config.json").exists()
+
+    code, out, err = run(
+        capsys, "eval", "ppl", "--model", out_dir, "--data", "wikitext2", "--max-tokens", 2048, "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ppl"] == pytest.approx(report["perplexity"]["pruned"], rel=1e-4)
+
+    code, out, err = run(capsys, "generate", "--model", out_dir, "--prompt", "The game", "--max-new-tokens", 5)
+    assert code == 0, err
+    assert out.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ratio", "1.2"], "`--ratio` must be between 0 and 1"),
+        (["--ratio", "0"], "`--ratio` must be between 0 and 1"),
+        (["--layers", "2:9"], "goes beyond the model, which has 4 layers"),
+        (["--calibration", "missing.jsonl"], "does not exist"),
+        (["--ratio", "0.95", "--mlp-layers", "0:1"], "cannot remove"),
+        (["--criterion", "magic"], "`criterion` must be one of"),
+    ],
+)
+def test_prune_errors_are_one_line(model_dir, tmp_path, capsys, args, message):
+    out_dir = tmp_path / "never"
+    code, _out, err = run(
+        capsys, "prune", "--model", model_dir, "--output", out_dir, "--num-samples", 2, "--seq-len", 16, *args
+    )
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
+
+
+def test_model_errors(tmp_path, capsys):
+    code, _, err = run(capsys, "eval", "ppl", "--model", tmp_path / "nope.gguf", "--data", "wikitext2")
+    assert code == 2 and "does not exist" in err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    code, _, err = run(capsys, "prune", "--model", gpt2, "--output", tmp_path / "o", "--criterion", "l1")
+    assert code == 2 and "unsupported architecture `gpt2`" in err
+
+
+def test_empty_calibration(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--output", tmp_path / "o", "--calibration", empty)
+    assert code == 2 and "no text in" in err
