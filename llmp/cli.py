@@ -17,7 +17,9 @@ from pathlib import Path
 
 from llmp.errors import LlmpError
 
-_DEFAULTS_NOTE = "defaults: block scope, MLP channels only, first-order Taylor on 64 x 128 C4 tokens"
+_DEFAULTS_NOTE = (
+    "defaults: MLP channels of every layer but the first and last, first-order Taylor on 16 x 128 C4 tokens"
+)
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         default="c4",
         help="calibration text: c4 (built-in sample), a .txt/.jsonl file, or a datasets id",
     )
-    p.add_argument("--num-samples", type=int, default=64, help="calibration samples (paper: 10)")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration samples (paper: 10)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (paper: 64)")
     p.add_argument("--eval-data", help="also measure perplexity before and after on this text (e.g. wikitext2)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="token budget of that perplexity")

@@ -16,8 +16,9 @@ criterion      per weight, summed over an element      needs
 
 An element's slices each give a score; ``reduction`` (sum, mean, max, prod, first) combines them.
 Second-order scores are reduced as each parameter's gradient arrives and the gradient is freed at
-once, so no copy of all gradients is ever held; first-order ones need the summed gradient and keep
-one (``param.grad``), only for the parameters that belong to a group.
+once, so no copy of all gradients is ever held. First-order ones need the summed gradient: it
+accumulates in ``param.grad`` (only for parameters that belong to a group) and is scored and freed
+during the last batch's backward, so with a single batch no full set of gradients ever exists.
 """
 
 from __future__ import annotations
@@ -170,15 +171,37 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
             gsum[name] = gsum[name] + g / n if name in gsum else g / n
         p.grad = None
 
+    def finish(name: str, p: torch.Tensor, g: torch.Tensor | None) -> None:
+        # Final scores of one parameter from its summed gradient (first order, mix).
+        w = p.detach()
+        g = torch.zeros_like(w) if g is None else g.detach()  # None: unused by the forward
+        if criterion == "vectorwise":
+            prod = w * g
+            for dim in keys.get(name, ()):
+                sums[(name, dim)] = _reduce_to(prod, dim).abs().double()
+            totals[name] = float(prod.abs().sum())
+        else:
+            sal = _salience(w, g, fisher.pop(name, None), criterion)
+            for dim in keys.get(name, ()):
+                sums[(name, dim)] = _reduce_to(sal, dim).double()
+            totals[name] = float(sal.sum())
+        p.grad = None
+
+    def last_batch(name: str, p: torch.Tensor) -> None:
+        # p.grad now holds the whole sum: score it and free it before later gradients arrive.
+        finish(name, p, p.grad)
+
+    starts = list(range(0, n, step))
     with _grad_only_for(model, tracked):
         handles = []
         if per_sample:
-            for name in tracked:
-                handles.append(params[name].register_post_accumulate_grad_hook(lambda p, name=name: consume(name, p)))
+            handles = [params[k].register_post_accumulate_grad_hook(lambda p, k=k: consume(k, p)) for k in tracked]
         try:
-            for start in tqdm(
-                range(0, n, step), desc=f"calibration ({criterion})", unit="batch", leave=False, disable=None
-            ):
+            for start in tqdm(starts, desc=f"calibration ({criterion})", unit="batch", leave=False, disable=None):
+                if start == starts[-1] and not per_sample:
+                    handles = [
+                        params[k].register_post_accumulate_grad_hook(lambda p, k=k: last_batch(k, p)) for k in tracked
+                    ]
                 batch = calibration[start : start + step].to(device)
                 loss = model(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(loss):
@@ -187,24 +210,11 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
         finally:
             for handle in handles:
                 handle.remove()
-        if criterion in ("taylor", "vectorwise", "taylor_mix"):
-            for name in tracked:
-                p = params[name]
-                g = gsum.pop(name, None) if criterion == "taylor_mix" else p.grad
-                if g is None:  # unused by the forward (e.g. an ignored bias)
-                    g = torch.zeros_like(p)
-                w = p.detach()
-                if criterion == "vectorwise":
-                    prod = w * g
-                    for dim in keys.get(name, ()):
-                        sums[(name, dim)] = _reduce_to(prod, dim).abs().double()
-                    totals[name] = float(prod.abs().sum())
-                else:
-                    sal = _salience(w, g, fisher.pop(name, None), criterion)
-                    for dim in keys.get(name, ()):
-                        sums[(name, dim)] = _reduce_to(sal, dim).double()
-                    totals[name] = float(sal.sum())
-                p.grad = None
+        for name in tracked:
+            if criterion == "taylor_mix":
+                finish(name, params[name], gsum.pop(name, None))
+            elif criterion != "taylor2" and name not in totals:
+                finish(name, params[name], None)
     return sums, totals
 
 

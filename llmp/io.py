@@ -64,9 +64,12 @@ def save_pruned(
     try:
         adapter = adapter_for(model)
         shapes = adapter.layer_shapes(model)
-        if shapes and all(s == shapes[0] for s in shapes):
-            adapter.apply_uniform_config(model)
+        # Equal counts in every layer go into the config itself, so plain transformers loads it
+        # (unless transformers' own config checks refuse the counts).
+        plain = adapter.apply_uniform_config(model)
         setattr(model.config, SHAPES_KEY, shapes)
+        if report is not None:
+            report = {**report, "loads_with_plain_transformers": plain}
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -38,8 +38,8 @@ class PruneConfig:
             whole KV groups (``kv``; same as heads for MHA), or no heads (``none``: MLP only).
         mlp: in ``block`` scope, remove MLP channels.
         layers: ``A:B`` range of layers (0-based, B excluded) that may be pruned, for heads, MLP
-            channels and whole layers; ``None`` means the llmp default (skip the first and
-            last layer for heads; all layers for MLP).
+            channels and whole layers; ``None`` means the llmp default: every layer but the
+            first and the last, which are the most sensitive.
         attn_layers: range for heads alone (overrides ``layers``).
         mlp_layers: range for MLP channels alone (overrides ``layers``).
         criterion: importance criterion (see :mod:`llmp.importance`).
@@ -49,7 +49,7 @@ class PruneConfig:
         round_to: kept MLP/hidden channels are a multiple of this.
         layout: ``heterogeneous`` or ``uniform`` (same counts in every layer: a plain HF config).
         steps: prune in this many steps, re-scoring between them.
-        batch_size: calibration samples per forward/backward.
+        batch_size: calibration samples per forward/backward (1 keeps memory lowest).
         seed: for sampling and the ``random`` criterion.
     """
 
@@ -67,7 +67,7 @@ class PruneConfig:
     round_to: int = 1
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     steps: int = 1
-    batch_size: int = 8
+    batch_size: int = 1
     seed: int = 0
 
     def check(self) -> None:
@@ -138,7 +138,7 @@ def parse_range(text: str, n_layers: int | None, name: str = "layers") -> range:
 def _ranges(config: PruneConfig, n: int) -> dict[Kind, range]:
     default_attn = f"1:{n - 1}" if n > 2 else f"0:{n}"
     attn = config.attn_layers or config.layers or default_attn
-    mlp = config.mlp_layers or config.layers or f"0:{n}"
+    mlp = config.mlp_layers or config.layers or default_attn
     if config.layout == "uniform":
         attn = mlp = f"0:{n}"
     ranges = {

@@ -117,6 +117,13 @@ def test_model_errors(tmp_path, capsys):
     assert code == 2 and "unsupported architecture `gpt2`" in err
 
 
+def test_corrupt_gguf(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, _, err = run(capsys, "eval", "ppl", "--model", bad, "--data", "wikitext2")
+    assert code == 2 and "cannot read GGUF file" in err
+
+
 def test_empty_calibration(model_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")

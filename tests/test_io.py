@@ -40,7 +40,8 @@ def test_uniform_layout_loads_with_plain_transformers(calib, inputs, tmp_path):
     prune(model, PruneConfig(ratio=0.2, attention="query", layout="uniform"), calib)
     shapes = {(layer.self_attn.q_proj.out_features, layer.mlp.gate_proj.out_features) for layer in model.model.layers}
     assert len(shapes) == 1
-    out = save_pruned(model, tmp_path / "uniform")
+    out = save_pruned(model, tmp_path / "uniform", report={})
+    assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(plain(inputs).logits, model(inputs).logits, rtol=0, atol=1e-6)
 
