@@ -187,10 +187,6 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
             totals[name] = float(sal.sum())
         p.grad = None
 
-    def last_batch(name: str, p: torch.Tensor) -> None:
-        # p.grad now holds the whole sum: score it and free it before later gradients arrive.
-        finish(name, p, p.grad)
-
     starts = list(range(0, n, step))
     with _grad_only_for(model, tracked):
         handles = []
@@ -199,8 +195,9 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
         try:
             for start in tqdm(starts, desc=f"calibration ({criterion})", unit="batch", leave=False, disable=None):
                 if start == starts[-1] and not per_sample:
+                    # In the last backward each p.grad completes the sum: score and free it at once.
                     handles = [
-                        params[k].register_post_accumulate_grad_hook(lambda p, k=k: last_batch(k, p)) for k in tracked
+                        params[k].register_post_accumulate_grad_hook(lambda p, k=k: finish(k, p, p.grad)) for k in tracked
                     ]
                 batch = calibration[start : start + step].to(device)
                 loss = model(input_ids=batch, labels=batch).loss
