@@ -197,7 +197,8 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                 if start == starts[-1] and not per_sample:
                     # In the last backward each p.grad completes the sum: score and free it at once.
                     handles = [
-                        params[k].register_post_accumulate_grad_hook(lambda p, k=k: finish(k, p, p.grad)) for k in tracked
+                        params[k].register_post_accumulate_grad_hook(lambda p, k=k: finish(k, p, p.grad))
+                        for k in tracked
                     ]
                 batch = calibration[start : start + step].to(device)
                 loss = model(input_ids=batch, labels=batch).loss
