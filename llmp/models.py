@@ -71,6 +71,25 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
         raise LlmpError(f"cannot load {spec!r} from the Hugging Face hub: {err}") from err
 
 
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model at ``spec`` (same forms as :func:`load_model`), without its weights."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        return _tokenizer(_builtin_folder(spec))
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        try:
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as err:  # the GGUF reader raises many types on a damaged file
+            raise LlmpError(f"cannot read the tokenizer of GGUF file {path}: {err}") from err
+    if path.is_dir():
+        return _tokenizer(path)
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise LlmpError(f"no tokenizer at {spec!r} (a model folder, .gguf, hub id or built-in name): {err}") from err
+
+
 def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -154,8 +155,23 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune(model: PreTrainedModel, config: PruneConfig, calibration: torch.Tensor | None = None) -> dict:
+def prune(
+    model: PreTrainedModel,
+    config: PruneConfig,
+    calibration: torch.Tensor | None = None,
+    agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
+) -> dict:
     """Prune ``model`` in place and return the report (settings, counts, shapes, timings).
+
+    Each step of ``report["steps"]`` holds its ``plan`` and ``kinds``: :func:`replay` repeats
+    the same removals on another copy of the original model without scoring.
+
+    Args:
+        model: the causal LM, pruned in place.
+        config: what to remove.
+        calibration: ``[N, L]`` token ids for the gradient criteria.
+        agree: called with each step's plan before it is applied; returns the plan to apply.
+            Distributed callers broadcast rank 0's plan here so every rank removes the same.
 
     Raises:
         LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
@@ -181,6 +197,8 @@ def prune(model: PreTrainedModel, config: PruneConfig, calibration: torch.Tensor
         allowed = {g.name: _layer_mask(g, ranges[Kind.LAYERS]) for g in groups if g.kind is Kind.LAYERS}
         settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
         plan = make_plan(groups, scores, params, target, settings, allowed)
+        if agree is not None:
+            plan = agree(plan)
         t2 = time.perf_counter()
         before = count_parameters(model)
         surgery.apply(model, structure, plan, adapter)
@@ -194,6 +212,8 @@ def prune(model: PreTrainedModel, config: PruneConfig, calibration: torch.Tensor
                 "params_before": before,
                 "params_after": count_parameters(model),
                 "removed": {name: len(v) for name, v in plan.items()},
+                "kinds": [str(k) for k in config.kinds],
+                "plan": {name: [int(e) for e in v] for name, v in plan.items() if len(v)},
             }
         )
     after = count_parameters(model)
@@ -209,6 +229,22 @@ def prune(model: PreTrainedModel, config: PruneConfig, calibration: torch.Tensor
         "steps": steps,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
+
+
+def replay(model: PreTrainedModel, steps: list[dict]) -> None:
+    """Repeat recorded pruning steps (``report["steps"]``) on ``model``, without scoring.
+
+    ``model`` must be the model the steps were first applied to (same original shapes): this is
+    how a checkpoint's pruned shapes are rebuilt before its weights are loaded.
+
+    Raises:
+        LlmpError: a step names groups the model does not have (another model, or another order).
+    """
+    adapter = adapter_for(model)
+    for step in steps:
+        structure = adapter.discover(model, tuple(Kind(k) for k in step["kinds"]))
+        plan = {name: list(v) for name, v in step["plan"].items()}
+        surgery.apply(model, structure, plan, adapter)
 
 
 def _layer_mask(group: Group, allowed: range) -> torch.Tensor:

@@ -60,6 +60,42 @@ def tiny_model(name: str, layers: int = 4) -> torch.nn.Module:
     return model
 
 
+def make_tiny_folder(path: Path, layers: int = 4) -> Path:
+    """A tiny Llama (GQA 4/2) with a real byte-level BPE tokenizer, saved as a model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmp.data.resources import BUILTIN_DATA
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = BUILTIN_DATA["wikitext2"].read_text()[:20000]
+    tok.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny model folder with a tokenizer (shared by the tests that load models by path)."""
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

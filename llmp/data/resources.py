@@ -8,6 +8,7 @@ _DIR = Path(__file__).resolve().parent.parent / "resources"
 BUILTIN_DATA = {
     "c4": _DIR / "c4_en_train00000_first120.jsonl",
     "wikitext2": _DIR / "wikitext2_test_head.txt",
+    "alpaca-1k": _DIR / "alpaca_cleaned_first1000.jsonl",
 }
 
 

@@ -1,0 +1,230 @@
+"""``StructuredPruning``: when to prune, and how much, inside a Lightning fit.
+
+The pruning itself is :func:`llmp.prune`; this callback only schedules it::
+
+    one-shot (schedule=None)     setup ─ prune to `ratio` ─ optimizers, DDP/DeepSpeed wrap ─ train ...
+    iterative (schedule={0: .1, 2: .2})
+                                 setup ─ prune to 10% ─ wrap ─ epoch 0 ─ epoch 1 ─┬ prune to 20% ─ epoch 2 ...
+                                                                                  └ merge LoRA, prune, new LoRA,
+                                                                                    new optimizer, new DDP wrapper
+
+Rank 0's plan is broadcast, so every rank removes the same structures. The steps done go into
+checkpoints (through the module's history), and a resumed fit rebuilds the pruned shapes before
+the weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from llmp.errors import LlmpError, raise_all
+from llmp.pruner import PruneConfig, count_parameters, prune
+
+log = logging.getLogger(__name__)
+
+RAMPS = ("linear", "cubic")
+
+
+class StructuredPruning(L.Callback):
+    """Prune the model of a :class:`~llmp.RecoveryModule` at fit start or between epochs.
+
+    Args:
+        config: what to remove; ``config.ratio`` is the final fraction of the original model's
+            parameters removed.
+        schedule: ``None`` prunes once at fit start. A mapping ``{epoch: ratio}`` prunes to each
+            cumulative ratio at the start of that epoch (epoch 0 means fit start). ``"linear:N"``
+            or ``"cubic:N"`` ramp to ``config.ratio`` over the starts of epochs 0..N-1 (cubic
+            removes more early: r_k = R * (1 - (1 - k/N)^3)).
+        calibration: a text corpus for the gradient criteria (a file, or ``c4``); ``None`` draws
+            the tokens from the datamodule (its ``calibration_dataloader()`` if it has one, else
+            its ``train_dataloader()``).
+        num_samples: calibration sequences.
+        seq_len: tokens per calibration sequence.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[StructuredPruning(PruneConfig(ratio=0.2, attention="kv"))])
+        trainer.fit(RecoveryModule("smollm2-135m"), InstructionData(tokenizer="smollm2-135m"))
+    """
+
+    def __init__(
+        self,
+        config: PruneConfig | None = None,
+        schedule: dict[int, float] | str | None = None,
+        calibration: str | None = None,
+        num_samples: int = 16,
+        seq_len: int = 128,
+    ) -> None:
+        self.config = config or PruneConfig()
+        self.config.check()
+        problems = []
+        if not 0.0 < self.config.ratio < 1.0:
+            problems.append(f"`config.ratio` must be in (0, 1) for StructuredPruning; got {self.config.ratio}")
+        if num_samples < 1 or seq_len < 2:
+            problems.append(f"`num_samples` must be >= 1 and `seq_len` >= 2; got {num_samples}, {seq_len}")
+        try:
+            self.targets = self._targets(schedule, self.config.ratio)
+        except LlmpError as err:
+            problems.append(str(err))
+        raise_all(problems)
+        self.schedule, self.calibration = schedule, calibration
+        self.num_samples, self.seq_len = num_samples, seq_len
+        self.done: list[int] = []  # epochs whose pruning step ran
+
+    @staticmethod
+    def _targets(schedule: dict[int, float] | str | None, final: float) -> dict[int, float]:
+        """Epoch → cumulative ratio of the original parameters removed by then."""
+        if schedule is None:
+            return {0: final}
+        if isinstance(schedule, str):
+            kind, _, n = schedule.partition(":")
+            if kind not in RAMPS or not n.isdigit() or int(n) < 1:
+                raise LlmpError(f"`schedule` must be a mapping, 'linear:N' or 'cubic:N' (N >= 1); got {schedule!r}")
+            n = int(n)
+            curve = (lambda t: t) if kind == "linear" else (lambda t: 1 - (1 - t) ** 3)
+            return {k - 1: round(final * curve(k / n), 6) for k in range(1, n + 1)}
+        targets = {int(e): float(r) for e, r in dict(schedule).items()}
+        ordered = [targets[e] for e in sorted(targets)]
+        if not targets or min(targets) < 0 or any(not 0 < r < 1 for r in ordered):
+            raise LlmpError(f"`schedule` needs epochs >= 0 and ratios in (0, 1); got {schedule!r}")
+        if ordered != sorted(ordered) or len(set(ordered)) != len(ordered):
+            raise LlmpError(f"`schedule` ratios must grow from epoch to epoch (cumulative); got {schedule!r}")
+        return targets
+
+    # -- hooks: a few lines each ----------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        pl_module.load_base()
+        resumed = self._resume_history(trainer)
+        if resumed is not None:  # rebuild the checkpoint's shapes; its weights load next
+            if resumed["history"] != pl_module.history:
+                pl_module.rebuild(resumed["history"])
+            self.done = list(resumed["done"])
+            return
+        if 0 in self.targets and 0 not in self.done:
+            self._step(trainer, pl_module, 0, rewrap=False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch in self.targets and epoch not in self.done:
+            self._step(trainer, pl_module, epoch, rewrap=True)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault("llmp", {})["pruning_done"] = list(self.done)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": list(self.done), "targets": self.targets}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("targets") not in (None, self.targets):
+            log.warning("resuming with another pruning schedule than the checkpoint's; the new one applies")
+        self.done = list(state_dict.get("done", []))
+
+    # -- the work -------------------------------------------------------------------------------
+
+    def _check_strategy(self, trainer: L.Trainer) -> None:
+        iterative = any(e > 0 for e in self.targets)
+        strategy = trainer.strategy
+        if iterative and isinstance(strategy, DeepSpeedStrategy | FSDPStrategy):
+            raise LlmpError(
+                f"`schedule` {self.schedule!r} prunes in the middle of the fit, but {type(strategy).__name__} "
+                "shards the parameters and cannot change their shapes mid-fit. Run the schedule as "
+                "successive fits (one `llmp fit` per step, each starting from the last one's output "
+                "folder), or use the ddp strategy"
+            )
+        if iterative and not isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
+            raise LlmpError(
+                f"iterative pruning supports the single-device and ddp strategies; got {type(strategy).__name__}"
+            )
+
+    def _resume_history(self, trainer: L.Trainer) -> dict | None:
+        """The pruning history of the checkpoint a fit resumes from (``trainer.ckpt_path``)."""
+        path = trainer.ckpt_path
+        if not path:
+            return None
+        from llmp.recovery import read_checkpoint_state
+
+        state = read_checkpoint_state(path)
+        return {"history": state.get("history", []), "done": state.get("pruning_done", [])}
+
+    def _step(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, rewrap: bool) -> None:
+        if rewrap:
+            pl_module.merge_adapters()
+        model = pl_module.base_model
+        original, current = pl_module.original_params, count_parameters(model)
+        remove = self.targets[epoch] * original - (original - current)
+        if remove <= 0:
+            self.done.append(epoch)
+            return
+        config = dataclasses.replace(self.config, ratio=min(remove / current, 0.999), steps=1)
+        model.to(trainer.strategy.root_device)
+        calibration = self._calibration(trainer, pl_module) if config.criterion != "random" else None
+        strategy = trainer.strategy
+        report = prune(model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0))
+        pl_module.history.extend(report["steps"])
+        pl_module.pruning_reports.append(report)
+        self.done.append(epoch)
+        params = count_parameters(model)
+        metrics = {
+            "pruning/params": float(params),
+            "pruning/ratio": 1 - params / original,
+            "pruning/step": float(len(self.done)),
+        }
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log.info(
+            "pruned at epoch %d: %s -> %s parameters (%.2f%% of the original removed)",
+            epoch,
+            f"{current:,}",
+            f"{params:,}",
+            100 * metrics["pruning/ratio"],
+        )
+        if rewrap:
+            pl_module.add_adapters()
+            self._rewrap(trainer, pl_module)
+
+    def _rewrap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """New parameters: a new DDP wrapper and new optimizers (their state starts empty)."""
+        strategy = trainer.strategy
+        pl_module.to(strategy.root_device)
+        if isinstance(strategy, DDPStrategy):
+            strategy.model = pl_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+
+    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        n, length = self.num_samples, self.seq_len
+        if self.calibration is not None:
+            from llmp.data import calibration_samples
+            from llmp.data.resources import resolve
+
+            return calibration_samples(resolve(self.calibration), pl_module.tokenizer, n, length, self.config.seed)
+        data = trainer.datamodule
+        if data is None:
+            raise LlmpError(
+                "StructuredPruning needs calibration text: set `calibration` (a text file or c4), "
+                "or fit with a datamodule"
+            )
+        loader = data.calibration_dataloader() if hasattr(data, "calibration_dataloader") else data.train_dataloader()
+        stream: list[int] = []
+        for batch in loader:  # the real (unpadded) tokens of the batches, one stream
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+            stream += ids[mask].tolist()
+            if len(stream) >= n * length:
+                break
+        if len(stream) < n * length:
+            raise LlmpError(
+                f"the datamodule gave {len(stream):,} tokens, too few for {n} calibration samples of {length}; "
+                "lower `num_samples` / `seq_len` or set `calibration`"
+            )
+        return torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)

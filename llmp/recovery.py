@@ -1,0 +1,294 @@
+"""Recovery training: a LightningModule around a (pruned) Hugging Face causal LM.
+
+Two modes: ``lora`` (peft adapters on every linear layer but the head, the paper's setting:
+r 8, alpha 16, dropout 0.05, lr 1e-4) and ``full`` fine-tuning. The module owns the model's
+structural history (which pruning steps were applied to the base model), so a Lightning
+checkpoint can be turned back into the right shapes, and :meth:`RecoveryModule.export` merges the
+adapters and writes the same folder as ``llmp prune``.
+
+Example::
+
+    module = RecoveryModule("smollm2-135m", mode="lora")
+    trainer = L.Trainer(max_epochs=2, callbacks=[StructuredPruning(PruneConfig(ratio=0.2))])
+    trainer.fit(module, InstructionData("alpaca-1k", tokenizer="smollm2-135m"))
+    module.export("out/recovered")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics.text import Perplexity
+
+from llmp.errors import LlmpError, raise_all
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "llmp"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft).
+
+    Attributes:
+        r: rank of the adapters.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapters' input.
+        target_modules: module names to adapt; ``all-linear`` means every linear layer but the
+            output head (for Llama: q, k, v, o, gate, up, down, as in the paper).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+class RecoveryModule(L.LightningModule):
+    """Recover a pruned model's quality by LoRA or full fine-tuning.
+
+    Args:
+        model: the model to train: a folder (pruned by ``llmp prune`` or not), a built-in name,
+            a ``.gguf`` file or a hub id. A :class:`~llmp.callbacks.StructuredPruning` callback
+            prunes it at fit start.
+        mode: ``lora`` (adapters, merged at export) or ``full`` (every weight trains).
+        lora: adapter settings for ``mode=lora``.
+        learning_rate: peak learning rate (the paper: 1e-4 for LoRA).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up optimizer steps, then linear decay to 0 at the last step.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        dtype: dtype of the loaded weights (``bfloat16`` halves memory; use a Trainer precision
+            of ``bf16-true`` or ``bf16-mixed`` with it).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        mode: Literal["lora", "full"] = "lora",
+        lora: LoraSettings | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        gradient_checkpointing: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ) -> None:
+        super().__init__()
+        lora = lora or LoraSettings()
+        problems = []
+        if mode not in ("lora", "full"):
+            problems.append(f"`mode` must be lora or full; got {mode!r}")
+        if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
+            problems.append(
+                f"`learning_rate` must be > 0, `weight_decay` and `warmup_steps` >= 0; got "
+                f"{learning_rate}, {weight_decay}, {warmup_steps}"
+            )
+        if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            problems.append(f"`lora` needs r >= 1, alpha > 0, 0 <= dropout < 1; got {lora}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"`dtype` must be float32, bfloat16 or float16; got {dtype!r}")
+        raise_all(problems)
+        self.spec, self.mode, self.lora = str(model), mode, lora
+        self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
+        self.gradient_checkpointing, self.dtype_name = gradient_checkpointing, dtype
+        self.model = None  # the Hugging Face model (a peft model in LoRA mode), loaded in setup
+        self.tokenizer = None
+        self.history: list[dict] = []  # pruning steps applied to the base model, in order
+        self.original_params = 0  # parameters of the model as loaded, before any pruning
+        self.pruning_reports: list[dict] = []
+        self.val_ppl = Perplexity(ignore_index=-100)
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def load_base(self) -> None:
+        """Load the model and tokenizer named by ``model`` (once)."""
+        if self.model is not None:
+            return
+        from llmp.models import load_model
+
+        from llmp.pruner import count_parameters
+
+        self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))
+        self.model.config.use_cache = False
+        self.model.train()
+        self.original_params = count_parameters(self.model)
+
+    @property
+    def base_model(self):
+        """The Hugging Face model without LoRA wrapping (the one pruning operates on)."""
+        self.load_base()
+        return self.model.get_base_model() if self.is_lora_wrapped else self.model
+
+    @property
+    def is_lora_wrapped(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def add_adapters(self) -> None:
+        """Wrap the model with fresh LoRA adapters (``mode=lora``); the base weights freeze."""
+        if self.mode != "lora" or self.is_lora_wrapped:
+            return
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=self.lora.r,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=self.lora.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(self.model, config)
+
+    def merge_adapters(self) -> None:
+        """Fold the LoRA updates into the base weights and drop the adapters."""
+        if self.is_lora_wrapped:
+            self.model = self.model.merge_and_unload()
+
+    def setup(self, stage: str) -> None:
+        self.load_base()
+        self.add_adapters()
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_lora_wrapped:
+                self.model.enable_input_require_grads()
+
+    # -- training -------------------------------------------------------------------------------
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        labels = batch["labels"]
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        self.val_ppl.update(logits[:, :-1].float(), labels[:, 1:])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
+        self.val_ppl.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise LlmpError("no trainable parameters: `mode` lora found no `lora.target_modules` in the model")
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # A rebuilt optimizer (after pruning between epochs) continues the schedule, not restarts it.
+        start = self.trainer.global_step
+
+        def factor(step: int) -> float:
+            step += start
+            if step < self.warmup_steps:
+                return (step + 1) / (self.warmup_steps + 1)
+            return max(0.0, (total - step) / max(1, total - self.warmup_steps))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from llmp.structure import adapter_for
+
+        checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
+            model=self.spec,
+            history=self.history,
+            layer_shapes=adapter_for(self.base_model).layer_shapes(self.base_model),
+            lora=self.is_lora_wrapped,
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None or saved["history"] == self.history:
+            return
+        # The checkpoint's model was pruned differently from this one (a resume that did not go
+        # through StructuredPruning's replay): rebuild its shapes before its weights load.
+        if self._trainer is not None and self.trainer.strategy.restore_checkpoint_after_setup:
+            raise LlmpError(
+                "this checkpoint's pruned shapes differ from the model's, and the strategy "
+                f"({type(self.trainer.strategy).__name__}) builds its engine before loading checkpoints: "
+                "resume through `llmp fit --ckpt_path ...`, or set `trainer.ckpt_path` before `fit` so "
+                "StructuredPruning rebuilds the shapes at setup"
+            )
+        self.rebuild(saved["history"])
+
+    def rebuild(self, history: list[dict]) -> None:
+        """Reload the original model and repeat ``history`` on it (LoRA adapters re-created)."""
+        from llmp.pruner import replay
+
+        self.model = None
+        self.load_base()
+        replay(self.model, history)
+        self.history = list(history)
+        self.add_adapters()
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def export(self, output: str | Path, extra_report: dict | None = None, overwrite: bool = True) -> Path:
+        """Merge adapters and save a model folder loadable with :func:`llmp.load_pruned`.
+
+        The pruning report of the folder lists the pruning steps and ``extra_report`` (the
+        recovery run: settings, perplexities).
+        """
+        from llmp.io import save_pruned
+
+        self.merge_adapters()
+        model = self.model
+        model.config.use_cache = True
+        report = self.report()
+        report.update(extra_report or {})
+        return save_pruned(model, output, self.tokenizer, report, overwrite=overwrite)
+
+    def report(self) -> dict:
+        """The pruning report of the steps applied so far (merged into one)."""
+        from llmp.structure import adapter_for
+
+        base = self.base_model
+        before = self.original_params
+        after = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+        out = dict(self.pruning_reports[-1]) if self.pruning_reports else {}
+        out.update(
+            model=self.spec,
+            params_before=before,
+            params_after=after,
+            achieved_ratio=round(1 - after / before, 6),
+            layer_shapes=adapter_for(base).layer_shapes(base),
+            hidden_size=base.config.hidden_size,
+            num_layers=base.config.num_hidden_layers,
+            steps=list(self.history),
+        )
+        return out
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """llmp's entry of a Lightning checkpoint (a file, or a DeepSpeed checkpoint folder).
+
+    Raises:
+        LlmpError: the checkpoint is missing or unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():  # DeepSpeed: the client state sits beside rank 0's model states
+        candidates = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("mp_rank_00_model_states.pt"))
+        if not candidates:
+            raise LlmpError(f"{path} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
+        path = candidates[0]
+    if not path.is_file():
+        raise LlmpError(f"checkpoint {path} does not exist")
+    try:
+        # A Lightning checkpoint is a pickle the user's own run wrote (Lightning loads it the same
+        # way); mmap keeps the weights on disk while the small llmp entry is read.
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise LlmpError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a Lightning checkpoint") from err
+    return checkpoint.get(CHECKPOINT_KEY, {})
