@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,13 +199,14 @@ class RecoveryModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from llmp.structure import adapter_for
-
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
             model=self.spec,
+            mode=self.mode,
+            lora_settings=asdict(self.lora),
+            dtype=self.dtype_name,
             history=self.history,
-            layer_shapes=adapter_for(self.base_model).layer_shapes(self.base_model),
-            lora=self.is_lora_wrapped,
+            # from the last pruning report: under ZeRO-3 the live weights are partitioned
+            layer_shapes=self.pruning_reports[-1]["layer_shapes"] if self.pruning_reports else None,
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -279,9 +280,11 @@ def read_checkpoint_state(path: str | Path) -> dict:
     """
     path = Path(path)
     if path.is_dir():  # DeepSpeed: the client state sits beside rank 0's model states
-        candidates = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("mp_rank_00_model_states.pt"))
+        candidates = sorted(path.glob("*/*mp_rank_00_model_states.pt")) + sorted(
+            path.glob("*mp_rank_00_model_states.pt")
+        )
         if not candidates:
-            raise LlmpError(f"{path} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
+            raise LlmpError(f"{path} is a folder but not a DeepSpeed checkpoint (no *mp_rank_00_model_states.pt)")
         path = candidates[0]
     if not path.is_file():
         raise LlmpError(f"checkpoint {path} does not exist")
@@ -292,3 +295,38 @@ def read_checkpoint_state(path: str | Path) -> dict:
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise LlmpError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a Lightning checkpoint") from err
     return checkpoint.get(CHECKPOINT_KEY, {})
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: dict | None = None, overwrite=False):
+    """Turn a Lightning checkpoint of a :class:`RecoveryModule` into a pruned model folder.
+
+    A DeepSpeed ZeRO checkpoint (a folder of shards) is consolidated to fp32 first. The original
+    model is loaded, the recorded pruning steps repeated, the adapters re-created, the trained
+    weights loaded, and the adapters merged (see :meth:`RecoveryModule.export`).
+
+    Raises:
+        LlmpError: the checkpoint is unreadable or was not written by a RecoveryModule.
+    """
+    import tempfile
+
+    checkpoint = Path(checkpoint)
+    with tempfile.TemporaryDirectory(dir=Path(output).parent) as tmp:
+        if checkpoint.is_dir():
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+            consolidated = Path(tmp) / "fp32.ckpt"
+            try:
+                convert_zero_checkpoint_to_fp32_state_dict(checkpoint, consolidated)
+            except Exception as err:  # DeepSpeed raises many types for incomplete folders
+                raise LlmpError(f"cannot consolidate the DeepSpeed checkpoint {checkpoint}: {err}") from err
+            checkpoint = consolidated
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = state.get(CHECKPOINT_KEY)
+        if saved is None or "state_dict" not in state:
+            raise LlmpError(f"{checkpoint} was not written by a llmp RecoveryModule (no {CHECKPOINT_KEY!r} entry)")
+        module = RecoveryModule(
+            saved["model"], mode=saved["mode"], lora=LoraSettings(**saved["lora_settings"]), dtype=saved["dtype"]
+        )
+        module.rebuild(saved["history"])
+        module.load_state_dict(state["state_dict"])
+        return module.export(output, extra_report, overwrite=overwrite)

@@ -149,10 +149,26 @@ class InstructionData(L.LightningDataModule):
         if val >= len(data):
             raise LlmpError(f"`val_size` {self.val_size} leaves no training data out of {len(data)} records")
         split = data.train_test_split(test_size=val, seed=self.seed, shuffle=True)
-        columns = split["train"].column_names
-        self.train_set = split["train"].map(self.encode, remove_columns=columns, desc="tokenizing train")
-        self.val_set = split["test"].map(self.encode, remove_columns=columns, desc="tokenizing validation")
+        self.train_set, self.val_set = (self._encode_all(split[s], s) for s in ("train", "test"))
         log.info("instruction data: %d train, %d validation examples", len(self.train_set), len(self.val_set))
+
+    def _encode_all(self, records, name: str):
+        encoded = records.map(self.encode, remove_columns=records.column_names, desc=f"tokenizing {name}")
+        # An example whose response was cut off entirely has no loss to give: drop it.
+        kept = encoded.filter(lambda e: any(t != -100 for t in e["labels"]), desc=f"dropping empty {name}")
+        if len(kept) < len(encoded):
+            log.warning(
+                "%d %s examples have no response token within `cutoff_len` %d; dropped",
+                len(encoded) - len(kept),
+                name,
+                self.cutoff_len,
+            )
+        if len(kept) == 0:
+            raise LlmpError(
+                f"no {name} example keeps a response token within `cutoff_len` {self.cutoff_len}: raise it "
+                "(the Alpaca prompt alone is ~40-60 tokens for most tokenizers)"
+            )
+        return kept
 
     def encode(self, record: dict) -> dict:
         """Token ids and labels of one record (see the module docstring)."""

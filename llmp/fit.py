@@ -1,0 +1,191 @@
+"""``llmp fit``: prune → recover → save → evaluate, read from a recipe (LightningCLI).
+
+Every YAML key can be overridden on the command line (``--trainer.max_epochs 1``). Under
+``fabric run`` (torchrun) the launcher's ``LT_*`` settings are mapped onto the Trainer, so N
+launched processes form one N-process job::
+
+    fabric run --accelerator cpu --devices 2 --strategy ddp recipes/launch.py --config recipes/X.yaml
+
+After the fit, rank 0 merges the adapters and writes ``--output`` (the folder ``llmp prune``
+writes), then measures perplexity of the dense, pruned and recovered models (``--eval.*``) into
+its ``pruning_report.json``. DeepSpeed runs save a ZeRO checkpoint first, which is consolidated
+to fp32 and turned back into the pruned model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from llmp import strategies  # noqa: F401 - registers the llmp_deepspeed* strategy names
+from llmp.data.instruct import InstructionData
+from llmp.errors import LlmpError
+from llmp.recovery import RecoveryModule, export_checkpoint
+
+log = logging.getLogger(__name__)
+
+# What `fabric run` sets (only Fabric reads it) → the Trainer argument it means.
+LAUNCHER_ENV = {
+    "LT_ACCELERATOR": "accelerator",
+    "LT_DEVICES": "devices",
+    "LT_STRATEGY": "strategy",
+    "LT_PRECISION": "precision",
+    "LT_NUM_NODES": "num_nodes",
+}
+
+
+@dataclass
+class EvalSettings:
+    """Perplexity measured by rank 0 after the fit.
+
+    Attributes:
+        data: text to measure on: a file, or ``wikitext2`` (shipped head of the test set);
+            ``None`` skips evaluation.
+        seq_len: tokens per window (the paper: 128).
+        max_tokens: use the first N tokens of the text (``None``: all).
+        dense: also measure the model before pruning (one more load).
+    """
+
+    data: str | None = "wikitext2"
+    seq_len: int = 128
+    max_tokens: int | None = 16384
+    dense: bool = True
+
+
+def launcher_args(environ: dict[str, str] | None = None) -> list[str]:
+    """Trainer arguments from ``fabric run``'s ``LT_*`` variables (empty outside it).
+
+    DeepSpeed names map to llmp's strategy of the same stage, which also runs on CPU.
+    """
+    environ = os.environ if environ is None else environ
+    args = []
+    for var, name in LAUNCHER_ENV.items():
+        value = environ.get(var)
+        if not value:
+            continue
+        if name == "strategy" and value.startswith("deepspeed"):
+            value = f"llmp_{value}" if value != "deepspeed" else "llmp_deepspeed"
+        args.append(f"--trainer.{name}={value}")
+    return args
+
+
+class FitCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output", type=str | None, default=None, help="model folder to write after the fit")
+        parser.add_argument("--overwrite", type=bool, default=False, help="replace --output if it exists")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to resume from")
+        parser.add_dataclass_arguments(EvalSettings, "eval")
+        parser.link_arguments("model.model", "data.tokenizer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = launcher_args()
+    if overrides:
+        log.info("fabric run settings mapped onto the Trainer: %s", " ".join(overrides))
+    try:
+        cli = FitCLI(
+            RecoveryModule,
+            InstructionData,
+            args=argv + overrides,
+            run=False,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "llmp fit"},
+        )
+        return _run(cli)
+    except LlmpError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(cli: FitCLI) -> int:
+    from llmp.io import check_output_dir
+
+    config, trainer, module = cli.config, cli.trainer, cli.model
+    output = Path(config.output) if config.output else None
+    if output is not None:
+        check_output_dir(output, config.overwrite)  # before hours of training, not after
+    if config.ckpt_path:
+        trainer.ckpt_path = config.ckpt_path  # visible at setup: StructuredPruning rebuilds its shapes
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    fit_s = time.perf_counter() - start
+    if output is None:
+        return 0
+    recovery = {
+        "recovery": {
+            "mode": module.mode,
+            "lora": asdict(module.lora) if module.mode == "lora" else None,
+            "learning_rate": module.learning_rate,
+            "epochs": trainer.current_epoch,
+            "optimizer_steps": trainer.global_step,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision),
+            "fit_s": round(fit_s, 2),
+            "val_ppl": _metric(trainer, "val_ppl"),
+        }
+    }
+    if isinstance(trainer.strategy, strategies.DeepSpeedStrategy):
+        ckpt = output.with_name(f"{output.name}.zero-checkpoint")
+        trainer.save_checkpoint(ckpt)  # every rank writes its shards
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            export_checkpoint(ckpt, output, recovery, overwrite=config.overwrite)
+    elif trainer.is_global_zero:
+        module.export(output, recovery, overwrite=config.overwrite)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        print(f"saved {output}")
+        if config.eval.data:
+            evaluate(output, EvalSettings(**vars(config.eval)))
+    return 0
+
+
+def _metric(trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return round(float(value), 4) if value is not None else None
+
+
+def evaluate(output: Path, settings: EvalSettings) -> dict:
+    """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's report."""
+    import json
+
+    from llmp.data import read_text
+    from llmp.data.resources import resolve
+    from llmp.eval import perplexity
+    from llmp.io import REPORT, write_json_atomic
+    from llmp.models import load_model
+    from llmp.pruner import replay
+
+    report = json.loads((output / REPORT).read_text())
+    text = read_text(resolve(settings.data))
+    results = {}
+
+    def measure(name: str, model, tokenizer) -> None:
+        result = perplexity(model, tokenizer, text, settings.seq_len, settings.max_tokens)
+        results[name] = round(result.ppl, 4)
+        results["protocol"] = f"{settings.data}: {result.protocol}"
+        print(f"perplexity {name:>9}: {result.ppl:.2f}")
+
+    with torch.inference_mode(False):
+        model, tokenizer = load_model(report["model"])
+        if settings.dense:
+            measure("dense", model, tokenizer)
+        replay(model, report.get("steps", []))
+        measure("pruned", model, tokenizer)
+        del model
+        model, tokenizer = load_model(str(output))
+        measure("recovered", model, tokenizer)
+    report["perplexity"] = results
+    write_json_atomic(output / REPORT, report)
+    return results
