@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from llmp import strategies  # noqa: F401 - registers the llmp_deepspeed* strategy names
+from llmp import strategies  # registers the llmp_deepspeed* strategy names
 from llmp.data.instruct import InstructionData
 from llmp.errors import LlmpError
 from llmp.recovery import RecoveryModule, export_checkpoint

@@ -110,7 +110,6 @@ class RecoveryModule(L.LightningModule):
         if self.model is not None:
             return
         from llmp.models import load_model
-
         from llmp.pruner import count_parameters
 
         self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))

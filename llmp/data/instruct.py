@@ -39,7 +39,7 @@ PROMPT_NO_INPUT = (
 )
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the data set's field name
+def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The Alpaca prompt for one record (the response follows it)."""
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
@@ -177,7 +177,7 @@ class InstructionData(L.LightningDataModule):
         prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
         ids = tok(prompt + record["output"], add_special_tokens=True)["input_ids"]
         if tok.eos_token_id is not None:
-            ids = ids + [tok.eos_token_id]
+            ids = [*ids, tok.eos_token_id]
         ids = ids[: self.cutoff_len]
         labels = list(ids)
         if not self.train_on_inputs:
