@@ -1,4 +1,4 @@
-"""The ``llmp`` command: prune, eval ppl, generate.
+"""The ``llmp`` command: prune, eval ppl, eval tasks, report, generate.
 
 Bad input ends with one ``error: ...`` line and exit status 2, before any model is loaded when
 the problem can be seen without one.
@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="also measure perplexity before and after on this text (e.g. wikitext2)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="token budget of that perplexity")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--samples", type=int, default=4, help="greedy generations before/after shown in report.md")
     _add_prune_args(p)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -85,6 +86,24 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--seq-len", type=int, default=128)
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     ppl.add_argument("--json", action="store_true", help="print a JSON object (key `ppl`)")
+    tasks = esub.add_parser("tasks", help="zero-shot multiple-choice accuracies (lm-evaluation-harness)")
+    tasks.add_argument("--model", required=True)
+    tasks.add_argument(
+        "--tasks", required=True, help="comma-separated, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,openbookqa"
+    )
+    tasks.add_argument(
+        "--data-dir", help="folder of local task files (offline); without it the harness's tasks load from the hub"
+    )
+    tasks.add_argument("--limit", type=int, default=None, help="score only the first N items of every task")
+    tasks.add_argument("--batch-size", type=int, default=8)
+    tasks.add_argument("--output", help="also write the JSON results here (`llmp report` reads DIR/tasks*.json)")
+    tasks.add_argument("--json", action="store_true", help="print a JSON object (key `tasks`)")
+
+    r = sub.add_parser("report", help="write report.md and report.png into a pruned model folder")
+    r.add_argument("dir", help="folder written by `llmp prune` or `llmp fit`")
+    r.add_argument("--dense", help="dense model (spec) to generate from beside the pruned one, e.g. smollm2-135m")
+    r.add_argument("--prompts", help="text file, one prompt per line (default: llmp's fixed prompts)")
+    r.add_argument("--max-new-tokens", type=int, default=32)
 
     g = sub.add_parser("generate", help="greedy text generation")
     g.add_argument("--model", required=True)
@@ -106,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prune":
             return _prune(args)
         if args.command == "eval":
-            return _eval_ppl(args)
+            return _eval_ppl(args) if args.what == "ppl" else _eval_tasks(args)
+        if args.command == "report":
+            return _report(args)
         return _generate(args)
     except LlmpError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -123,7 +144,10 @@ def _prune(args) -> int:
     from llmp.io import check_output_dir, save_pruned
     from llmp.models import load_model
     from llmp.pruner import PruneConfig, prune
+    from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
 
+    if args.samples < 0:
+        raise LlmpError(f"`--samples` must be 0 (none) or more; got {args.samples}")
     config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
     if not 0.0 < config.ratio < 1.0:
         raise LlmpError(
@@ -142,6 +166,7 @@ def _prune(args) -> int:
     load_s = time.perf_counter() - t0
     text = read_text(eval_source) if eval_source else None
     dense = perplexity(model, tokenizer, text, 128, args.eval_tokens) if text else None
+    dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=args.samples)
     t1 = time.perf_counter()
     calib = None
     if config.criterion in ("taylor", "taylor2", "taylor_mix", "vectorwise"):
@@ -151,6 +176,9 @@ def _prune(args) -> int:
     report["model"] = args.model
     report["calibration"] = {"source": str(args.calibration), "num_samples": args.num_samples, "seq_len": args.seq_len}
     report["timings"].update(load_s=round(load_s, 3), prune_s=round(prune_s, 3))
+    report["dense_layer_shapes"] = dense_shapes
+    if args.samples > 0:
+        report["generations"] = samples_entry(dense_samples, generate_samples(model, tokenizer, count=args.samples))
     print(
         f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['achieved_ratio']:.2%} removed, asked {config.ratio:.2%}) in {prune_s:.1f} s"
@@ -165,7 +193,7 @@ def _prune(args) -> int:
         }
         print(f"perplexity on {args.eval_data}: {dense.ppl:.2f} -> {pruned.ppl:.2f} ({dense.protocol})")
     out = save_pruned(model, args.output, tokenizer, report, overwrite=args.overwrite)
-    print(f"saved to {out}")
+    print(f"saved to {out}; summary in {write_report(out)[0]}")
     return 0
 
 
@@ -186,6 +214,53 @@ def _eval_ppl(args) -> int:
         print(json.dumps({**result.as_dict(), "model": args.model, "data": args.data}))
     else:
         print(f"perplexity {result.ppl:.3f} on {args.data} ({result.protocol})")
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    from llmp.eval.tasks import evaluate_tasks, find_task_file
+    from llmp.models import load_model
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise LlmpError(f"`--tasks` names no task: {args.tasks!r}; give e.g. piqa,arc_easy")
+    if args.limit is not None and args.limit < 1:
+        raise LlmpError(f"`--limit` must be a positive number of items; got {args.limit}")
+    if args.data_dir is not None:
+        for name in names:  # every file found before the model loads
+            find_task_file(name, args.data_dir)
+    model, tokenizer = load_model(args.model)
+    results = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size, str(args.model))
+    if args.output:
+        from llmp.io import write_json_atomic
+
+        write_json_atomic(Path(args.output), results.as_dict())
+    if args.json:
+        print(json.dumps(results.as_dict()))
+        return 0
+    limit = f", first {args.limit} items per task" if args.limit else ""
+    print(f"{args.model}: zero-shot, lm-evaluation-harness {results.harness_version}{limit}")
+    print(results.table())
+    print(results.protocol)
+    return 0
+
+
+def _report(args) -> int:
+    from llmp.report import DEFAULT_PROMPTS, compare_generations, write_report
+
+    folder = Path(args.dir)
+    if not (folder / "pruning_report.json").is_file():
+        raise LlmpError(f"{folder} has no pruning_report.json: give a folder written by `llmp prune` or `llmp fit`")
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise LlmpError(f"`--prompts` file {args.prompts} does not exist")
+        prompts = tuple(line for line in Path(args.prompts).read_text().splitlines() if line.strip())
+    generations = None
+    if args.dense:
+        generations = compare_generations({"dense": args.dense, "pruned": str(folder)}, prompts, args.max_new_tokens)
+    md, png = write_report(folder, generations)
+    print(f"wrote {md} and {png}")
     return 0
 
 

@@ -114,7 +114,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> PreTraine
         raise LlmpError(f"cannot read the model in {path}: {err}. Re-create it with `llmp prune`.") from err
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    _place(model, state, path)
+    _place(model, _current_names(model, state), path)
     model.tie_weights()
     _materialize_buffers(model)
     adapter_for(model).sync(model)
@@ -144,6 +144,17 @@ def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None
     sync_module_sizes(model)
 
 
+def _current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the renamings transformers applies on save (GPT-NeoX writes ``lm_head`` as ``embed_out``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+
+
 def _non_persistent(model: nn.Module, name: str) -> bool:
     module_name, _, attr = name.rpartition(".")
     return attr in model.get_submodule(module_name)._non_persistent_buffers_set
@@ -157,6 +168,12 @@ def _materialize_buffers(model: PreTrainedModel) -> None:
             continue
         for name in meta:
             module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        # The init runs per module and would redraw the loaded tensors beside the buffer (Gemma's
+        # embedding holds its weight and the √hidden normaliser); transformers' init skips flagged ones.
+        loaded = [*module._parameters.values(), *(b for n, b in module._buffers.items() if n not in meta)]
+        for tensor in loaded:
+            if tensor is not None:
+                tensor._is_hf_initialized = True
         model._init_weights(module)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

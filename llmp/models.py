@@ -92,9 +92,15 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise LlmpError(f"{path} has no usable tokenizer files: {err}") from err
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):  # built from no files at all
+        raise LlmpError(
+            f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab files): "
+            "save the tokenizer beside the model (`tokenizer.save_pretrained(folder)`)"
+        )
+    return tokenizer
 
 
 def _load_gguf(folder: Path, name: str, dtype: torch.dtype):

@@ -180,6 +180,8 @@ def prune(
     adapter = adapter_for(model)
     n_layers = len(adapter.layers(model))
     _ranges(config, n_layers)  # validates the ranges against the model before any work
+    if getattr(adapter, "automatic", False):  # a family llmp has not seen: check its map first
+        adapter.verify(model, config.kinds)
     total = count_parameters(model)
     steps, timings = [], {"scoring_s": 0.0, "planning_s": 0.0, "surgery_s": 0.0}
     for step in range(1, config.steps + 1):

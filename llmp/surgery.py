@@ -35,6 +35,7 @@ def apply(model: PreTrainedModel, structure: Structure, plan: Plan, adapter: Ada
         elements = plan.get(group.name, [])
         if not elements or group.kind is Kind.LAYERS:
             continue
+        adapter.note_removal(model, group, sorted(elements))
         index = torch.as_tensor(sorted(elements), dtype=torch.long)
         for s in group.slices:
             drop[(s.param, s.dim)].append(s.indices(index))

@@ -71,11 +71,14 @@ def test_missing_calibration_is_a_clear_error():
 
 
 def test_unsupported_architecture():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """OLMo-2 normalises q over all heads at once: no adapter, and discovery refuses its heads."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
-    with pytest.raises(LlmpError, match="unsupported architecture `gpt2`.*supported model types: llama"):
-        prune(model, PruneConfig(ratio=0.2, criterion="l1"))
+    config = Olmo2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64
+    )
+    with pytest.raises(LlmpError, match="unsupported architecture `olmo2`.*supported model types: baichuan"):
+        prune(Olmo2ForCausalLM(config), PruneConfig(ratio=0.2, attention="query", criterion="l1"))
 
 
 def test_parse_range():

@@ -43,12 +43,24 @@ class Slice:
     offset: int = 0
     stride: int | None = None
     writes: bool = False
+    gap: int = 0  # after every ``gap_every`` elements, skip ``gap`` more indices (fused K/V rows)
+    gap_every: int | None = None
+    starts: tuple[int, ...] | None = None  # element e starts at offset + starts[e] (any order: a gather)
 
     def indices(self, elements: torch.Tensor) -> torch.Tensor:
-        """Indices along ``dim`` owned by ``elements`` (1-D integer tensor), in order."""
+        """Indices along ``dim`` owned by ``elements`` (1-D integer tensor), in order.
+
+        Element ``e`` starts at ``offset + e * stride + (e // gap_every) * gap``: with Falcon's
+        grouped layout ``[q0 q1 k v | q2 q3 k v]`` query head ``e`` sits at ``e*d + (e//2)*2d``.
+        """
         stride = self.stride if self.stride is not None else self.width
         span = torch.arange(self.width, device=elements.device)
-        return (self.offset + elements[:, None] * stride + span).flatten()
+        start = self.offset + elements * stride
+        if self.starts is not None:
+            start = self.offset + torch.tensor(self.starts, device=elements.device)[elements]
+        if self.gap_every:
+            start = start + torch.div(elements, self.gap_every, rounding_mode="floor") * self.gap
+        return (start[:, None] + span).flatten()
 
 
 @dataclass

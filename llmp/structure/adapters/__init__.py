@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from llmp.errors import LlmpError
+from llmp.structure.adapters.baichuan import BaichuanAdapter
 from llmp.structure.adapters.base import Adapter
+from llmp.structure.adapters.bloom import BloomAdapter
+from llmp.structure.adapters.falcon import FalconAdapter
+from llmp.structure.adapters.gemma import GemmaAdapter
+from llmp.structure.adapters.gpt2 import GPT2Adapter
+from llmp.structure.adapters.gpt_neox import GPTNeoXAdapter
 from llmp.structure.adapters.llama import LlamaAdapter
+from llmp.structure.adapters.opt import OPTAdapter
+from llmp.structure.adapters.phi3 import Phi3Adapter
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -18,6 +25,14 @@ def register(adapter: type[Adapter]) -> None:
 
 
 register(LlamaAdapter)
+register(Phi3Adapter)
+register(OPTAdapter)
+register(GPT2Adapter)
+register(GemmaAdapter)
+register(BloomAdapter)
+register(BaichuanAdapter)
+register(FalconAdapter)
+register(GPTNeoXAdapter)
 
 
 def supported_model_types() -> list[str]:
@@ -25,15 +40,17 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:
-    """The adapter for ``model``'s family.
+    """The adapter for ``model``'s family; for a family llmp does not know, automatic discovery.
+
+    The :class:`~llmp.structure.auto.AutoAdapter` traces the model and refuses (with the modules
+    it could not map) what it cannot map with certainty; :func:`llmp.prune` checks what it maps.
 
     Raises:
-        LlmpError: the model's family has no adapter.
+        LlmpError: the model has no decoder layers to discover.
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _ADAPTERS:
-        raise LlmpError(
-            f"unsupported architecture `{model_type}` ({type(model).__name__}); supported model "
-            f"types: {', '.join(supported_model_types())}. See docs/adapters.md to add a family."
-        )
+        from llmp.structure.auto import AutoAdapter  # imports surgery helpers: keep it lazy
+
+        return AutoAdapter()
     return _ADAPTERS[model_type]()

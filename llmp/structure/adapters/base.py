@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import nn
 from transformers import PreTrainedModel
 
-from llmp.structure.groups import Kind, Structure
+from llmp.structure.groups import Group, Kind, Structure
 
 
 def set_config_fields(config, **fields) -> bool:
@@ -75,3 +75,10 @@ class Adapter(ABC):
     @abstractmethod
     def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
         """Compensate normalisations for the hidden channels removed (``old`` → ``new``)."""
+
+    def note_removal(self, model: PreTrainedModel, group: Group, elements: list[int]) -> None:  # noqa: B027
+        """Called by :func:`llmp.surgery.apply` before ``elements`` of ``group`` are sliced away.
+
+        For state the weights alone cannot tell afterwards, such as which original heads a layer
+        keeps (their ALiBi slopes, see :mod:`llmp.structure.adapters.alibi`). Default: nothing.
+        """

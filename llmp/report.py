@@ -1,0 +1,272 @@
+"""The pruning report a person reads: ``report.md`` and ``report.png`` in a pruned model folder.
+
+It is made from the folder's ``pruning_report.json`` (written by ``llmp prune`` and ``llmp fit``),
+its ``config.json`` and any ``tasks*.json`` written by ``llmp eval tasks --output``::
+
+    report.md   parameters before/after, settings, kept heads and MLP channels per layer,
+                perplexities, zero-shot scores, greedy generations side by side
+    report.png  kept / dense attention heads and MLP channels for every layer
+
+Example::
+
+    report = llmp.prune(model, PruneConfig(ratio=0.2), calib)   # after layer_shapes(model) was kept
+    save_pruned(model, "out/p20", tokenizer, report)
+    write_report("out/p20")  # -> (out/p20/report.md, out/p20/report.png)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from llmp.errors import LlmpError
+from llmp.io import REPORT
+
+# Fixed prompts in the spirit of the paper's generation examples (LLM-Pruner, Table 3 and appendix).
+DEFAULT_PROMPTS = (
+    "AI can create a logo in seconds.",
+    "What's great about the holiday season is",
+    "Neural sequential models, especially transformers,",
+    "The best way to learn a new language is",
+)
+
+
+def layer_shapes(model) -> list[dict[str, int]]:
+    """Per-layer head, KV-head and MLP-channel counts; keep the dense ones before pruning."""
+    from llmp.structure import adapter_for
+
+    return adapter_for(model).layer_shapes(model)
+
+
+def generate_samples(model, tokenizer, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 32, count: int | None = None):
+    """Greedy continuations of ``prompts`` (the first ``count``), decoded without the prompt."""
+    import torch
+
+    prompts = list(prompts)[:count] if count is not None else list(prompts)
+    outputs = []
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        outputs.append(tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
+    model.train(was_training)
+    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "outputs": outputs}
+
+
+def samples_entry(*runs: dict, labels=("dense", "pruned")) -> dict:
+    """One ``generations`` entry for the report from runs of :func:`generate_samples` on the same prompts."""
+    first = runs[0]
+    return {
+        "prompts": first["prompts"],
+        "max_new_tokens": first["max_new_tokens"],
+        "outputs": {label: run["outputs"] for label, run in zip(labels, runs, strict=True)},
+    }
+
+
+def compare_generations(models: dict[str, str], prompts=DEFAULT_PROMPTS, max_new_tokens: int = 32) -> dict:
+    """Load each model spec in turn (one in memory at a time) and generate from the same prompts."""
+    from llmp.models import load_model
+
+    runs = []
+    for spec in models.values():
+        model, tokenizer = load_model(spec)
+        runs.append(generate_samples(model, tokenizer, prompts, max_new_tokens))
+        del model
+    return samples_entry(*runs, labels=tuple(models))
+
+
+def repeated_ngrams(text: str, n: int = 3) -> float:
+    """Fraction of word ``n``-grams that already occurred earlier in ``text``: 0 fresh, near 1 looping."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
+
+
+def dense_shapes(report: dict, config: dict) -> list[dict[str, int]] | None:
+    """The dense per-layer counts: recorded by ``llmp prune``, else the config's when it still holds
+    them (heterogeneous folders keep the family config and add ``llmp_layer_shapes``)."""
+    if report.get("dense_layer_shapes"):
+        return report["dense_layer_shapes"]
+    kept = report.get("layer_shapes") or []
+    if not kept or report.get("loads_with_plain_transformers"):
+        return None  # a uniform folder's config holds the pruned counts
+    dense = {
+        "heads": config.get("num_attention_heads"),
+        "kv_heads": config.get("num_key_value_heads") or config.get("num_attention_heads"),
+        "mlp": config.get("intermediate_size"),
+    }
+    if None in dense.values() or any(shape[k] > dense[k] for shape in kept for k in dense):
+        return None
+    return [dict(dense) for _ in kept]
+
+
+def read_task_results(folder: Path) -> list[dict]:
+    """``tasks*.json`` files of ``folder`` (from ``llmp eval tasks --output``), in name order."""
+    results = []
+    for path in sorted(folder.glob("tasks*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise LlmpError(f"{path} is not JSON ({err}); re-create it with `llmp eval tasks --output`") from err
+        results.append({**data, "model": data.get("model") or path.stem})
+    return results
+
+
+def write_report(folder: str | Path, generations: dict | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.png`` into ``folder``, each atomically.
+
+    Args:
+        folder: a folder holding ``pruning_report.json``.
+        generations: a :func:`samples_entry` dict; default: the one in the pruning report, if any.
+
+    Raises:
+        LlmpError: ``folder`` has no readable pruning report.
+    """
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / REPORT).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LlmpError(f"cannot read {folder / REPORT}: {err}; give a folder written by `llmp prune`") from err
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    dense = dense_shapes(report, config)
+    generations = generations or report.get("generations")
+    tasks = read_task_results(folder)
+    md, png = folder / "report.md", folder / "report.png"
+    fig = plot_shapes(report, dense)
+    _atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    text = render_markdown(report, dense, tasks, generations, png.name)
+    _atomic(md, lambda tmp: Path(tmp).write_text(text))
+    return md, png
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_shapes(report: dict, dense: list[dict] | None):
+    """Kept heads and MLP channels per layer as bars over the dense counts (grey), one panel each."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg is used to save
+
+    kept = report.get("layer_shapes") or []
+    layers = list(range(len(kept)))
+    fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 5.6), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, label, color in (
+        (axes[0], "heads", "attention heads", "tab:blue"),
+        (axes[1], "mlp", "MLP channels", "tab:orange"),
+    ):
+        if dense:
+            ax.bar(layers, [d[key] for d in dense], color="0.88", edgecolor="0.6", label="dense")
+        values = [k[key] for k in kept]
+        ax.bar(layers, values, width=0.6, color=color, label="kept")
+        if key == "heads" and any(k["kv_heads"] != k["heads"] for k in kept):
+            ax.plot(layers, [k["kv_heads"] for k in kept], "k_", markersize=10, label="kept KV heads")
+        if dense:
+            for x, (k, d) in enumerate(zip(kept, dense, strict=True)):
+                if k[key] < d[key]:
+                    ax.text(x, k[key], f"{k[key] / d[key]:.0%}", ha="center", va="bottom", fontsize=6)
+        ax.set_ylabel(label)
+        ax.legend(loc="lower right", fontsize=7)
+    axes[1].set_xlabel("layer")
+    axes[1].set_xticks(layers)
+    axes[1].tick_params(axis="x", labelsize=7)
+    before, after = report.get("params_before"), report.get("params_after")
+    title = f"{report.get('model', 'pruned model')}: kept structures per layer"
+    if before and after:
+        title += f"\nparameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def render_markdown(report: dict, dense, tasks: list[dict], generations: dict | None, png: str) -> str:
+    """The Markdown summary (see the module docstring)."""
+    settings = report.get("settings", {})
+    before, after = report.get("params_before", 0), report.get("params_after", 0)
+    lines = [f"# Pruning report: {report.get('model', 'model')}", "", f"![kept structures per layer]({png})", ""]
+    lines += ["| parameters | count |", "| --- | ---: |", f"| before | {before:,} |", f"| after | {after:,} |"]
+    asked = settings.get("ratio")
+    lines.append(
+        f"| removed | {report.get('achieved_ratio', 0):.2%}" + (f" (asked {asked:.2%})" if asked else "") + " |"
+    )
+    lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items())]
+    if "calibration" in report:
+        cal = report["calibration"]
+        lines.append(f"Calibration: {cal.get('num_samples')} x {cal.get('seq_len')} tokens of `{cal.get('source')}`.")
+    lines += ["", "## Where the model was cut", "", *_shape_table(report.get("layer_shapes") or [], dense)]
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        lines += ["", "## Perplexity", "", "| data | dense | pruned | protocol |", "| --- | ---: | ---: | --- |"]
+        lines.append(
+            f"| {ppl.get('data')} | {ppl.get('dense', 0):.2f} | {ppl.get('pruned', 0):.2f} | {ppl.get('protocol')} |"
+        )
+    if tasks:
+        lines += ["", "## Zero-shot tasks", "", *_task_table(tasks)]
+    if generations:
+        lines += ["", *_generation_tables(generations)]
+    if report.get("timings"):
+        lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _shape_table(kept: list[dict], dense) -> list[str]:
+    def cell(k, d, key):
+        return f"{k[key]}" if d is None else f"{k[key]} / {d[key]} ({k[key] / d[key]:.0%})"
+
+    rows = ["| layer | heads kept | KV heads kept | MLP channels kept |", "| ---: | ---: | ---: | ---: |"]
+    for i, k in enumerate(kept):
+        d = dense[i] if dense else None
+        rows.append(f"| {i} | {cell(k, d, 'heads')} | {cell(k, d, 'kv_heads')} | {cell(k, d, 'mlp')} |")
+    if dense is None:
+        rows.append("\n(The dense counts are not recorded in this folder; kept counts only.)")
+    return rows
+
+
+def _task_table(results: list[dict]) -> list[str]:
+    models = [r["model"] for r in results]
+    names = list(dict.fromkeys(name for r in results for name in r["tasks"]))
+    head = "| task | n | " + " | ".join(f"acc {m} | acc_norm {m}" for m in models) + " |"
+    rows = [head, "| --- | ---: |" + " ---: | ---: |" * len(models)]
+    for name in names:
+        cells, ns = [], set()
+        for r in results:
+            t = r["tasks"].get(name)
+            ns.add(t["n"] if t else None)
+            norm = t and t.get("acc_norm")
+            cells.append("-" if not t else f"{t['acc']:.4f} | {'-' if norm is None else f'{norm:.4f}'}")
+        n = "/".join(str(x) for x in sorted(ns - {None}))
+        rows.append(f"| {name} | {n} | " + " | ".join(c if "|" in c else f"{c} | -" for c in cells) + " |")
+    version = results[0].get("harness_version", "?")
+    rows += ["", f"lm-evaluation-harness {version}; {results[0].get('protocol', '')}"]
+    return rows
+
+
+def _generation_tables(generations: dict) -> list[str]:
+    outputs = generations["outputs"]
+    rows = [
+        f"## Generations (greedy, {generations.get('max_new_tokens')} new tokens)",
+        "",
+        "Repeated 3-grams: share of word 3-grams seen earlier in the same text (looping shows as a high value).",
+    ]
+    for i, prompt in enumerate(generations["prompts"]):
+        rows += ["", f"**{_cell(prompt)}**", "", "| model | continuation | repeated 3-grams |", "| --- | --- | ---: |"]
+        for label, texts in outputs.items():
+            text = texts[i] if i < len(texts) else ""
+            rows.append(f"| {label} | {_cell(text)} | {repeated_ngrams(text):.0%} |")
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)"
