@@ -65,6 +65,8 @@ class RecoveryModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         dtype: dtype of the loaded weights (``bfloat16`` halves memory; use a Trainer precision
             of ``bf16-true`` or ``bf16-mixed`` with it).
+        seed: initialises the LoRA adapters (offset by the pruning steps done), so a resumed fit
+            re-creates the adapters an uninterrupted one did.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class RecoveryModule(L.LightningModule):
         warmup_steps: int = 100,
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         lora = lora or LoraSettings()
@@ -95,7 +98,7 @@ class RecoveryModule(L.LightningModule):
         raise_all(problems)
         self.spec, self.mode, self.lora = str(model), mode, lora
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
-        self.gradient_checkpointing, self.dtype_name = gradient_checkpointing, dtype
+        self.gradient_checkpointing, self.dtype_name, self.seed = gradient_checkpointing, dtype, seed
         self.model = None  # the Hugging Face model (a peft model in LoRA mode), loaded in setup
         self.tokenizer = None
         self.history: list[dict] = []  # pruning steps applied to the base model, in order
@@ -143,7 +146,10 @@ class RecoveryModule(L.LightningModule):
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(self.model, config)
+        # Seeded by the pruning step: a resumed fit re-creates the adapters an uninterrupted one did.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + len(self.history))
+            self.model = get_peft_model(self.model, config)
 
     def merge_adapters(self) -> None:
         """Fold the LoRA updates into the base weights and drop the adapters."""
@@ -172,10 +178,8 @@ class RecoveryModule(L.LightningModule):
         labels = batch["labels"]
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         self.val_ppl.update(logits[:, :-1].float(), labels[:, 1:])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
-        self.val_ppl.reset()
+        # Logged as a metric object: Lightning computes it over all ranks at epoch end, then resets it.
+        self.log("val_ppl", self.val_ppl, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

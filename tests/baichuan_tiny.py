@@ -201,7 +201,7 @@ class DecoderLayer(nn.Module):
 class BaichuanPreTrainedModel(PreTrainedModel):
     config_class = BaichuanConfig
     base_model_prefix = "model"
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ("DecoderLayer",)
 
     def _init_weights(self, module):
         std = self.config.initializer_range

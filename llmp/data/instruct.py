@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
@@ -209,12 +209,28 @@ class InstructionData(L.LightningDataModule):
         if dataset is None:
             self.setup("fit")
             dataset = self.train_set if shuffle else self.val_set
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
-            generator=generator,
         )
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order fixed by ``(seed, epoch)``: a resumed fit sees the orders an uninterrupted one
+    would (a generator-driven shuffle would restart its sequence). Lightning calls ``set_epoch``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())

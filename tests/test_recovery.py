@@ -1,0 +1,316 @@
+"""Recovery in Lightning: instruction data, the StructuredPruning callback, RecoveryModule, `llmp fit`.
+
+Every fit here trains the tiny model folder (``tiny_dir``) for a few steps on the shipped Alpaca
+subset, on one CPU process; the multi-process runs are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from llmp import load_pruned
+from llmp.callbacks import StructuredPruning
+from llmp.data.instruct import InstructionData, alpaca_prompt
+from llmp.errors import LlmpError
+from llmp.fit import launcher_args
+from llmp.fit import main as fit_main
+from llmp.pruner import PruneConfig, count_parameters
+from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint, read_checkpoint_state
+
+
+def data(tiny_dir, **kwargs) -> InstructionData:
+    settings = dict(path="alpaca-1k", tokenizer=str(tiny_dir), max_samples=24, val_size=4, cutoff_len=192, batch_size=2)
+    return InstructionData(**{**settings, **kwargs})
+
+
+def trainer(**kwargs) -> L.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**settings, **kwargs})
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# -- data -----------------------------------------------------------------------------------------
+def test_labels_cover_the_response_only(tiny_dir):
+    dm = data(tiny_dir, cutoff_len=256)
+    dm.setup()
+    record = {"instruction": "Name a colour.", "input": "", "output": "Blue is a colour."}
+    example = dm.encode(record)
+    prompt_len = len(dm.tokenizer(alpaca_prompt(record["instruction"]))["input_ids"])
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == dm.tokenizer.eos_token_id
+    everything = data(tiny_dir, cutoff_len=256, train_on_inputs=True)
+    everything.setup()
+    assert everything.encode(record)["labels"] == example["input_ids"]
+
+
+def test_split_cutoff_and_padding(tiny_dir):
+    dm = data(tiny_dir, cutoff_len=160)
+    dm.setup()
+    assert 0 < len(dm.val_set) <= 4 and 0 < len(dm.train_set) <= 20  # long prompts dropped
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[1] <= 160
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == -100).all()
+    assert (batch["input_ids"][padded] == dm.tokenizer.pad_token_id).all()
+    again = data(tiny_dir, cutoff_len=160)
+    again.setup()
+    assert torch.equal(next(iter(again.train_dataloader()))["input_ids"], batch["input_ids"])  # seeded
+
+
+def test_local_jsonl(tiny_dir, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))} for i in range(2, 12)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = data(tiny_dir, path=str(path), val_size=2)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (8, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(cutoff_len=4), "`cutoff_len` must be >= 8"),
+        (dict(val_size=1.5), "`val_size` must be a fraction"),
+        (dict(batch_size=0), "`batch_size` and `eval_batch_size` must be >= 1"),
+        (dict(max_samples=1), "`max_samples` must be >= 2"),
+    ],
+)
+def test_bad_data_settings(tiny_dir, kwargs, message):
+    with pytest.raises(LlmpError, match=message):
+        data(tiny_dir, **kwargs)
+
+
+def test_data_errors_at_setup(tiny_dir, tmp_path):
+    with pytest.raises(LlmpError, match="leaves no training data"):
+        data(tiny_dir, val_size=24).setup()
+    with pytest.raises(LlmpError, match="no train example keeps a response token within `cutoff_len` 8"):
+        data(tiny_dir, cutoff_len=8).setup()
+    with pytest.raises(LlmpError, match="needs a tokenizer"):
+        data(tiny_dir, tokenizer=None).setup()
+    with pytest.raises(LlmpError, match="missing.json"):
+        data(tiny_dir, path=str(tmp_path / "missing.json")).setup()
+
+
+# -- callback and module settings ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(config=PruneConfig(ratio=0.0)), r"`config.ratio` must be in \(0, 1\)"),
+        (dict(config=PruneConfig(ratio=1.0)), r"`ratio` must be in \[0, 1\)"),
+        (dict(schedule="steep:3"), "'linear:N' or 'cubic:N'"),
+        (dict(schedule="linear:0"), "'linear:N' or 'cubic:N'"),
+        (dict(schedule={0: 0.2, 1: 0.1}), "ratios must grow"),
+        (dict(schedule={-1: 0.2}), "epochs >= 0"),
+        (dict(num_samples=0), "`num_samples` must be >= 1"),
+    ],
+)
+def test_bad_callback_settings(kwargs, message):
+    with pytest.raises(LlmpError, match=message):
+        StructuredPruning(**kwargs)
+
+
+def test_schedules():
+    assert StructuredPruning(PruneConfig(ratio=0.3)).targets == {0: 0.3}
+    assert StructuredPruning(PruneConfig(ratio=0.3), schedule="linear:3").targets == {0: 0.1, 1: 0.2, 2: 0.3}
+    cubic = StructuredPruning(PruneConfig(ratio=0.3), schedule="cubic:3").targets
+    assert cubic[0] > 0.1 and cubic[2] == 0.3  # removes more early
+    assert StructuredPruning(PruneConfig(ratio=0.3), schedule={"0": 0.1, "2": 0.3}).targets == {0: 0.1, 2: 0.3}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(mode="adapters"), "`mode` must be lora or full"),
+        (dict(learning_rate=0), "`learning_rate` must be > 0"),
+        (dict(lora=LoraSettings(r=0)), "`lora` needs r >= 1"),
+        (dict(dtype="int8"), "`dtype` must be float32"),
+    ],
+)
+def test_bad_module_settings(kwargs, message):
+    with pytest.raises(LlmpError, match=message):
+        RecoveryModule(**kwargs)
+
+
+def test_iterative_pruning_refuses_sharded_strategies():
+    pytest.importorskip("deepspeed")
+    from llmp.strategies import DeepSpeedStrategy
+
+    callback = StructuredPruning(PruneConfig(ratio=0.3), schedule="linear:2")
+
+    class Trainer:
+        strategy = DeepSpeedStrategy(stage=3)
+
+    with pytest.raises(LlmpError, match="cannot change their shapes mid-fit. Run the schedule as successive fits"):
+        callback._check_strategy(Trainer())
+
+
+def test_launcher_settings_reach_the_trainer():
+    env = {"LT_ACCELERATOR": "cpu", "LT_DEVICES": "2", "LT_STRATEGY": "deepspeed_stage_3", "LT_PRECISION": ""}
+    assert launcher_args(env) == [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=llmp_deepspeed_stage_3",
+    ]
+    assert launcher_args({"LT_STRATEGY": "ddp"}) == ["--trainer.strategy=ddp"]
+    assert launcher_args({}) == []
+
+
+# -- fits -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_one_shot_fit_exports_a_loadable_model(tiny_dir, tmp_path, mode):
+    module = RecoveryModule(str(tiny_dir), mode=mode, learning_rate=1e-3, warmup_steps=1)
+    callback = StructuredPruning(PruneConfig(ratio=0.3, attention="kv", layers="0:4"), num_samples=2, seq_len=16)
+    trainer(callbacks=[callback]).fit(module, datamodule=data(tiny_dir))
+    assert callback.done == [0]
+    assert 0.25 < module.report()["achieved_ratio"] < 0.35  # LoRA weights not counted
+    if mode == "lora":
+        assert any("lora_" in n for n, _ in module.model.named_parameters())
+    out = module.export(tmp_path / "out", {"recovery": {"mode": mode}})
+    assert not any("lora_" in n for n, _ in module.model.named_parameters())  # merged
+    loaded = load_pruned(out)
+    ids = torch.randint(0, 200, (2, 12))
+    torch.testing.assert_close(logits(loaded, ids), logits(module.model, ids), rtol=0, atol=1e-5)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["recovery"] == {"mode": mode} and len(report["steps"]) == 1
+    assert report["params_after"] == count_parameters(loaded)
+
+
+def test_scheduled_fit_prunes_between_epochs(tiny_dir):
+    module = RecoveryModule(str(tiny_dir), learning_rate=1e-3, warmup_steps=1)
+    callback = StructuredPruning(
+        PruneConfig(ratio=0.3, layers="0:4"), schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16
+    )
+    fit = trainer(callbacks=[callback], max_epochs=2)
+    fit.fit(module, datamodule=data(tiny_dir))
+    assert callback.done == [0, 1] and len(module.history) == 2
+    achieved = [r["achieved_ratio"] for r in module.pruning_reports]
+    assert achieved[0] < achieved[1]  # each step reports against the model it pruned
+    assert 0.25 < module.report()["achieved_ratio"] < 0.35
+    assert module.is_lora_wrapped  # new adapters on the smaller model
+    trained = {id(p) for p in module.model.parameters() if p.requires_grad}
+    assert {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]} == trained
+
+
+def recipe(tiny_dir, tmp_path, **overrides) -> list[str]:
+    """`llmp fit` arguments for the tiny model (an iterative schedule)."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"""
+model:
+  model: {tiny_dir}
+  learning_rate: 0.001
+  warmup_steps: 1
+  lora: {{dropout: 0.0}}  # dropout draws from the global RNG, which a resume does not restore
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  limit_train_batches: 2
+  limit_val_batches: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: llmp.callbacks.StructuredPruning
+      init_args:
+        config: {{ratio: 0.3, attention: kv, layers: "0:4"}}
+        schedule: {{0: 0.1, 1: 0.3}}
+        num_samples: 2
+        seq_len: 16
+data:
+  path: alpaca-1k
+  max_samples: 24
+  val_size: 4
+  cutoff_len: 192
+  batch_size: 2
+eval:
+  data: null
+"""
+    )
+    return ["--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
+
+
+class StopAfterEpoch(L.Callback):
+    """Ends a fit after ``epoch`` as an interruption would, without changing its LR schedule."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = trainer.current_epoch >= self.epoch
+
+
+def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path):
+    """A fit stopped after epoch 0 (one of two pruning steps) resumes to the same final model."""
+    whole = tmp_path / "whole"
+    assert fit_main(recipe(tiny_dir, tmp_path, output=whole, **{"trainer.enable_checkpointing": "false"})) == 0
+    ckpts = tmp_path / "ckpts"
+    checkpoint = '{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "%s"}}'
+    stop = '{"class_path": "test_recovery.StopAfterEpoch"}'
+    assert (
+        fit_main(
+            [*recipe(tiny_dir, tmp_path), "--trainer.callbacks+", checkpoint % ckpts, "--trainer.callbacks+", stop]
+        )
+        == 0
+    )
+    (stopped,) = ckpts.glob("*.ckpt")
+    (step,) = read_checkpoint_state(stopped)["history"]  # the first of two pruning steps
+    assert 0.07 < 1 - step["params_after"] / step["params_before"] < 0.13
+    resumed = tmp_path / "resumed"
+    assert fit_main(recipe(tiny_dir, tmp_path, output=resumed, ckpt_path=stopped)) == 0
+    a, b = load_pruned(whole), load_pruned(resumed)
+    assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
+    ids = torch.randint(0, 200, (2, 12))
+    torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-4, atol=1e-4)
+    assert json.loads((resumed / "pruning_report.json").read_text())["recovery"]["epochs"] == 2
+
+
+def test_checkpoint_exports_and_errors(tiny_dir, tmp_path):
+    module = RecoveryModule(str(tiny_dir), learning_rate=1e-3, warmup_steps=1)
+    callback = StructuredPruning(PruneConfig(ratio=0.2), num_samples=2, seq_len=16)
+    fit = trainer(callbacks=[callback])
+    fit.fit(module, datamodule=data(tiny_dir))
+    fit.save_checkpoint(tmp_path / "run.ckpt")
+    out = export_checkpoint(tmp_path / "run.ckpt", tmp_path / "out")
+    ids = torch.randint(0, 200, (2, 12))
+    module.merge_adapters()
+    torch.testing.assert_close(logits(load_pruned(out), ids), logits(module.model, ids), rtol=0, atol=1e-5)
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LlmpError, match="cannot read checkpoint .*bad.ckpt.*corrupt"):
+        read_checkpoint_state(tmp_path / "bad.ckpt")
+    with pytest.raises(LlmpError, match="does not exist"):
+        read_checkpoint_state(tmp_path / "none.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(LlmpError, match="not written by a llmp RecoveryModule"):
+        export_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "out2")
+
+
+def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert fit_main(recipe(tiny_dir, tmp_path, output=tmp_path / "taken")) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert fit_main(recipe(tiny_dir, tmp_path, ckpt_path=tmp_path / "none.ckpt")) == 2
+    assert "does not exist" in capsys.readouterr().err
