@@ -226,6 +226,10 @@ def _eval_tasks(args) -> int:
         raise LlmpError(f"`--tasks` names no task: {args.tasks!r}; give e.g. piqa,arc_easy")
     if args.limit is not None and args.limit < 1:
         raise LlmpError(f"`--limit` must be a positive number of items; got {args.limit}")
+    if args.batch_size < 1:
+        raise LlmpError(f"`--batch-size` must be at least 1; got {args.batch_size}")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise LlmpError(f"`--output` {args.output}: its folder does not exist; create it or choose another path")
     if args.data_dir is not None:
         for name in names:  # every file found before the model loads
             find_task_file(name, args.data_dir)
@@ -238,7 +242,7 @@ def _eval_tasks(args) -> int:
     if args.json:
         print(json.dumps(results.as_dict()))
         return 0
-    limit = f", first {args.limit} items per task" if args.limit else ""
+    limit = f", first {args.limit} items per task" if args.limit else ", all items"
     print(f"{args.model}: zero-shot, lm-evaluation-harness {results.harness_version}{limit}")
     print(results.table())
     print(results.protocol)

@@ -4,8 +4,16 @@ It is made from the folder's ``pruning_report.json`` (written by ``llmp prune`` 
 its ``config.json`` and any ``tasks*.json`` written by ``llmp eval tasks --output``::
 
     report.md   parameters before/after, settings, kept heads and MLP channels per layer,
-                perplexities, zero-shot scores, greedy generations side by side
+                perplexity dense -> pruned (-> recovered), recovery settings, zero-shot scores,
+                greedy generations side by side
     report.png  kept / dense attention heads and MLP channels for every layer
+
+Optional keys of ``pruning_report.json`` that are shown when present: ``perplexity``
+(``{data, dense, pruned, recovered, protocol}``, any of the numbers may be missing),
+``recovery`` (settings of the recovery run, shown as a table), ``generations`` (a
+:func:`samples_entry` dict, any number of labelled models) and ``timings``. A task file
+``tasks_<label>.json`` becomes the column ``<label>`` of the task table (``tasks.json``: the
+model named inside).
 
 Example::
 
@@ -106,14 +114,23 @@ def dense_shapes(report: dict, config: dict) -> list[dict[str, int]] | None:
 
 
 def read_task_results(folder: Path) -> list[dict]:
-    """``tasks*.json`` files of ``folder`` (from ``llmp eval tasks --output``), in name order."""
+    """``tasks*.json`` files of ``folder`` (from ``llmp eval tasks --output``), in name order.
+
+    Each gets a ``label``: ``dense`` for ``tasks_dense.json``, else the model named inside.
+
+    Raises:
+        LlmpError: a file is not JSON or not a task result.
+    """
     results = []
     for path in sorted(folder.glob("tasks*.json")):
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (OSError, json.JSONDecodeError) as err:
             raise LlmpError(f"{path} is not JSON ({err}); re-create it with `llmp eval tasks --output`") from err
-        results.append({**data, "model": data.get("model") or path.stem})
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+            raise LlmpError(f"{path} holds no `tasks` object; re-create it with `llmp eval tasks --output`")
+        suffix = path.stem[len("tasks") :].lstrip("_-.")
+        results.append({**data, "label": suffix or data.get("model") or path.stem})
     return results
 
 
@@ -121,19 +138,31 @@ def write_report(folder: str | Path, generations: dict | None = None) -> tuple[P
     """Write ``report.md`` and ``report.png`` into ``folder``, each atomically.
 
     Args:
-        folder: a folder holding ``pruning_report.json``.
+        folder: a folder holding ``pruning_report.json`` (from ``llmp prune`` or ``llmp fit``).
         generations: a :func:`samples_entry` dict; default: the one in the pruning report, if any.
 
+    Returns:
+        The paths of ``report.md`` and ``report.png``.
+
     Raises:
-        LlmpError: ``folder`` has no readable pruning report.
+        LlmpError: ``folder`` has no readable pruning report, or a ``tasks*.json`` in it is not valid.
     """
     folder = Path(folder)
     try:
         report = json.loads((folder / REPORT).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise LlmpError(f"cannot read {folder / REPORT}: {err}; give a folder written by `llmp prune`") from err
+        raise LlmpError(
+            f"cannot read {folder / REPORT}: {err}; give a folder written by `llmp prune` or `llmp fit`"
+        ) from err
+    if not isinstance(report, dict):
+        raise LlmpError(f"{folder / REPORT} holds a {type(report).__name__}, not a pruning report object")
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise LlmpError(f"{config_path} is not JSON ({err})") from err
+    if not report.get("layer_shapes") and config.get("llmp_layer_shapes"):
+        report = {**report, "layer_shapes": config["llmp_layer_shapes"]}
     dense = dense_shapes(report, config)
     generations = generations or report.get("generations")
     tasks = read_task_results(folder)
@@ -164,6 +193,8 @@ def plot_shapes(report: dict, dense: list[dict] | None):
     layers = list(range(len(kept)))
     fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 5.6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
+    if not kept:
+        axes[0].text(0.5, 0.5, "no per-layer shapes recorded", ha="center", va="center", transform=axes[0].transAxes)
     for ax, key, label, color in (
         (axes[0], "heads", "attention heads", "tab:blue"),
         (axes[1], "mlp", "MLP channels", "tab:orange"),
@@ -179,7 +210,7 @@ def plot_shapes(report: dict, dense: list[dict] | None):
                 if k[key] < d[key]:
                     ax.text(x, k[key], f"{k[key] / d[key]:.0%}", ha="center", va="bottom", fontsize=6)
         ax.set_ylabel(label)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     axes[1].set_xlabel("layer")
     axes[1].set_xticks(layers)
     axes[1].tick_params(axis="x", labelsize=7)
@@ -206,12 +237,10 @@ def render_markdown(report: dict, dense, tasks: list[dict], generations: dict | 
         cal = report["calibration"]
         lines.append(f"Calibration: {cal.get('num_samples')} x {cal.get('seq_len')} tokens of `{cal.get('source')}`.")
     lines += ["", "## Where the model was cut", "", *_shape_table(report.get("layer_shapes") or [], dense)]
-    if "perplexity" in report:
-        ppl = report["perplexity"]
-        lines += ["", "## Perplexity", "", "| data | dense | pruned | protocol |", "| --- | ---: | ---: | --- |"]
-        lines.append(
-            f"| {ppl.get('data')} | {ppl.get('dense', 0):.2f} | {ppl.get('pruned', 0):.2f} | {ppl.get('protocol')} |"
-        )
+    if report.get("perplexity"):
+        lines += ["", "## Perplexity", "", *_perplexity_table(report["perplexity"])]
+    if report.get("recovery"):
+        lines += ["", "## Recovery", "", *_settings_table(report["recovery"])]
     if tasks:
         lines += ["", "## Zero-shot tasks", "", *_task_table(tasks)]
     if generations:
@@ -234,22 +263,59 @@ def _shape_table(kept: list[dict], dense) -> list[str]:
     return rows
 
 
+def _perplexity_table(ppl: dict) -> list[str]:
+    """One row: dense -> pruned -> recovered (the stages present), with the data and protocol."""
+    stages = [k for k in ("dense", "pruned", "recovered") if isinstance(ppl.get(k), (int, float))]
+    rows = [
+        "| data | " + " | ".join(stages) + " | protocol |",
+        "| --- |" + " ---: |" * len(stages) + " --- |",
+        f"| {ppl.get('data', '-')} | "
+        + " | ".join(f"{ppl[k]:.2f}" for k in stages)
+        + f" | {ppl.get('protocol', '-')} |",
+    ]
+    return rows
+
+
+def _settings_table(settings: dict) -> list[str]:
+    """``setting | value`` rows; nested objects flattened to ``a.b``."""
+    rows = ["| setting | value |", "| --- | --- |"]
+    for key, value in _flatten(settings):
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        rows.append(f"| {key} | {_cell(str(shown))} |")
+    return rows
+
+
+def _flatten(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _task_table(results: list[dict]) -> list[str]:
-    models = [r["model"] for r in results]
+    """Tasks as rows; per result file, ``n``, ``acc`` and ``acc_norm`` columns labelled with its label."""
+    labels = [r["label"] for r in results]
     names = list(dict.fromkeys(name for r in results for name in r["tasks"]))
-    head = "| task | n | " + " | ".join(f"acc {m} | acc_norm {m}" for m in models) + " |"
-    rows = [head, "| --- | ---: |" + " ---: | ---: |" * len(models)]
+    head = "| task | " + " | ".join(f"n {m} | acc {m} | acc_norm {m}" for m in labels) + " |"
+    rows = [head, "| --- |" + " ---: | ---: | ---: |" * len(labels)]
     for name in names:
-        cells, ns = [], set()
+        cells = []
         for r in results:
             t = r["tasks"].get(name)
-            ns.add(t["n"] if t else None)
-            norm = t and t.get("acc_norm")
-            cells.append("-" if not t else f"{t['acc']:.4f} | {'-' if norm is None else f'{norm:.4f}'}")
-        n = "/".join(str(x) for x in sorted(ns - {None}))
-        rows.append(f"| {name} | {n} | " + " | ".join(c if "|" in c else f"{c} | -" for c in cells) + " |")
-    version = results[0].get("harness_version", "?")
-    rows += ["", f"lm-evaluation-harness {version}; {results[0].get('protocol', '')}"]
+            if t is None:
+                cells += ["-", "-", "-"]
+                continue
+            norm = t.get("acc_norm")
+            cells += [str(t["n"]), f"{t['acc']:.4f}", "n/a" if norm is None else f"{norm:.4f}"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append("")
+    for r in results:
+        limit = f"first {r['limit']} items per task" if r.get("limit") else "all items"
+        rows.append(
+            f"- {r['label']}: `{r.get('model')}`, lm-evaluation-harness {r.get('harness_version', '?')}, {limit}"
+        )
+    rows += ["", results[0].get("protocol", "")]
     return rows
 
 
