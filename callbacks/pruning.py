@@ -16,6 +16,8 @@ the weights load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -29,6 +31,11 @@ from llmp.pruner import PruneConfig, count_parameters, prune
 log = logging.getLogger(__name__)
 
 RAMPS = ("linear", "cubic")
+
+
+def plan_digest(plan: dict[str, list[int]]) -> str:
+    """A short fingerprint of a pruning plan (which elements of which groups), for the logs."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class StructuredPruning(L.Callback):
@@ -168,6 +175,13 @@ class StructuredPruning(L.Callback):
         config = dataclasses.replace(self.config, ratio=min(remove / current, 0.999), steps=1)
         model.to(trainer.strategy.root_device)
         calibration = self._calibration(trainer, pl_module) if config.criterion != "random" else None
+        log.info(
+            "epoch %d: pruning to %.1f%% of the original parameters removed (%s criterion%s)",
+            epoch,
+            100 * self.targets[epoch],
+            config.criterion,
+            f", {len(calibration)} x {calibration.shape[1]} calibration tokens" if calibration is not None else "",
+        )
         strategy = trainer.strategy
         report = prune(model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0))
         pl_module.history.extend(report["steps"])
@@ -182,11 +196,13 @@ class StructuredPruning(L.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         log.info(
-            "pruned at epoch %d: %s -> %s parameters (%.2f%% of the original removed)",
+            "rank %d pruned at epoch %d: %s -> %s parameters (%.2f%% of the original removed), plan %s",
+            trainer.global_rank,
             epoch,
             f"{current:,}",
             f"{params:,}",
             100 * metrics["pruning/ratio"],
+            plan_digest(report["steps"][-1]["plan"]),
         )
         if rewrap:
             pl_module.add_adapters()

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -51,12 +52,14 @@ class EvalSettings:
         seq_len: tokens per window (the paper: 128).
         max_tokens: use the first N tokens of the text (``None``: all).
         dense: also measure the model before pruning (one more load).
+        samples: greedy generations of each model for the report's side-by-side (0: none).
     """
 
     data: str | None = "wikitext2"
     seq_len: int = 128
     max_tokens: int | None = 16384
     dense: bool = True
+    samples: int = 3
 
 
 def launcher_args(environ: dict[str, str] | None = None) -> list[str]:
@@ -92,15 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         log.info("fabric run settings mapped onto the Trainer: %s", " ".join(overrides))
     try:
-        cli = FitCLI(
-            RecoveryModule,
-            InstructionData,
-            args=argv + overrides,
-            run=False,
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "llmp fit"},
-        )
+        # LightningCLI warns when it is given `args` while sys.argv has some (`llmp fit ...` does).
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            cli = FitCLI(
+                RecoveryModule,
+                InstructionData,
+                args=argv + overrides,
+                run=False,
+                seed_everything_default=42,
+                save_config_callback=None,  # the resolved recipe is saved into --output instead
+                parser_kwargs={"prog": "llmp fit"},
+            )
         return _run(cli)
     except LlmpError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -145,10 +150,19 @@ def _run(cli: FitCLI) -> int:
         module.export(output, recovery, overwrite=config.overwrite)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
-        print(f"saved {output}")
+        _write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
         if config.eval.data:
             evaluate(output, EvalSettings(**vars(config.eval)))
+        from llmp.report import write_report
+
+        print(f"saved {output}; summary in {write_report(output)[0]}")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _metric(trainer, name: str) -> float | None:
@@ -166,16 +180,19 @@ def evaluate(output: Path, settings: EvalSettings) -> dict:
     from llmp.io import REPORT, write_json_atomic
     from llmp.models import load_model
     from llmp.pruner import replay
+    from llmp.report import generate_samples, samples_entry
 
     report = json.loads((output / REPORT).read_text())
     text = read_text(resolve(settings.data))
-    results = {}
+    results, runs = {}, {}
 
     def measure(name: str, model, tokenizer) -> None:
         result = perplexity(model, tokenizer, text, settings.seq_len, settings.max_tokens)
         results[name] = round(result.ppl, 4)
         results["protocol"] = f"{settings.data}: {result.protocol}"
         print(f"perplexity {name:>9}: {result.ppl:.2f}")
+        if settings.samples > 0:
+            runs[name] = generate_samples(model, tokenizer, count=settings.samples)
 
     with torch.inference_mode(False):
         model, tokenizer = load_model(report["model"])
@@ -187,5 +204,7 @@ def evaluate(output: Path, settings: EvalSettings) -> dict:
         model, tokenizer = load_model(str(output))
         measure("recovered", model, tokenizer)
     report["perplexity"] = results
+    if runs:
+        report["generations"] = samples_entry(*runs.values(), labels=tuple(runs))
     write_json_atomic(output / REPORT, report)
     return results

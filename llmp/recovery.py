@@ -103,6 +103,7 @@ class RecoveryModule(L.LightningModule):
         self.tokenizer = None
         self.history: list[dict] = []  # pruning steps applied to the base model, in order
         self.original_params = 0  # parameters of the model as loaded, before any pruning
+        self.dense_shapes: list[dict] = []  # its per-layer heads / KV heads / MLP channels
         self.pruning_reports: list[dict] = []
         self.val_ppl = Perplexity(ignore_index=-100)
 
@@ -114,11 +115,13 @@ class RecoveryModule(L.LightningModule):
             return
         from llmp.models import load_model
         from llmp.pruner import count_parameters
+        from llmp.structure import adapter_for
 
         self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))
         self.model.config.use_cache = False
         self.model.train()
         self.original_params = count_parameters(self.model)
+        self.dense_shapes = adapter_for(self.model).layer_shapes(self.model)
 
     @property
     def base_model(self):
@@ -268,6 +271,7 @@ class RecoveryModule(L.LightningModule):
             params_after=after,
             achieved_ratio=round(1 - after / before, 6),
             layer_shapes=adapter_for(base).layer_shapes(base),
+            dense_layer_shapes=self.dense_shapes,
             hidden_size=base.config.hidden_size,
             num_layers=base.config.num_hidden_layers,
             steps=list(self.history),
