@@ -11,9 +11,9 @@ import json
 import lightning as L
 import pytest
 import torch
-from llmp.callbacks import StructuredPruning
 
 from llmp import load_pruned
+from llmp.callbacks import StructuredPruning
 from llmp.data.instruct import InstructionData, alpaca_prompt
 from llmp.errors import LlmpError
 from llmp.fit import launcher_args
