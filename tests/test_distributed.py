@@ -34,6 +34,7 @@ model:
   learning_rate: 0.001
   warmup_steps: 1
 trainer:
+  default_root_dir: {tmp_path}
   max_epochs: 2
   limit_train_batches: 2
   limit_val_batches: 1

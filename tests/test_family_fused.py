@@ -226,3 +226,17 @@ def test_layer_removal_is_refused_with_post_layernorm_residual():
     )
     with pytest.raises(LlmpError, match="apply_residual_connection_post_layernorm"):
         prune(model, PruneConfig(ratio=0.2, scope="layer", criterion="l2"))
+
+
+def test_baichuan2_norm_head_refuses_hidden_channels():
+    """Baichuan 2's NormHead normalises each lm_head row over all hidden channels: no exact removal."""
+
+    class NormHead(torch.nn.Linear):  # what Baichuan 2's remote code puts in place of lm_head
+        def forward(self, x):
+            return torch.nn.functional.linear(x, torch.nn.functional.normalize(self.weight))
+
+    model = family_model("baichuan-7b")
+    model.lm_head = NormHead(model.config.hidden_size, model.config.vocab_size, bias=False)
+    with pytest.raises(LlmpError, match="`lm_head` is a NormHead"):
+        adapter_for(model).discover(model, (Kind.HIDDEN,))
+    adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP, Kind.LAYERS))  # the rest still maps

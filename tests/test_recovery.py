@@ -224,6 +224,7 @@ model:
   warmup_steps: 1
   lora: {{dropout: 0.0}}  # dropout draws from the global RNG, which a resume does not restore
 trainer:
+  default_root_dir: {tmp_path}
   accelerator: cpu
   devices: 1
   max_epochs: 2

@@ -10,6 +10,7 @@ from llmp.structure.adapters.bloom import BloomAdapter
 from llmp.structure.adapters.falcon import FalconAdapter
 from llmp.structure.adapters.gemma import GemmaAdapter
 from llmp.structure.adapters.gpt2 import GPT2Adapter
+from llmp.structure.adapters.gpt_bigcode import GPTBigCodeAdapter
 from llmp.structure.adapters.gpt_neox import GPTNeoXAdapter
 from llmp.structure.adapters.llama import LlamaAdapter
 from llmp.structure.adapters.opt import OPTAdapter
@@ -33,6 +34,7 @@ register(BloomAdapter)
 register(BaichuanAdapter)
 register(FalconAdapter)
 register(GPTNeoXAdapter)
+register(GPTBigCodeAdapter)
 
 
 def supported_model_types() -> list[str]:
