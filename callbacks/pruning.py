@@ -189,6 +189,7 @@ class StructuredPruning(L.Callback):
         self.done.append(epoch)
         params = count_parameters(model)
         metrics = {
+            "pruning/params_before": float(current),
             "pruning/params": float(params),
             "pruning/ratio": 1 - params / original,
             "pruning/step": float(len(self.done)),

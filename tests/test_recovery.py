@@ -197,14 +197,42 @@ def test_one_shot_fit_exports_a_loadable_model(tiny_dir, tmp_path, mode):
     assert report["params_after"] == count_parameters(loaded)
 
 
+def test_bf16_and_gradient_checkpointing(tiny_dir):
+    module = RecoveryModule(str(tiny_dir), dtype="bfloat16", gradient_checkpointing=True, warmup_steps=1)
+    callback = StructuredPruning(PruneConfig(ratio=0.2, criterion="l1"))
+    trainer(callbacks=[callback], precision="bf16-true", limit_val_batches=0).fit(module, datamodule=data(tiny_dir))
+    assert module.base_model.is_gradient_checkpointing and module.trainer.global_step == 2
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+
+
+class Metrics(L.pytorch.loggers.Logger):
+    """Collects what is logged (for the pruning metrics)."""
+
+    name, version = "metrics", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[dict] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append(dict(metrics))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
 def test_scheduled_fit_prunes_between_epochs(tiny_dir):
     module = RecoveryModule(str(tiny_dir), learning_rate=1e-3, warmup_steps=1)
     callback = StructuredPruning(
         PruneConfig(ratio=0.3, layers="0:4"), schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16
     )
-    fit = trainer(callbacks=[callback], max_epochs=2)
+    logger = Metrics()
+    fit = trainer(callbacks=[callback], max_epochs=2, logger=logger)
     fit.fit(module, datamodule=data(tiny_dir))
     assert callback.done == [0, 1] and len(module.history) == 2
+    steps = [m for m in logger.logged if "pruning/ratio" in m]
+    assert [round(m["pruning/ratio"], 1) for m in steps] == [0.1, 0.3]
+    assert steps[1]["pruning/params_before"] == steps[0]["pruning/params"] > steps[1]["pruning/params"]
     achieved = [r["achieved_ratio"] for r in module.pruning_reports]
     assert achieved[0] < achieved[1]  # each step reports against the model it pruned
     assert 0.25 < module.report()["achieved_ratio"] < 0.35
