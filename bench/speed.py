@@ -7,12 +7,17 @@
 For every dtype x batch x sequence length: prefill latency (one forward over ``batch x seq``
 random tokens, median of ``--repeats`` after one warm-up) and its tokens/s; for every dtype x
 batch: decode tokens/s (``--decode-tokens`` greedy steps with the KV cache after a 128-token
-prompt). Dense and pruned alternate inside each repeat, so a busy machine slows both alike.
+prompt). Dense and pruned alternate inside each repeat, so a busy machine slows both alike;
+the load averages before and after are recorded. Cells over ``--max-batch-tokens`` are skipped
+(and listed) to bound the run time on a CPU.
+
 ``flops_ratio`` is dense/pruned forward FLOPs per token at that length (matmuls: 2 x linear
-parameters, plus attention scores and values over the causal context); a speed-up at least that
-large is expected when the kept matrices stay large enough for the kernels. Memory: ``weights_mb``
-exactly; ``peak_mb`` is CUDA's peak allocation, or on CPU the process's RSS sampled during the
-run above its level before (an estimate). Prints a table to stderr and one JSON object to stdout.
+parameters, lm_head included, plus attention scores and values over the causal context);
+``speedup`` >= ``flops_ratio`` is expected when the kept matrices stay large enough for the
+kernels, and ``meets_flops`` says whether it was. Memory: ``weights_mb`` exactly; ``peak_mb``
+is CUDA's peak allocation, or on CPU the process's RSS sampled during the warm-up above its
+level before (an estimate; the timed repeats run without the sampling thread). Prints a line
+per case and a Markdown table to stderr, one JSON object to stdout.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import copy
 import inspect
 import json
+import os
 import statistics
 import sys
 import threading
@@ -114,29 +120,36 @@ CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parame
 
 
 def _cache(out):
-    return out.get("cache", out.get("past_key_values"))
+    # Not out.get("cache", out.get("past_key_values")): reading the old name warns even when unused.
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def measure(models: dict, args, device) -> list[dict]:
-    rows = []
+def measure(models: dict, args, device) -> tuple[list[dict], list[dict]]:
+    """Rows of timings and the cases skipped for ``--max-batch-tokens``."""
+    rows, skipped = [], []
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(0)
     for dtype_name in args.dtypes:
         typed = {name: m.to(DTYPES[dtype_name]) for name, m in models.items()}
+        for model in typed.values():  # one-time allocations and lazy set-up, charged to no case
+            prefill(model, torch.zeros(1, 8, dtype=torch.long, device=device))
         for batch in args.batch_sizes:
             cases = [("prefill", seq) for seq in args.seq_lens]
             cases += [("decode", 128)] if args.decode_tokens > 0 else []
             for kind, seq in cases:
+                if kind == "prefill" and args.max_batch_tokens and batch * seq > args.max_batch_tokens:
+                    skipped.append({"dtype": dtype_name, "batch": batch, "kind": kind, "seq": seq})
+                    continue
                 ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
                 times = {name: [] for name in typed}
                 peaks = {}
-                for rep in range(args.repeats + 1):  # the first is the warm-up
+                for name, model in typed.items():  # warm-up, with the memory sampler
+                    with PeakMemory(device) as mem:
+                        _once(model, kind, ids, args.decode_tokens)
+                    peaks[name] = mem.peak_mb
+                for _ in range(args.repeats):
                     for name, model in typed.items():
-                        with PeakMemory(device) as mem:
-                            t = prefill(model, ids) if kind == "prefill" else decode(model, ids, args.decode_tokens)
-                        if rep:
-                            times[name].append(t)
-                            peaks[name] = max(peaks.get(name, 0.0), mem.peak_mb)
+                        times[name].append(_once(model, kind, ids, args.decode_tokens))
                 for name, model in typed.items():
                     sec = statistics.median(times[name])
                     tokens = batch * (seq if kind == "prefill" else args.decode_tokens)
@@ -158,7 +171,11 @@ def measure(models: dict, args, device) -> list[dict]:
                     )
                 _speedups(rows[-len(typed) :])
                 print(_line(rows[-len(typed) :]), file=sys.stderr, flush=True)
-    return rows
+    return rows, skipped
+
+
+def _once(model, kind: str, ids: torch.Tensor, decode_tokens: int) -> float:
+    return prefill(model, ids) if kind == "prefill" else decode(model, ids, decode_tokens)
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -166,6 +183,28 @@ def _speedups(rows: list[dict]) -> None:
     for r in rows:
         r["speedup"] = round(dense["median_s"] / r["median_s"], 3)
         r["flops_ratio"] = round(dense["flops_per_token"] / r["flops_per_token"], 3)
+        r["meets_flops"] = r["speedup"] >= r["flops_ratio"]
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per case, dense and pruned side by side."""
+    lines = [
+        "| dtype | batch | case | dense ms | pruned ms | dense tok/s | pruned tok/s | speed-up | FLOP ratio "
+        "| peak MB dense / pruned |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["dtype"], r["batch"], r["kind"], r["seq"]), {})[r["model"]] = r
+    for (dtype, batch, kind, seq), pair in pairs.items():
+        d, p = pair["dense"], pair["pruned"]
+        case = f"prefill {seq}" if kind == "prefill" else f"decode ({seq}-token prompt)"
+        lines.append(
+            f"| {dtype} | {batch} | {case} | {d['median_s'] * 1000:.1f} | {p['median_s'] * 1000:.1f} "
+            f"| {d['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | {p['speedup']:.2f} | {p['flops_ratio']:.2f} "
+            f"| {d['peak_mb']:.0f} / {p['peak_mb']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def _line(rows: list[dict]) -> str:
@@ -194,11 +233,16 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="0 skips decode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="skip prefill cases with batch x seq above this"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad or args.repeats < 1:
         parser.error(f"`--dtypes` must be among {sorted(DTYPES)} (got {bad}) and `--repeats` >= 1")
+    if args.pruned and not (Path(args.pruned) / "pruning_report.json").is_file():
+        parser.error(f"`--pruned` {args.pruned} has no pruning_report.json; give a folder written by `llmp prune`")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -215,8 +259,16 @@ def main() -> None:
         how = {"on_the_fly": f"PruneConfig(ratio={args.ratio}), 16 x 128 C4 tokens"}
         how["achieved_ratio"] = report["achieved_ratio"]
     models = {"dense": dense.to(device).eval(), "pruned": pruned.to(device).eval()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", file=sys.stderr)
-    rows = measure(models, args, device)
+    load_before = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+        f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}",
+        file=sys.stderr,
+    )
+    rows, skipped = measure(models, args, device)
+    load_after = os.getloadavg()
+    print(table(rows), file=sys.stderr)
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}", file=sys.stderr)
     result = {
         "model": args.model,
         "pruned": how,
@@ -225,6 +277,8 @@ def main() -> None:
         "device": str(device),
         "repeats": args.repeats,
         "decode_tokens": args.decode_tokens,
+        "load_average": {"before": load_before, "after": load_after},
+        "skipped": skipped,
         "rows": rows,
     }
     print(json.dumps(result))

@@ -222,9 +222,8 @@ class StructuredPruning(L.Callback):
         n, length = self.num_samples, self.seq_len
         if self.calibration is not None:
             from llmp.data import calibration_samples
-            from llmp.data.resources import resolve
 
-            return calibration_samples(resolve(self.calibration), pl_module.tokenizer, n, length, self.config.seed)
+            return calibration_samples(self.calibration, pl_module.tokenizer, n, length, self.config.seed)
         data = trainer.datamodule
         if data is None:
             raise LlmpError(

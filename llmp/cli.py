@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("dir", help="folder written by `llmp prune` or `llmp fit`")
     r.add_argument("--dense", help="dense model (spec) to generate from beside the pruned one, e.g. smollm2-135m")
     r.add_argument("--prompts", help="text file, one prompt per line (default: llmp's fixed prompts)")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt with --dense")
 
     g = sub.add_parser("generate", help="greedy text generation")
     g.add_argument("--model", required=True)
@@ -250,19 +250,30 @@ def _eval_tasks(args) -> int:
 
 
 def _report(args) -> int:
-    from llmp.report import DEFAULT_PROMPTS, compare_generations, write_report
+    from llmp.report import DEFAULT_PROMPTS, compare_generations, read_report, write_report
 
     folder = Path(args.dir)
+    if not folder.is_dir():
+        raise LlmpError(f"{folder} is not a folder: give a folder written by `llmp prune` or `llmp fit`")
     if not (folder / "pruning_report.json").is_file():
         raise LlmpError(f"{folder} has no pruning_report.json: give a folder written by `llmp prune` or `llmp fit`")
+    if args.max_new_tokens < 1:
+        raise LlmpError(f"`--max-new-tokens` must be at least 1; got {args.max_new_tokens}")
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         if not Path(args.prompts).is_file():
             raise LlmpError(f"`--prompts` file {args.prompts} does not exist")
         prompts = tuple(line for line in Path(args.prompts).read_text().splitlines() if line.strip())
+        if not prompts:
+            raise LlmpError(f"`--prompts` file {args.prompts} holds no prompt; write one prompt per line")
+    if args.prompts and not args.dense:
+        raise LlmpError("`--prompts` needs `--dense`: the prompts are generated from the dense and the pruned model")
     generations = None
     if args.dense:
-        generations = compare_generations({"dense": args.dense, "pruned": str(folder)}, prompts, args.max_new_tokens)
+        # A folder from `llmp fit` holds the recovered model; its report has a `recovery` entry.
+        recovered = "recovery" in read_report(folder)
+        models = {"dense": args.dense, "recovered" if recovered else "pruned": str(folder)}
+        generations = compare_generations(models, prompts, args.max_new_tokens)
     md, png = write_report(folder, generations)
     print(f"wrote {md} and {png}")
     return 0

@@ -175,7 +175,6 @@ def evaluate(output: Path, settings: EvalSettings) -> dict:
     import json
 
     from llmp.data import read_text
-    from llmp.data.resources import resolve
     from llmp.eval import perplexity
     from llmp.io import REPORT, write_json_atomic
     from llmp.models import load_model
@@ -183,7 +182,7 @@ def evaluate(output: Path, settings: EvalSettings) -> dict:
     from llmp.report import generate_samples, samples_entry
 
     report = json.loads((output / REPORT).read_text())
-    text = read_text(resolve(settings.data))
+    text = read_text(settings.data)
     results, runs = {}, {}
 
     def measure(name: str, model, tokenizer) -> None:

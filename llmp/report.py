@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def compare_generations(models: dict[str, str], prompts=DEFAULT_PROMPTS, max_new
 
 def repeated_ngrams(text: str, n: int = 3) -> float:
     """Fraction of word ``n``-grams that already occurred earlier in ``text``: 0 fresh, near 1 looping."""
-    words = text.split()
+    words = re.findall(r"\n|\S+", text)  # a newline is a word: loops of blank lines count too
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
@@ -134,6 +135,22 @@ def read_task_results(folder: Path) -> list[dict]:
     return results
 
 
+def read_report(folder: str | Path) -> dict:
+    """The ``pruning_report.json`` of ``folder``.
+
+    Raises:
+        LlmpError: it is missing, not JSON, or not a JSON object.
+    """
+    path = Path(folder) / REPORT
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LlmpError(f"cannot read {path}: {err}; give a folder written by `llmp prune` or `llmp fit`") from err
+    if not isinstance(report, dict):
+        raise LlmpError(f"{path} holds a {type(report).__name__}, not a pruning report object")
+    return report
+
+
 def write_report(folder: str | Path, generations: dict | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.png`` into ``folder``, each atomically.
 
@@ -148,14 +165,7 @@ def write_report(folder: str | Path, generations: dict | None = None) -> tuple[P
         LlmpError: ``folder`` has no readable pruning report, or a ``tasks*.json`` in it is not valid.
     """
     folder = Path(folder)
-    try:
-        report = json.loads((folder / REPORT).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LlmpError(
-            f"cannot read {folder / REPORT}: {err}; give a folder written by `llmp prune` or `llmp fit`"
-        ) from err
-    if not isinstance(report, dict):
-        raise LlmpError(f"{folder / REPORT} holds a {type(report).__name__}, not a pruning report object")
+    report = read_report(folder)
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}

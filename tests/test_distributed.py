@@ -63,13 +63,15 @@ eval:
     return config
 
 
-def fabric_run(strategy: str, config: Path, accelerator: str = "cpu", timeout: int = 900) -> str:
+def fabric_run(
+    strategy: str, config: Path, accelerator: str = "cpu", extra_args=(), extra_env=None, timeout: int = 900
+) -> str:
     command = [
         *(str(Path(sys.executable).with_name("fabric")), "run"),  # the command the recipes show
         *(f"--accelerator={accelerator}", "--devices=2", f"--strategy={strategy}"),
-        *(str(ROOT / "recipes" / "launch.py"), "--config", str(config)),
+        *(str(ROOT / "recipes" / "launch.py"), "--config", str(config), *extra_args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=config.parent)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
@@ -115,6 +117,27 @@ def test_deepspeed_zero_on_cpu(tiny_dir, tmp_path, stage, mode):
     assert len(shards) == 2  # one optimizer shard per rank
     report = check_output(tmp_path, world_size=2, steps=1)
     assert report["recovery"]["strategy"] == "DeepSpeedStrategy" and report["recovery"]["mode"] == mode
+
+
+def test_deepspeed_resume_rebuilds_the_pruned_shapes(tiny_dir, tmp_path):
+    """A ZeRO-2 fit stopped after epoch 0 resumes from its sharded checkpoint folder."""
+    pytest.importorskip("deepspeed")
+    config = tiny_recipe(tiny_dir, tmp_path, "lora")
+    text = config.read_text().replace("  enable_checkpointing: false\n", "")
+    stop = f"""  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp_path / "ckpts"}}}
+    - class_path: test_recovery.StopAfterEpoch
+"""
+    first = tmp_path / "first.yaml"
+    first.write_text(text.replace("  callbacks:\n", stop, 1).replace(f"output: {tmp_path / 'out'}\n", ""))
+    env = {"PYTHONPATH": str(Path(__file__).parent)}  # StopAfterEpoch lives in test_recovery
+    fabric_run("deepspeed_stage_2", first, extra_env=env)
+    (stopped,) = (tmp_path / "ckpts").glob("*.ckpt")
+    assert stopped.is_dir()  # ZeRO: a folder of shards
+    fabric_run("deepspeed_stage_2", config, extra_args=["--ckpt_path", str(stopped)])
+    report = check_output(tmp_path, world_size=2, steps=1)
+    assert report["recovery"]["epochs"] == 2
 
 
 @pytest.mark.gpu

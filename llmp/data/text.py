@@ -8,21 +8,23 @@ from pathlib import Path
 
 import torch
 
+from llmp.data.resources import resolve
 from llmp.errors import LlmpError
 
 _GUTENBERG = re.compile(r"\*\*\* ?START OF.*?\*\*\*(.*)\*\*\* ?END OF", re.S)
 
 
 def read_documents(source: str | Path, field: str = "text") -> list[str]:
-    """Documents from a ``.txt``/``.raw`` file (one document), a ``.jsonl``/``.json`` file (the
-    ``field`` of each record), or a ``datasets`` id (``name[:config]`` with a train split).
+    """Documents from a built-in name (``c4``, ``wikitext2``: see ``llmp/resources``), a
+    ``.txt``/``.raw`` file (one document), a ``.jsonl``/``.json`` file (the ``field`` of each
+    record), or a ``datasets`` id (``name[:config]`` with a train split).
 
     Project Gutenberg headers and footers are stripped.
 
     Raises:
         LlmpError: the source does not exist or holds no text.
     """
-    path = Path(source)
+    path = Path(resolve(source))
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
             docs = _json_documents(path, field)

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity (and, later, zero-shot tasks)."""
+"""Evaluation: perplexity and zero-shot tasks (lm-evaluation-harness is imported only when used)."""
 
 from llmp.eval.perplexity import PerplexityResult, perplexity
+from llmp.eval.tasks import TaskResult, TaskResults, evaluate_tasks
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "TaskResult", "TaskResults", "evaluate_tasks", "perplexity"]

@@ -26,7 +26,7 @@ boolq         ``{question, passage, answer}`` (dev)             ``{passage}\\nQu
 obqa          ``{question: {stem, choices}, answerKey}``        ``{stem}`` (``*Main_test*`` first)
 mc            ``{query, choices, gold}`` (llm-foundry), any     ``{query}``, plus ``\\nAnswer:`` for
               task name; ``gold`` is a 0-based index            piqa, boolq, arc_easy, arc_challenge
-lambada       ``{context, continuation}`` (llm-foundry)          ``{context}``
+lambada       ``{context, continuation}`` (llm-foundry)          ``{context}``, target ``" " + continuation``
 ============  ================================================  ==================================
 
 The original formats give exactly the harness's prompts. llm-foundry's files are stripped of
@@ -173,8 +173,8 @@ def find_task_file(name: str, data_dir: str | Path) -> tuple[Path, str]:
 def load_local_task(name: str, data_dir: str | Path, limit: int | None = None) -> tuple[list[dict], str, str]:
     """Read task ``name`` from ``data_dir`` as ``(records, source file, format)``.
 
-    Records are ``{"query", "choices", "gold"}`` (``{"query", "target"}`` for the ``lambada``
-    format) in the harness's prompt (see the module docstring); ``limit`` keeps the first records.
+    Records are ``{"query", "choices", "gold"}`` (``{"query", "target"}`` with ``target`` =
+    ``" " + continuation`` for the ``lambada`` format) in the harness's prompt (see the module docstring); ``limit`` keeps the first records.
 
     Raises:
         LlmpError: no readable file for the task, or records that are not valid.
@@ -277,8 +277,13 @@ def _read_mc(rows: list[dict], path: Path, name: str) -> list[dict]:
 
 
 def _read_lambada(rows: list[dict], path: Path, name: str) -> list[dict]:
-    # The harness splits the text at its last space: context without it, target " " + last word.
-    return [{"query": str(r["context"]).rstrip(" "), "target": str(r["continuation"]).strip()} for r in rows]
+    # As the harness's lambada_openai: the context without the last space, the target " " + last
+    # word (a loglikelihood task gets no target delimiter from the harness, so the space is here).
+    records = []
+    for r in rows:
+        word = str(r["continuation"]).strip()
+        records.append({"query": str(r["context"]).rstrip(" "), "target": f" {word}" if word else ""})
+    return records
 
 
 _READERS = {"piqa": _read_piqa, "boolq": _read_boolq, "obqa": _read_obqa, "mc": _read_mc, "lambada": _read_lambada}
