@@ -111,6 +111,15 @@ class StructuredPruning(L.Callback):
             return
         self._check_strategy(trainer)
         pl_module.load_base()
+        pl_module.pruning_settings = {
+            "settings": dataclasses.asdict(self.config),
+            "schedule": {str(epoch): ratio for epoch, ratio in self.targets.items()},
+            "calibration": {
+                "source": str(self.calibration or "datamodule"),
+                "num_samples": self.num_samples,
+                "seq_len": self.seq_len,
+            },
+        }
         resumed = self._resume_history(trainer)
         if resumed is not None:  # rebuild the checkpoint's shapes; its weights load next
             if resumed["history"] != pl_module.history:
@@ -184,6 +193,8 @@ class StructuredPruning(L.Callback):
         )
         strategy = trainer.strategy
         report = prune(model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0))
+        (step,) = report["steps"]  # recorded in the history, so checkpoints carry it
+        step.update(epoch=epoch, target_ratio=self.targets[epoch], timings=report["timings"])
         pl_module.history.extend(report["steps"])
         pl_module.pruning_reports.append(report)
         self.done.append(epoch)
@@ -194,8 +205,8 @@ class StructuredPruning(L.Callback):
             "pruning/ratio": 1 - params / original,
             "pruning/step": float(len(self.done)),
         }
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
         log.info(
             "rank %d pruned at epoch %d: %s -> %s parameters (%.2f%% of the original removed), plan %s",
             trainer.global_rank,
@@ -206,12 +217,14 @@ class StructuredPruning(L.Callback):
             plan_digest(report["steps"][-1]["plan"]),
         )
         if rewrap:
-            pl_module.add_adapters()
+            pl_module.prepare()
             self._rewrap(trainer, pl_module)
 
     def _rewrap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """New parameters: a new DDP wrapper and new optimizers (their state starts empty)."""
+        """New parameters: the precision's dtype (``bf16-true``), a new DDP wrapper, and new
+        optimizers (their state starts empty)."""
         strategy = trainer.strategy
+        strategy.precision_plugin.convert_module(pl_module)
         pl_module.to(strategy.root_device)
         if isinstance(strategy, DDPStrategy):
             strategy.model = pl_module

@@ -120,7 +120,8 @@ def _run(cli: FitCLI) -> int:
     if output is not None:
         check_output_dir(output, config.overwrite)  # before hours of training, not after
     if config.ckpt_path:
-        trainer.ckpt_path = config.ckpt_path  # visible at setup: StructuredPruning rebuilds its shapes
+        # Set before `fit`, so StructuredPruning sees it at setup and rebuilds the pruned shapes.
+        trainer.ckpt_path = _checkpoint_path(trainer, config.ckpt_path)
     start = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - start
@@ -157,6 +158,31 @@ def _run(cli: FitCLI) -> int:
 
         print(f"saved {output}; summary in {write_report(output)[0]}")
     return 0
+
+
+def _checkpoint_path(trainer, value: str) -> str | None:
+    """``last`` (the newest ``last*.ckpt`` of the ModelCheckpoint folders; none yet starts afresh,
+    so a requeued job can always pass it) and ``hpc`` (SLURM's) as Lightning resolves them; a
+    path unchanged.
+
+    Raises:
+        LlmpError: ``hpc`` without an HPC checkpoint, or a path that does not exist.
+    """
+    if value in ("last", "hpc"):
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        try:  # Lightning resolves these names only for `fit(ckpt_path=...)`, after setup
+            path = trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn.FITTING, value, model_provided=True, model_connected=False
+            )
+        except ValueError as err:
+            raise LlmpError(f"`--ckpt_path {value}`: {err}") from err
+        if path is None:
+            log.info("`--ckpt_path last`: no last checkpoint yet, so the fit starts from the beginning")
+        return path
+    if not Path(value).exists():
+        raise LlmpError(f"`--ckpt_path` {value} does not exist: give a checkpoint file or folder, `last` or `hpc`")
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

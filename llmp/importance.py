@@ -193,7 +193,11 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
         if per_sample:
             handles = [params[k].register_post_accumulate_grad_hook(lambda p, k=k: consume(k, p)) for k in tracked]
         try:
-            for start in tqdm(starts, desc=f"calibration ({criterion})", unit="batch", leave=False, disable=None):
+            quiet = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0  # one bar per job
+            bar = tqdm(
+                starts, desc=f"calibration ({criterion})", unit="batch", leave=False, disable=True if quiet else None
+            )
+            for start in bar:
                 if start == starts[-1] and not per_sample:
                     # In the last backward each p.grad completes the sum: score and free it at once.
                     handles = [

@@ -191,6 +191,13 @@ def prune(
         ranges = _ranges(config, len(adapter.layers(model)))
         groups = [g for g in structure.groups if g.layer is None or g.layer in ranges[g.kind]]
         structure.groups = groups
+        kv_groups = [g for g in groups if g.kind is Kind.KV_GROUPS]
+        if kv_groups and all(g.size <= 1 for g in kv_groups):
+            raise LlmpError(
+                f"`attention='kv'` cannot prune this {adapter.family} model: every layer in range has a single "
+                "key/value head (MQA), and removing it would remove all of the layer's attention; use "
+                "`attention='query'` (query heads) or `attention='none'`"
+            )
         scores = importance.score(
             model, structure, calibration, config.criterion, config.reduction, config.batch_size, config.seed
         )

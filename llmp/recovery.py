@@ -104,7 +104,8 @@ class RecoveryModule(L.LightningModule):
         self.history: list[dict] = []  # pruning steps applied to the base model, in order
         self.original_params = 0  # parameters of the model as loaded, before any pruning
         self.dense_shapes: list[dict] = []  # its per-layer heads / KV heads / MLP channels
-        self.pruning_reports: list[dict] = []
+        self.pruning_reports: list[dict] = []  # of the steps this process ran (not the replayed ones)
+        self.pruning_settings: dict = {}  # what StructuredPruning was asked for (settings, schedule, calibration)
         self.val_ppl = Perplexity(ignore_index=-100)
 
     # -- the model ------------------------------------------------------------------------------
@@ -159,13 +160,17 @@ class RecoveryModule(L.LightningModule):
         if self.is_lora_wrapped:
             self.model = self.model.merge_and_unload()
 
-    def setup(self, stage: str) -> None:
-        self.load_base()
+    def prepare(self) -> None:
+        """Ready the (pruned) model for training: LoRA adapters, gradient checkpointing."""
         self.add_adapters()
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.is_lora_wrapped:
                 self.model.enable_input_require_grads()
+
+    def setup(self, stage: str) -> None:
+        self.load_base()
+        self.prepare()
 
     # -- training -------------------------------------------------------------------------------
 
@@ -190,16 +195,17 @@ class RecoveryModule(L.LightningModule):
             raise LlmpError("no trainable parameters: `mode` lora found no `lora.target_modules` in the model")
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        # A rebuilt optimizer (after pruning between epochs) continues the schedule, not restarts it.
-        start = self.trainer.global_step
 
-        def factor(step: int) -> float:
-            step += start
+        def factor(step: int) -> float:  # step: optimizer steps of the whole fit
             if step < self.warmup_steps:
                 return (step + 1) / (self.warmup_steps + 1)
             return max(0.0, (total - step) / max(1, total - self.warmup_steps))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The scheduler counts the fit's steps, not its own: an optimizer rebuilt after pruning
+        # between epochs continues the schedule, and a checkpoint of a rebuilt one resumes it.
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=self.trainer.global_step - 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -228,17 +234,25 @@ class RecoveryModule(L.LightningModule):
                 "resume through `llmp fit --ckpt_path ...`, or set `trainer.ckpt_path` before `fit` so "
                 "StructuredPruning rebuilds the shapes at setup"
             )
+        if self.history:
+            # `trainer.fit(ckpt_path=...)` tells the callbacks the path only after setup, so the
+            # model was pruned afresh first; `trainer.ckpt_path = ...` before `fit` avoids that.
+            log.warning(
+                "the checkpoint's pruning history differs from the model's: rebuilding its shapes "
+                "(set `trainer.ckpt_path` before `fit` to skip the needless pruning at setup)"
+            )
         self.rebuild(saved["history"])
+        self.pruning_reports = []  # those of the pruning just undone
 
     def rebuild(self, history: list[dict]) -> None:
-        """Reload the original model and repeat ``history`` on it (LoRA adapters re-created)."""
+        """Reload the original model and repeat ``history`` on it, ready to train (see :meth:`prepare`)."""
         from llmp.pruner import replay
 
         self.model = None
         self.load_base()
         replay(self.model, history)
         self.history = list(history)
-        self.add_adapters()
+        self.prepare()
 
     # -- export ---------------------------------------------------------------------------------
 
@@ -262,21 +276,27 @@ class RecoveryModule(L.LightningModule):
         from llmp.structure import adapter_for
 
         base = self.base_model
+        adapter = adapter_for(base)
         before = self.original_params
         after = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
-        out = dict(self.pruning_reports[-1]) if self.pruning_reports else {}
-        out.update(
-            model=self.spec,
-            params_before=before,
-            params_after=after,
-            achieved_ratio=round(1 - after / before, 6),
-            layer_shapes=adapter_for(base).layer_shapes(base),
-            dense_layer_shapes=self.dense_shapes,
-            hidden_size=base.config.hidden_size,
-            num_layers=base.config.num_hidden_layers,
-            steps=list(self.history),
-        )
-        return out
+        timings: dict[str, float] = {}  # summed over the steps, those done before a resume included
+        for step in self.history:
+            for key, seconds in step.get("timings", {}).items():
+                timings[key] = round(timings.get(key, 0.0) + seconds, 4)
+        return {
+            **self.pruning_settings,
+            "family": adapter.family,
+            "model": self.spec,
+            "params_before": before,
+            "params_after": after,
+            "achieved_ratio": round(1 - after / before, 6),
+            "layer_shapes": adapter.layer_shapes(base),
+            "dense_layer_shapes": self.dense_shapes,
+            "hidden_size": base.config.hidden_size,
+            "num_layers": base.config.num_hidden_layers,
+            "steps": list(self.history),
+            "timings": timings,
+        }
 
 
 def read_checkpoint_state(path: str | Path) -> dict:

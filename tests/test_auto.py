@@ -111,6 +111,19 @@ def test_config_dependent_forward_is_caught_at_run_time():
     adapter.verify(model, (Kind.MLP, Kind.HIDDEN))  # what it can do still passes
 
 
+def test_prune_refuses_an_unknown_family_that_fails_the_check():
+    """`llmp.prune` itself runs the check on a model it has not seen, before touching a weight."""
+    model = arch("phi3")
+    model.config.model_type = "phi3-like"  # no adapter: the automatic path, as for a new family
+    assert isinstance(adapter_for(model), AutoAdapter)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(LlmpError, match="equivalence check failed.*query_heads"):
+        prune(model, PruneConfig(ratio=0.1, attention="query", mlp=False, criterion="l1"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    report = prune(model, PruneConfig(ratio=0.1, attention="none", criterion="l1"))  # MLP passes the check
+    assert report["family"] == "auto" and report["achieved_ratio"] > 0.05
+
+
 def test_wrong_map_is_caught_by_the_check():
     model = tiny_model("llama-gqa")
     adapter = AutoAdapter()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from llmp.data.text import calibration_samples, read_documents
 from llmp.data.resources import BUILTIN_DATA
+from llmp.data.text import calibration_samples, read_documents
 from llmp.errors import LlmpError
 
 

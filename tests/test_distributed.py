@@ -90,6 +90,9 @@ def check_output(tmp_path: Path, world_size: int, steps: int) -> dict:
     assert report["recovery"]["world_size"] == world_size and len(report["steps"]) == steps
     ppl = report["perplexity"]
     assert set(ppl) >= {"dense", "pruned", "recovered"} and all(v > 1 for k, v in ppl.items() if k != "protocol")
+    # It trained: 2 epochs x 2 batches per rank, and the weights moved (recovered != pruned).
+    assert report["recovery"]["optimizer_steps"] == 4
+    assert abs(ppl["recovered"] - ppl["pruned"]) > 1e-3 * ppl["pruned"]
     model = load_pruned(tmp_path / "out")
     assert 0.25 < report["achieved_ratio"] < 0.35
     with torch.no_grad():

@@ -178,6 +178,7 @@ def test_alibi_slopes_follow_the_kept_heads(name, inputs):
         ("falcon-7b", PruneConfig(ratio=0.2, attention="query", steps=2)),
         ("falcon-40b", PruneConfig(ratio=0.2, attention="query")),
         ("falcon-40b", PruneConfig(ratio=0.2, attention="kv", criterion="taylor2")),
+        ("falcon-40b", PruneConfig(ratio=0.25, scope="layer")),
         ("falcon-rw", PruneConfig(ratio=0.2, attention="kv", steps=2)),
         ("gpt_neox", PruneConfig(ratio=0.2, attention="kv")),
         ("gpt_neox-seq", PruneConfig(ratio=0.25, scope="layer")),
@@ -185,6 +186,7 @@ def test_alibi_slopes_follow_the_kept_heads(name, inputs):
         ("baichuan-7b", PruneConfig(ratio=0.15, scope="channel")),
         ("baichuan-13b", PruneConfig(ratio=0.2, attention="kv", steps=2)),
         ("baichuan-13b", PruneConfig(ratio=0.25, scope="layer")),
+        ("baichuan-13b", PruneConfig(ratio=0.15, scope="channel")),
     ],
     ids=lambda x: x if isinstance(x, str) else f"{x.scope}-{x.attention}-{x.steps}",
 )
@@ -218,6 +220,13 @@ def test_pruned_alibi_heads_never_claim_a_plain_checkpoint(calib, tmp_path):
     prune(model, PruneConfig(ratio=0.15, attention="kv", mlp=False, layout="uniform"), calib)
     out = save_pruned(model, tmp_path / "bloom", report={})
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is False
+
+
+def test_kv_groups_of_an_mqa_model_are_refused(calib):
+    """Falcon-7B has one key/value head: `attention='kv'` could only remove all attention."""
+    model = family_model("falcon-7b")
+    with pytest.raises(LlmpError, match=r"`attention='kv'` cannot prune this falcon model: .*use `attention='query'`"):
+        prune(model, PruneConfig(ratio=0.2, attention="kv"), calib)
 
 
 def test_layer_removal_is_refused_with_post_layernorm_residual():

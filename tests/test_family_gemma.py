@@ -11,7 +11,7 @@ from family_checks import TOKENS, TOL, check_prune_save_load, check_pruned_equal
 from test_surgery import prune_and_mask
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig
 
-from llmp import PruneConfig, prune, save_pruned
+from llmp import LlmpError, PruneConfig, prune, save_pruned
 from llmp.io import REPORT
 from llmp.structure import Kind, adapter_for
 
@@ -109,10 +109,15 @@ def test_removed_layers_keep_their_attention_type(calib, inputs):
         PruneConfig(ratio=0.15, scope="channel"),
         PruneConfig(ratio=0.2, scope="layer"),
         PruneConfig(ratio=0.25, attention="query", steps=2, criterion="taylor2"),
+        PruneConfig(ratio=0.2, attention="kv"),
     ],
-    ids=["query+mlp", "hidden", "layers", "iterative"],
+    ids=["query+mlp", "hidden", "layers", "iterative", "kv+mlp"],
 )
 def test_prune_save_load(name, config, calib, inputs, tmp_path):
+    if name == "gemma" and config.attention == "kv":  # MQA: one KV head per layer
+        with pytest.raises(LlmpError, match="single key/value head"):
+            prune(tiny_gemma(name), config, calib)
+        return
     report = check_prune_save_load(tiny_gemma(name), config, calib, inputs, tmp_path)
     assert report["family"] == "gemma"
 

@@ -120,6 +120,7 @@ def test_pruned_equals_masked(name, kind, calib, inputs):
         ("qwen2", PruneConfig(ratio=0.25, scope="layer")),
         ("mistral", PruneConfig(ratio=0.2, attention="kv")),
         ("mistral", PruneConfig(ratio=0.25, scope="layer")),
+        ("mistral", PruneConfig(ratio=0.15, scope="channel")),
     ],
     ids=lambda x: x if isinstance(x, str) else f"{x.scope}-{x.attention}-{x.steps}",
 )

@@ -198,10 +198,13 @@ def test_one_shot_fit_exports_a_loadable_model(tiny_dir, tmp_path, mode):
 
 
 def test_bf16_and_gradient_checkpointing(tiny_dir):
+    """bf16 weights and adapters, also for the adapters re-created after pruning between epochs."""
     module = RecoveryModule(str(tiny_dir), dtype="bfloat16", gradient_checkpointing=True, warmup_steps=1)
-    callback = StructuredPruning(PruneConfig(ratio=0.2, criterion="l1"))
-    trainer(callbacks=[callback], precision="bf16-true", limit_val_batches=0).fit(module, datamodule=data(tiny_dir))
-    assert module.base_model.is_gradient_checkpointing and module.trainer.global_step == 2
+    callback = StructuredPruning(PruneConfig(ratio=0.2, criterion="l1"), schedule={0: 0.1, 1: 0.2})
+    fit = trainer(callbacks=[callback], precision="bf16-true", limit_val_batches=0, max_epochs=2)
+    fit.fit(module, datamodule=data(tiny_dir))
+    assert module.base_model.is_gradient_checkpointing and module.trainer.global_step == 4
+    assert len(module.history) == 2 and any("lora_" in n for n, _ in module.model.named_parameters())
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
 
 
@@ -291,29 +294,63 @@ class StopAfterEpoch(L.Callback):
         trainer.should_stop = trainer.current_epoch >= self.epoch
 
 
-def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path):
-    """A fit stopped after epoch 0 (one of two pruning steps) resumes to the same final model."""
+@pytest.mark.parametrize("stop", [0, 1])
+def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
+    """A fit stopped after epoch 0 (one of two pruning steps done) or after epoch 1 (both done, the
+    optimizer rebuilt once) resumes to the same final model: shapes, weights, learning rate."""
+    epochs = {"trainer.max_epochs": 3}
     whole = tmp_path / "whole"
-    assert fit_main(recipe(tiny_dir, tmp_path, output=whole, **{"trainer.enable_checkpointing": "false"})) == 0
+    run = recipe(tiny_dir, tmp_path, output=whole, **epochs, **{"trainer.enable_checkpointing": "false"})
+    assert fit_main(run) == 0
     ckpts = tmp_path / "ckpts"
-    checkpoint = '{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "%s"}}'
-    stop = '{"class_path": "test_recovery.StopAfterEpoch"}'
-    assert (
-        fit_main(
-            [*recipe(tiny_dir, tmp_path), "--trainer.callbacks+", checkpoint % ckpts, "--trainer.callbacks+", stop]
-        )
-        == 0
-    )
-    (stopped,) = ckpts.glob("*.ckpt")
-    (step,) = read_checkpoint_state(stopped)["history"]  # the first of two pruning steps
-    assert 0.07 < 1 - step["params_after"] / step["params_before"] < 0.13
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
+    checkpoint["init_args"] = {"dirpath": str(ckpts), "save_last": True}
+    checkpoint = ["--trainer.callbacks+", json.dumps(checkpoint)]
+    until = json.dumps({"class_path": "test_recovery.StopAfterEpoch", "init_args": {"epoch": stop}})
+    assert fit_main([*recipe(tiny_dir, tmp_path, **epochs), *checkpoint, "--trainer.callbacks+", until]) == 0
+    history = read_checkpoint_state(ckpts / "last.ckpt")["history"]
+    assert len(history) == stop + 1
+    assert 0.07 < 1 - history[0]["params_after"] / history[0]["params_before"] < 0.13
+    assert history[0]["epoch"] == 0 and set(history[0]["timings"]) == {"scoring_s", "planning_s", "surgery_s"}
     resumed = tmp_path / "resumed"
-    assert fit_main(recipe(tiny_dir, tmp_path, output=resumed, ckpt_path=stopped)) == 0
+    # By path, and by `last` (the newest last*.ckpt of the ModelCheckpoint folder), as a requeued job would.
+    ckpt_path = ckpts / "last.ckpt" if stop == 0 else "last"
+    assert fit_main([*recipe(tiny_dir, tmp_path, output=resumed, ckpt_path=ckpt_path, **epochs), *checkpoint]) == 0
     a, b = load_pruned(whole), load_pruned(resumed)
     assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
     ids = torch.randint(0, 200, (2, 12))
     torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-4, atol=1e-4)
-    assert json.loads((resumed / "pruning_report.json").read_text())["recovery"]["epochs"] == 2
+    reports = [json.loads((out / "pruning_report.json").read_text())["recovery"] for out in (whole, resumed)]
+    assert reports[0]["epochs"] == reports[1]["epochs"] == 3
+    assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"] == 6
+    report = json.loads((resumed / "pruning_report.json").read_text())
+    assert report["settings"]["ratio"] == 0.3 and report["schedule"] == {"0": 0.1, "1": 0.3}
+    assert [s["target_ratio"] for s in report["steps"]] == [0.1, 0.3]  # steps done before the stop included
+    assert report["timings"]["scoring_s"] == pytest.approx(sum(s["timings"]["scoring_s"] for s in report["steps"]))
+
+
+def test_python_fit_with_ckpt_path_rebuilds_the_checkpoint(tiny_dir, tmp_path, caplog):
+    """`trainer.fit(..., ckpt_path=...)` names the checkpoint only after setup: the model pruned
+    afresh there is rebuilt to the checkpoint's two steps, ready to train (gradient checkpointing)."""
+
+    def run(max_epochs: int, ckpt_path=None) -> tuple[RecoveryModule, L.Trainer]:
+        module = RecoveryModule(str(tiny_dir), learning_rate=1e-3, warmup_steps=1, gradient_checkpointing=True)
+        callback = StructuredPruning(
+            PruneConfig(ratio=0.3, layers="0:4"), schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16
+        )
+        fit = trainer(callbacks=[callback], max_epochs=max_epochs)
+        fit.fit(module, datamodule=data(tiny_dir), ckpt_path=ckpt_path)
+        return module, fit
+
+    first, fit = run(2)
+    fit.save_checkpoint(tmp_path / "two-steps.ckpt")
+    with caplog.at_level("WARNING", logger="llmp.recovery"):
+        resumed, fit = run(3, tmp_path / "two-steps.ckpt")
+    assert "rebuilding its shapes" in caplog.text
+    assert resumed.history == first.history and fit.global_step == 6
+    shapes = [[tuple(p.shape) for p in m.base_model.parameters()] for m in (first, resumed)]
+    assert shapes[0] == shapes[1]
+    assert resumed.base_model.is_gradient_checkpointing and resumed.is_lora_wrapped
 
 
 def test_checkpoint_exports_and_errors(tiny_dir, tmp_path):
@@ -342,4 +379,6 @@ def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
     assert fit_main(recipe(tiny_dir, tmp_path, output=tmp_path / "taken")) == 2
     assert "not empty" in capsys.readouterr().err
     assert fit_main(recipe(tiny_dir, tmp_path, ckpt_path=tmp_path / "none.ckpt")) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "`--ckpt_path` " in capsys.readouterr().err
+    assert fit_main(recipe(tiny_dir, tmp_path, ckpt_path="hpc")) == 2
+    assert "`--ckpt_path hpc`: " in capsys.readouterr().err
