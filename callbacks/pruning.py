@@ -153,7 +153,8 @@ class StructuredPruning(L.Callback):
         if iterative and isinstance(strategy, DeepSpeedStrategy | FSDPStrategy):
             raise LlmpError(
                 f"`schedule` {self.schedule!r} prunes in the middle of the fit, but {type(strategy).__name__} "
-                "shards the parameters and cannot change their shapes mid-fit. Run the schedule as "
+                "partitions parameters, gradients or optimizer states into buffers built at setup, so their "
+                "shapes cannot change mid-fit. Run the schedule as "
                 "successive fits (one `llmp fit` per step, each starting from the last one's output "
                 "folder), or use the ddp strategy"
             )

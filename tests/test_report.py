@@ -8,27 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 
 from llmp.cli import main
 from llmp.errors import LlmpError
 from llmp.report import repeated_ngrams, samples_entry, write_report
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: two threads of a tiny model wait on each other on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,17 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import DATA
+from conftest import run_cli as run
 
-from llmp.cli import main
 from llmp.errors import LlmpError
 from llmp.eval.tasks import evaluate_tasks, find_task_file, load_local_task
 from llmp.models import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ZEROSHOT = DATA / "zeroshot"
 needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason="../shared/data/zeroshot is not here")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads of a tiny model wait on each other
-    (measured: 8 s instead of 0.2 s for the tiny evaluation below)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
