@@ -111,6 +111,20 @@ def test_config_dependent_forward_is_caught_at_run_time():
     adapter.verify(model, (Kind.MLP, Kind.HIDDEN))  # what it can do still passes
 
 
+def test_eager_attention_is_traced_as_sdpa(calib, inputs):
+    """A model loaded with `attn_implementation="eager"` is discovered as with sdpa, and pruned
+    (the equivalence check runs the eager forward); the setting is left as it was."""
+    model = arch("qwen3")
+    model.set_attn_implementation("eager")
+    expected = AutoAdapter().discover(arch("qwen3"), ALL)
+    assert [g.name for g in AutoAdapter().discover(model, ALL).groups] == [g.name for g in expected.groups]
+    assert model.config._attn_implementation == "eager"
+    report = prune(model, PruneConfig(ratio=0.2, attention="query"), calib)
+    assert report["family"] == "auto" and model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.isfinite(model(inputs).logits).all()
+
+
 def test_prune_refuses_an_unknown_family_that_fails_the_check():
     """`llmp.prune` itself runs the check on a model it has not seen, before touching a weight."""
     model = arch("phi3")

@@ -384,14 +384,28 @@ class Tracer(TorchFunctionMode):
 
 @torch.no_grad()
 def trace_model(model: nn.Module, tokens: int = 6) -> Trace:
-    """Run ``model`` once on ``tokens`` random token ids under a :class:`Tracer`."""
+    """Run ``model`` once on ``tokens`` random token ids under a :class:`Tracer`.
+
+    A transformers model loaded with another attention implementation (``eager``,
+    ``flash_attention_2``) is traced with ``sdpa``, the call the tracer follows: the
+    implementations compute the same function, and the check that :func:`llmp.prune` runs on
+    what is discovered uses the model's own.
+    """
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     tracer = Tracer(model)
-    with tracer:
-        try:
-            model(input_ids=ids.to(device), use_cache=False)
-        except TypeError:  # a custom model without the `use_cache` argument
-            model(input_ids=ids.to(device))
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = implementation not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        with tracer:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except TypeError:  # a custom model without the `use_cache` argument
+                model(input_ids=ids.to(device))
+    finally:
+        if switch:
+            model.set_attn_implementation(implementation)
     return tracer.trace
