@@ -135,3 +135,28 @@ def test_uniform_layout_loads_with_plain_transformers(name, calib, inputs, tmp_p
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert plain.config.hidden_size < TINY[name][1].get("hidden_size", 64)
     torch.testing.assert_close(plain(inputs).logits, model(inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_multimodal_gemma3_is_refused_not_broken():
+    """Gemma 3 4B+ checkpoints are image-text models (`gemma3`, config nested in `text_config`):
+    no adapter yet, and automatic discovery's check refuses them before a weight changes."""
+    from transformers import Gemma3Config
+
+    from llmp.structure.auto import AutoAdapter
+
+    text = dict(TINY["gemma3"][1], intermediate_size=96, num_hidden_layers=2, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config={**vision, "patch_size": 14},
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(adapter_for(model), AutoAdapter)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(LlmpError, match=r"`gemma3` \(Gemma3ForConditionalGeneration\).*check failed.*docs/adapters.md"):
+        prune(model, PruneConfig(ratio=0.2, criterion="l1"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
