@@ -144,7 +144,7 @@ def test_multimodal_gemma3_is_refused_not_broken():
 
     from llmp.structure.auto import AutoAdapter
 
-    text = dict(TINY["gemma3"][1], intermediate_size=96, num_hidden_layers=2, vocab_size=300)
+    text = dict(TINY["gemma3"][1], intermediate_size=96, num_hidden_layers=len(LAYER_TYPES), vocab_size=300)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
     config = Gemma3Config(
         text_config=text,
