@@ -217,8 +217,8 @@ class RecoveryModule(L.LightningModule):
             lora_settings=asdict(self.lora),
             dtype=self.dtype_name,
             history=self.history,
-            # from the last pruning report: under ZeRO-3 the live weights are partitioned
-            layer_shapes=self.pruning_reports[-1]["layer_shapes"] if self.pruning_reports else None,
+            # recorded by the last pruning step: under ZeRO-3 the live weights are partitioned
+            layer_shapes=self.history[-1].get("layer_shapes") if self.history else None,
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -316,7 +316,9 @@ def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
     checkpoint = ["--trainer.callbacks+", json.dumps(checkpoint)]
     until = json.dumps({"class_path": "test_recovery.StopAfterEpoch", "init_args": {"epoch": stop}})
     assert fit_main([*recipe(tiny_dir, tmp_path, **epochs), *checkpoint, "--trainer.callbacks+", until]) == 0
-    history = read_checkpoint_state(ckpts / "last.ckpt")["history"]
+    state = read_checkpoint_state(ckpts / "last.ckpt")
+    history = state["history"]
+    assert state["layer_shapes"] == history[-1]["layer_shapes"] and len(state["layer_shapes"]) == 4
     assert len(history) == stop + 1
     assert 0.07 < 1 - history[0]["params_after"] / history[0]["params_before"] < 0.13
     assert history[0]["epoch"] == 0 and set(history[0]["timings"]) == {"scoring_s", "planning_s", "surgery_s"}
