@@ -196,7 +196,10 @@ class StructuredPruning(L.Callback):
         report = prune(model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0))
         (step,) = report["steps"]  # recorded in the history, so checkpoints carry it
         step.update(
-            epoch=epoch, target_ratio=self.targets[epoch], timings=report["timings"], layer_shapes=report["layer_shapes"]
+            epoch=epoch,
+            target_ratio=self.targets[epoch],
+            timings=report["timings"],
+            layer_shapes=report["layer_shapes"],
         )
         pl_module.history.extend(report["steps"])
         pl_module.pruning_reports.append(report)
