@@ -202,7 +202,6 @@ class StructuredPruning(L.Callback):
             layer_shapes=report["layer_shapes"],
         )
         pl_module.history.extend(report["steps"])
-        pl_module.pruning_reports.append(report)
         self.done.append(epoch)
         params = count_parameters(model)
         metrics = {

@@ -104,7 +104,6 @@ class RecoveryModule(L.LightningModule):
         self.history: list[dict] = []  # pruning steps applied to the base model, in order
         self.original_params = 0  # parameters of the model as loaded, before any pruning
         self.dense_shapes: list[dict] = []  # its per-layer heads / KV heads / MLP channels
-        self.pruning_reports: list[dict] = []  # of the steps this process ran (not the replayed ones)
         self.pruning_settings: dict = {}  # what StructuredPruning was asked for (settings, schedule, calibration)
         self.val_ppl = Perplexity(ignore_index=-100)
 
@@ -242,7 +241,6 @@ class RecoveryModule(L.LightningModule):
                 "(set `trainer.ckpt_path` before `fit` to skip the needless pruning at setup)"
             )
         self.rebuild(saved["history"])
-        self.pruning_reports = []  # those of the pruning just undone
 
     def rebuild(self, history: list[dict]) -> None:
         """Reload the original model and repeat ``history`` on it, ready to train (see :meth:`prepare`)."""
