@@ -216,6 +216,7 @@ class RecoveryModule(L.LightningModule):
             lora_settings=asdict(self.lora),
             dtype=self.dtype_name,
             history=self.history,
+            pruning_settings=self.pruning_settings,
             # recorded by the last pruning step: under ZeRO-3 the live weights are partitioned
             layer_shapes=self.history[-1].get("layer_shapes") if self.history else None,
         )
@@ -353,5 +354,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: 
             saved["model"], mode=saved["mode"], lora=LoraSettings(**saved["lora_settings"]), dtype=saved["dtype"]
         )
         module.rebuild(saved["history"])
+        module.pruning_settings = saved.get("pruning_settings", {})
         module.load_state_dict(state["state_dict"])
         return module.export(output, extra_report, overwrite=overwrite)

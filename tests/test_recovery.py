@@ -370,6 +370,8 @@ def test_checkpoint_exports_and_errors(tiny_dir, tmp_path):
     fit.fit(module, datamodule=data(tiny_dir))
     fit.save_checkpoint(tmp_path / "run.ckpt")
     out = export_checkpoint(tmp_path / "run.ckpt", tmp_path / "out")
+    exported = json.loads((out / "pruning_report.json").read_text())
+    assert exported["settings"]["ratio"] == 0.2 and exported["calibration"]["num_samples"] == 2
     ids = torch.randint(0, 200, (2, 12))
     module.merge_adapters()
     torch.testing.assert_close(logits(load_pruned(out), ids), logits(module.model, ids), rtol=0, atol=1e-5)
