@@ -102,6 +102,11 @@ class StructuredPruning(L.Callback):
             raise LlmpError(f"`schedule` needs epochs >= 0 and ratios in (0, 1); got {schedule!r}")
         if ordered != sorted(ordered) or len(set(ordered)) != len(ordered):
             raise LlmpError(f"`schedule` ratios must grow from epoch to epoch (cumulative); got {schedule!r}")
+        if abs(ordered[-1] - final) > 1e-9:
+            raise LlmpError(
+                f"`schedule` ends at ratio {ordered[-1]} but `config.ratio` is {final}: the last step prunes to "
+                f"the final ratio; make them equal (e.g. {{..., {max(targets)}: {final}}})"
+            )
         return targets
 
     # -- hooks: a few lines each ----------------------------------------------------------------
@@ -110,6 +115,7 @@ class StructuredPruning(L.Callback):
         if stage != "fit":
             return
         self._check_strategy(trainer)
+        self._check_epochs(trainer)
         pl_module.load_base()
         pl_module.pruning_settings = {
             "settings": dataclasses.asdict(self.config),
@@ -146,6 +152,16 @@ class StructuredPruning(L.Callback):
         self.done = list(state_dict.get("done", []))
 
     # -- the work -------------------------------------------------------------------------------
+
+    def _check_epochs(self, trainer: L.Trainer) -> None:
+        """Refuse a scheduled epoch the fit never reaches (before the model loads)."""
+        last = trainer.max_epochs
+        late = sorted(e for e in self.targets if last is not None and last >= 0 and e >= last)
+        if late:
+            raise LlmpError(
+                f"`schedule` prunes at epoch(s) {late}, but the fit ends after `trainer.max_epochs` {last} "
+                f"(epochs 0..{last - 1}); raise max_epochs to at least {late[-1] + 1} or move those steps earlier"
+            )
 
     def _check_strategy(self, trainer: L.Trainer) -> None:
         iterative = any(e > 0 for e in self.targets)

@@ -10,12 +10,17 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from llmp.errors import LlmpError
+from llmp.errors import LlmpError, raise_all
+
+TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"  # read by llmp.models.allow_remote_code
 
 _DEFAULTS_NOTE = (
     "defaults: MLP channels of every layer but the first and last, first-order Taylor on 16 x 128 C4 tokens"
@@ -58,6 +63,11 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmp", description="Structured pruning of LLMs (LLM-Pruner) with recovery.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model folder's own Python code (config.json `auto_map`) run; off by default: read that code first",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it", description=_DEFAULTS_NOTE)
@@ -113,14 +123,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a SLURM pre-emption, `kill`) ends the run like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--trust-remote-code", "fit"]:
+        argv = argv[1:]
+        os.environ[TRUST_ENV] = "1"
     if argv[:1] == ["fit"]:  # LightningCLI owns its own argument parsing
         from llmp.fit import main as fit_main
 
         return fit_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.trust_remote_code:
+        os.environ[TRUST_ENV] = "1"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from llmp import outdir
+
+    written = len(outdir.WRITTEN)
+    previous = (
+        signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         if args.command == "prune":
             return _prune(args)
@@ -133,33 +158,80 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"interrupted: {outdir.written_summary(since=written)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _positive(args, *names: str, allow_none: bool = False) -> list[str]:
+    """One message per ``--name`` that is not a positive whole number."""
+    problems = []
+    for name in names:
+        value = getattr(args, name)
+        if value is None and allow_none:
+            continue
+        if value is None or value < 1:
+            problems.append(f"`--{name.replace('_', '-')}` must be a positive whole number; got {value}")
+    return problems
+
+
+def _check_data(flag: str, source: str | None) -> str | None:
+    """A data argument's file (built-in names resolved); refuse a missing file now, not after loading."""
+    from llmp.data.resources import resolve
+
+    if source is None:
+        return None
+    path = resolve(source)
+    if (Path(path).suffix or str(source).startswith((".", "/", "~"))) and not Path(path).is_file():
+        raise LlmpError(f"`{flag}` file {source} does not exist; give a .txt/.jsonl file or a built-in name")
+    return path
+
+
+def _check_seq_len(flag: str, seq_len: int, spec: str) -> None:
+    from llmp.models import max_positions
+
+    limit = max_positions(spec)
+    if limit is not None and seq_len > limit:
+        raise LlmpError(
+            f"`{flag}` {seq_len} exceeds the model's max_position_embeddings ({limit}); give at most {limit}"
+        )
 
 
 def _prune(args) -> int:
-    from llmp.data import calibration_samples, read_text
-    from llmp.data.resources import resolve
-    from llmp.eval import perplexity
-    from llmp.io import check_output_dir, save_pruned
-    from llmp.models import load_model
-    from llmp.pruner import PruneConfig, prune
-    from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
+    from llmp.models import input_paths
+    from llmp.outdir import check_output_dir, output_lock
+    from llmp.pruner import PruneConfig
 
+    problems = _positive(args, "num_samples", "eval_tokens")
     if args.samples < 0:
-        raise LlmpError(f"`--samples` must be 0 (none) or more; got {args.samples}")
+        problems.append(f"`--samples` must be 0 (none) or more; got {args.samples}")
+    if args.seq_len < 2:
+        problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
+    raise_all(problems)
     config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
     if not 0.0 < config.ratio < 1.0:
         raise LlmpError(
             f"`--ratio` must be between 0 and 1 (a fraction of all parameters, e.g. 0.2); got {config.ratio}"
         )
     config.check()
-    check_output_dir(args.output, args.overwrite)
-    calibration_source = resolve(args.calibration)
-    eval_source = resolve(args.eval_data) if args.eval_data else None
-    for source in (calibration_source, eval_source):
-        if source is not None and Path(source).suffix and not Path(source).is_file():
-            raise LlmpError(f"data file {source} does not exist")
+    calibration = _check_data("--calibration", args.calibration)
+    evaluation = _check_data("--eval-data", args.eval_data)
+    _check_seq_len("--seq-len", args.seq_len, args.model)
+    inputs = [*input_paths(args.model), calibration, evaluation]
+    output = check_output_dir(args.output, args.overwrite, inputs, flag="--output")
+    with output_lock(output):  # held from here: a second `llmp prune` to the same output stops now
+        return _prune_locked(args, config, calibration, evaluation, inputs)
+
+
+def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
+    from llmp.data import calibration_samples, read_text
+    from llmp.eval import perplexity
+    from llmp.io import save_pruned
+    from llmp.models import load_model
+    from llmp.pruner import prune
+    from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -192,22 +264,22 @@ def _prune(args) -> int:
             "protocol": dense.protocol,
         }
         print(f"perplexity on {args.eval_data}: {dense.ppl:.2f} -> {pruned.ppl:.2f} ({dense.protocol})")
-    out = save_pruned(model, args.output, tokenizer, report, overwrite=args.overwrite)
+    out = save_pruned(model, args.output, tokenizer, report, overwrite=args.overwrite, inputs=inputs)
     print(f"saved to {out}; summary in {write_report(out)[0]}")
     return 0
 
 
 def _eval_ppl(args) -> int:
     from llmp.data import read_text
-    from llmp.data.resources import resolve
     from llmp.eval import perplexity
     from llmp.models import load_model
 
+    problems = _positive(args, "max_tokens", allow_none=True)
     if args.seq_len < 2:
-        raise LlmpError(f"`--seq-len` must be at least 2; got {args.seq_len}")
-    source = resolve(args.data)
-    if Path(source).suffix and not Path(source).is_file():
-        raise LlmpError(f"data file {source} does not exist")
+        problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
+    raise_all(problems)
+    source = _check_data("--data", args.data)
+    _check_seq_len("--seq-len", args.seq_len, args.model)
     model, tokenizer = load_model(args.model)
     result = perplexity(model, tokenizer, read_text(source), args.seq_len, args.max_tokens)
     if args.json:
@@ -228,8 +300,14 @@ def _eval_tasks(args) -> int:
         raise LlmpError(f"`--limit` must be a positive number of items; got {args.limit}")
     if args.batch_size < 1:
         raise LlmpError(f"`--batch-size` must be at least 1; got {args.batch_size}")
+    if args.output and Path(args.output).is_dir():
+        raise LlmpError(
+            f"`--output` {args.output} is a folder; give a file path, e.g. {Path(args.output) / 'tasks.json'}"
+        )
     if args.output and not Path(args.output).parent.is_dir():
         raise LlmpError(f"`--output` {args.output}: its folder does not exist; create it or choose another path")
+    if args.output and not os.access(Path(args.output).parent, os.W_OK | os.X_OK):
+        raise LlmpError(f"`--output` {args.output}: its folder is not writable; choose another path")
     if args.data_dir is not None:
         for name in names:  # every file found before the model loads
             find_task_file(name, args.data_dir)
@@ -284,6 +362,10 @@ def _generate(args) -> int:
 
     from llmp.models import load_model
 
+    if not args.prompt.strip():
+        raise LlmpError("`--prompt` is empty; give the text to continue, e.g. --prompt 'The capital of France is'")
+    if args.max_new_tokens < 1:
+        raise LlmpError(f"`--max-new-tokens` must be at least 1; got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model)
     prompt = args.prompt
     if args.chat and tokenizer.chat_template:

@@ -14,6 +14,7 @@ to fp32 and turned back into the pruned model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,8 +28,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from llmp import strategies  # registers the llmp_deepspeed* strategy names
 from llmp.data.instruct import InstructionData
-from llmp.errors import LlmpError
-from llmp.recovery import RecoveryModule, export_checkpoint
+from llmp.errors import LlmpError, raise_all
+from llmp.outdir import write_atomic
+from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,27 @@ class EvalSettings:
     max_tokens: int | None = 16384
     dense: bool = True
     samples: int = 3
+
+    def check(self) -> None:
+        """Refuse settings that would fail only after the whole fit.
+
+        Raises:
+            LlmpError: every problem found, in one message.
+        """
+        from llmp.data.resources import resolve
+
+        problems = []
+        if self.data is not None:
+            path = Path(resolve(self.data))
+            if (path.suffix or str(self.data).startswith((".", "/", "~"))) and not path.is_file():
+                problems.append(f"`eval.data` file {self.data} does not exist; give a text file or `wikitext2`")
+        if self.seq_len < 2:
+            problems.append(f"`eval.seq_len` must be at least 2; got {self.seq_len}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"`eval.max_tokens` must be a positive number of tokens or null; got {self.max_tokens}")
+        if self.samples < 0:
+            problems.append(f"`eval.samples` must be 0 (none) or more; got {self.samples}")
+        raise_all(problems)
 
 
 def launcher_args(environ: dict[str, str] | None = None) -> list[str]:
@@ -113,17 +136,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cli: FitCLI) -> int:
-    from llmp.io import check_output_dir
+    from llmp.models import input_paths
+    from llmp.outdir import check_output_dir
 
     config, trainer, module = cli.config, cli.trainer, cli.model
     output = Path(config.output) if config.output else None
-    if output is not None:
-        check_output_dir(output, config.overwrite)  # before hours of training, not after
+    if output is not None:  # before hours of training, not after
+        check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
+        EvalSettings(**vars(config.eval)).check()
     if config.ckpt_path:
         # Set before `fit`, so StructuredPruning sees it at setup and rebuilds the pruned shapes.
         trainer.ckpt_path = _checkpoint_path(trainer, config.ckpt_path)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
+    # Lightning loads a checkpoint file with weights_only; DeepSpeed's own resume asks for full
+    # unpickling: every load of the resumed checkpoint takes tensors and plain data only.
+    with weights_only_loads() if trainer.ckpt_path else contextlib.nullcontext():
+        trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - start
     if output is None:
         return 0
@@ -151,7 +179,7 @@ def _run(cli: FitCLI) -> int:
         module.export(output, recovery, overwrite=config.overwrite)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
-        _write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
+        write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
         if config.eval.data:
             evaluate(output, EvalSettings(**vars(config.eval)))
         from llmp.report import write_report
@@ -183,12 +211,6 @@ def _checkpoint_path(trainer, value: str) -> str | None:
     if not Path(value).exists():
         raise LlmpError(f"`--ckpt_path` {value} does not exist: give a checkpoint file or folder, `last` or `hpc`")
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _metric(trainer, name: str) -> float | None:

@@ -11,11 +11,8 @@ folder has equal counts in every layer written into the config itself, so plain
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,44 +21,32 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmp.errors import LlmpError
+from llmp.outdir import check_output_dir, real_path, write_folder, write_json_atomic
 from llmp.structure import adapter_for
 from llmp.surgery import sync_module_sizes
 
 REPORT = "pruning_report.json"
 SHAPES_KEY = "llmp_layer_shapes"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
-    """Fail early (before any work) if ``output`` exists and may not be replaced."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise LlmpError(f"`output` {output} exists and is not a folder; choose another path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LlmpError(f"`output` folder {output} is not empty; choose another path or pass --overwrite")
-    return output
+__all__ = ["REPORT", "check_output_dir", "load_pruned", "save_pruned", "write_json_atomic"]
 
 
 def save_pruned(
-    model: PreTrainedModel, output: str | Path, tokenizer=None, report: dict | None = None, overwrite: bool = False
+    model: PreTrainedModel,
+    output: str | Path,
+    tokenizer=None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Save ``model`` (and tokenizer, report) to ``output`` atomically: all of it or nothing.
 
-    The folder is written under a temporary name beside ``output`` and renamed into place.
+    The folder is written under a temporary name beside ``output`` and swapped into place (see
+    :mod:`llmp.outdir`); ``overwrite`` replaces only a folder llmp wrote.
+
+    Raises:
+        LlmpError: ``output`` may not be written (see :func:`llmp.outdir.check_output_dir`).
     """
-    output = check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with write_folder(output, overwrite, inputs) as tmp:
         adapter = adapter_for(model)
         shapes = adapter.layer_shapes(model)
         # Equal counts in every layer go into the config itself, so plain transformers loads it
@@ -74,25 +59,21 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
-            write_json_atomic(tmp / REPORT, report)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+            write_json_atomic(tmp / REPORT, report, record=False)
+    return real_path(output)
 
 
-def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a folder written by :func:`save_pruned` (or any Llama-family HF folder).
 
+    Args:
+        path: the folder.
+        dtype: convert the weights to it (default: as saved).
+        trust_remote_code: let the folder's own Python code (config.json ``auto_map``) run.
+
     Raises:
-        LlmpError: the folder or its weights are missing or corrupt.
+        LlmpError: the folder or its weights are missing, corrupt or do not fit together, or it
+            needs its own code and ``trust_remote_code`` is off.
 
     Example::
 
@@ -106,15 +87,21 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> PreTraine
     if not weight_files:
         raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         state: dict[str, torch.Tensor] = {}
         for file in weight_files:
             state.update(load_file(file))
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as err:
-        raise LlmpError(f"cannot read the model in {path}: {err}. Re-create it with `llmp prune`.") from err
+        from llmp.models import remote_code_error
+
+        raise remote_code_error(path, err) or LlmpError(
+            f"cannot read the model in {path}: {err}. Re-create it with `llmp prune`."
+        ) from err
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    _place(model, _current_names(model, state), path)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state = _current_names(model, state)
+    check_shapes(model, state, path)
+    _place(model, state, path)
     model.tie_weights()
     _materialize_buffers(model)
     adapter_for(model).sync(model)
@@ -142,6 +129,47 @@ def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None
         else:
             module._buffers[attr] = tensor
     sync_module_sizes(model)
+
+
+def check_shapes(twin: PreTrainedModel, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Run the forward of ``twin`` (a skeleton on the ``meta`` device) with tensors of these shapes.
+
+    Catches weights that disagree with ``config.json`` (a wrong ``head_dim``) or with each other
+    (q_proj rows against o_proj columns) at load time, naming the module, instead of a reshape
+    error inside a later forward.
+
+    Raises:
+        LlmpError: the forward fails; the message names the innermost module and its tensors' shapes.
+    """
+    config = twin.config
+    _place(twin, {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, path)
+    twin.tie_weights()
+    adapter_for(twin).sync(twin)
+    entered: list[str] = []
+    names = {module: name for name, module in twin.named_modules()}
+
+    def enter(module, _args) -> None:
+        entered.append(names[module])
+
+    def leave(_module, _args, _output) -> None:
+        entered.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in twin.modules()]
+    handles += [m.register_forward_hook(leave) for m in twin.modules()]
+    try:
+        twin(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"))
+    except Exception as err:  # shape errors come as RuntimeError, ValueError, IndexError...
+        where = entered[-1] if entered else "the model"
+        module = twin.get_submodule(where) if entered else twin
+        tensors = ", ".join(f"{n} {list(t.shape)}" for n, t in list(module.named_parameters())[:8])
+        raise LlmpError(
+            f"the weights in {path} do not fit together or with its config.json: `{where}` ({tensors}; "
+            f"config head_dim {getattr(config, 'head_dim', None)}) fails with: {err}. The folder is corrupt "
+            "or its config.json was edited; re-create it with `llmp prune`"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

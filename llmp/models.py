@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -37,38 +38,133 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMP_CACHE", Path.home() / ".cache" / "llmp"))
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"
+
+
+def allow_remote_code(value: bool | None = None) -> bool:
+    """Whether a model folder's own Python code (``auto_map`` in config.json) may run: never unless asked.
+
+    ``None`` reads ``LLMP_TRUST_REMOTE_CODE=1`` (what ``llmp --trust-remote-code`` sets, so that
+    ``llmp fit`` and every launched rank see it too).
+    """
+    return os.environ.get(TRUST_ENV) == "1" if value is None else value
+
+
+def remote_code_error(where: str | Path, err: Exception) -> LlmpError | None:
+    """The clear error for a model that needs its own code when that is not allowed, else ``None``."""
+    if "trust_remote_code" not in str(err):
+        return None
+    return LlmpError(
+        f"{where} needs its own Python code to load (config.json `auto_map`), and llmp runs no code from "
+        "model files unless asked: read that code, then pass --trust-remote-code (or set "
+        f"{TRUST_ENV}=1; in Python `trust_remote_code=True`)"
+    )
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick request to the hub (proxies honoured), instead of transformers' minute of retries."""
+    import urllib.error
+    import urllib.request
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def _hub_kwargs(spec: str) -> dict:
+    """``from_pretrained`` arguments for a hub id: offline, its cached copy or a fast, clear error.
+
+    Raises:
+        LlmpError: the hub cannot be reached and nothing of ``spec`` is cached.
+    """
+    if hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return {"local_files_only": True}
+    raise LlmpError(
+        f"no model at {spec!r}: there is no such folder here, and the Hugging Face hub ({hub_endpoint()}) is "
+        "unreachable, with nothing of it cached; check the path, or download the model first"
+    )
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
     Args:
         spec: a built-in name (``smollm2-135m``), a model folder (pruned or not), a ``.gguf``
             file, or a Hugging Face hub id.
         dtype: weights' dtype (GGUF weights are de-quantized to it).
+        trust_remote_code: let a model's own Python code run (``None``: see :func:`allow_remote_code`).
 
     Raises:
-        LlmpError: nothing loadable at ``spec``, or its files are corrupt.
+        LlmpError: nothing loadable at ``spec``, its files are corrupt, or it needs code that may not run.
     """
-    spec = str(spec)
+    spec, trust = str(spec), allow_remote_code(trust_remote_code)
     if spec in BUILTINS:
         folder = _builtin_folder(spec)
-        return load_pruned(folder, dtype), AutoTokenizer.from_pretrained(folder)
-    path = Path(spec)
+        try:
+            return load_pruned(folder, dtype), _tokenizer(folder)
+        except LlmpError as err:
+            raise LlmpError(
+                f"the cached copy of built-in {spec!r} is damaged ({err}); delete the folder {folder} "
+                "(rm -r it) and llmp converts the model again"
+            ) from None
+    path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LlmpError(f"model file {path} does not exist")
         return _load_gguf(path.parent, path.name, dtype)
     if path.is_dir():
-        return load_pruned(path, dtype), _tokenizer(path)
+        return load_pruned(path, dtype, trust_remote_code=trust), _tokenizer(path, trust)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise LlmpError(
             f"no model at {spec!r}: give a model folder, a .gguf file, a hub id (owner/name) or a "
             f"built-in name ({', '.join(BUILTINS)})"
         )
+    kwargs = {**_hub_kwargs(spec), "trust_remote_code": trust}
     try:  # a hub id: needs network access (or a filled HF cache)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(spec)
-    except OSError as err:
-        raise LlmpError(f"cannot load {spec!r} from the Hugging Face hub: {err}") from err
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kwargs)
+        return model.eval(), AutoTokenizer.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError) as err:
+        raise remote_code_error(spec, err) or LlmpError(
+            f"cannot load {spec!r} from the Hugging Face hub: {err}"
+        ) from err
+
+
+def input_paths(spec: str | Path) -> list[Path]:
+    """The local files or folders that loading ``spec`` reads (none for a hub id)."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        return [cache_dir() / spec]
+    path = Path(spec).expanduser()
+    return [path] if path.exists() else []
+
+
+def max_positions(spec: str | Path) -> int | None:
+    """The model's longest input (``max_position_embeddings``) from its config.json, without loading it;
+    ``None`` when that cannot be read cheaply (a hub id, a GGUF file, no such field)."""
+    spec = str(spec)
+    folder = cache_dir() / spec if spec in BUILTINS else Path(spec).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
@@ -79,22 +175,27 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     path = Path(spec)
     if path.suffix == ".gguf":
         try:
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         except Exception as err:  # the GGUF reader raises many types on a damaged file
             raise LlmpError(f"cannot read the tokenizer of GGUF file {path}: {err}") from err
     if path.is_dir():
-        return _tokenizer(path)
+        return _tokenizer(path, allow_remote_code())
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise LlmpError(f"no tokenizer at {spec!r}: give a model folder, a .gguf file, a hub id or a built-in name")
+    kwargs = {**_hub_kwargs(spec), "trust_remote_code": allow_remote_code()}
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, **kwargs)
     except (OSError, ValueError) as err:
-        raise LlmpError(f"no tokenizer at {spec!r} (a model folder, .gguf, hub id or built-in name): {err}") from err
+        raise remote_code_error(spec, err) or LlmpError(
+            f"no tokenizer at {spec!r} (a model folder, .gguf, hub id or built-in name): {err}"
+        ) from err
 
 
-def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
+def _tokenizer(path: Path, trust: bool = False) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError) as err:
-        raise LlmpError(f"{path} has no usable tokenizer files: {err}") from err
+        raise remote_code_error(path, err) or LlmpError(f"{path} has no usable tokenizer files: {err}") from err
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):  # built from no files at all
         raise LlmpError(
             f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab files): "
@@ -105,8 +206,8 @@ def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def _load_gguf(folder: Path, name: str, dtype: torch.dtype):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, trust_remote_code=False)
     except Exception as err:  # the GGUF reader raises many types on a damaged file
         raise LlmpError(f"cannot read GGUF file {folder / name}: {err}") from err
     # The weights are de-quantized now: drop the GGUF marker so a saved copy loads as plain.

@@ -93,6 +93,14 @@ class PruneConfig:
                 problems.append(f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.steps < 1:
             problems.append(f"`steps` must be >= 1; got {self.steps}")
+        if not 0.0 <= self.min_keep < 1.0:
+            problems.append(f"`min_keep` must be in [0, 1) (a fraction of every group); got {self.min_keep}")
+        if self.round_to < 1:
+            problems.append(f"`round_to` must be >= 1 (1: no rounding; e.g. 8, 64, 128); got {self.round_to}")
+        if self.batch_size < 1:
+            problems.append(f"`batch_size` must be >= 1 (calibration samples per forward); got {self.batch_size}")
+        if self.seed < 0:
+            problems.append(f"`seed` must be >= 0; got {self.seed}")
         if self.layout == "uniform" and (
             self.ranking == "global" or self.layers or self.attn_layers or self.mlp_layers
         ):

@@ -16,10 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import lightning as L
 import torch
@@ -255,20 +258,21 @@ class RecoveryModule(L.LightningModule):
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export(self, output: str | Path, extra_report: dict | None = None, overwrite: bool = True) -> Path:
+    def export(self, output: str | Path, extra_report: dict | None = None, overwrite: bool = False) -> Path:
         """Merge adapters and save a model folder loadable with :func:`llmp.load_pruned`.
 
         The pruning report of the folder lists the pruning steps and ``extra_report`` (the
-        recovery run: settings, perplexities).
+        recovery run: settings, perplexities). ``overwrite`` replaces only a folder llmp wrote.
         """
         from llmp.io import save_pruned
+        from llmp.models import input_paths
 
         self.merge_adapters()
         model = self.model
         model.config.use_cache = True
         report = self.report()
         report.update(extra_report or {})
-        return save_pruned(model, output, self.tokenizer, report, overwrite=overwrite)
+        return save_pruned(model, output, self.tokenizer, report, overwrite=overwrite, inputs=input_paths(self.spec))
 
     def report(self) -> dict:
         """The pruning report of the steps applied so far (merged into one)."""
@@ -298,6 +302,41 @@ class RecoveryModule(L.LightningModule):
         }
 
 
+def safe_load(path: str | Path, mmap: bool = False):
+    """``torch.load`` of tensors and plain data only: unpickling cannot run code from the file."""
+    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside (DeepSpeed's and Lightning's consolidation ask ``weights_only=False``)
+    loads tensors and plain data only; DeepSpeed's few own classes in its files are allowed by name."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with mock.patch.object(torch, "load", load), torch.serialization.safe_globals(_deepspeed_globals()):
+        yield
+
+
+def _deepspeed_globals() -> list:
+    """The non-tensor classes DeepSpeed writes into ZeRO checkpoints (plain data holders, no code run)."""
+    found = []
+    for module, name in (
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
 def read_checkpoint_state(path: str | Path) -> dict:
     """llmp's entry of a Lightning checkpoint (a file, or a DeepSpeed checkpoint folder).
 
@@ -315,9 +354,9 @@ def read_checkpoint_state(path: str | Path) -> dict:
     if not path.is_file():
         raise LlmpError(f"checkpoint {path} does not exist")
     try:
-        # A Lightning checkpoint is a pickle the user's own run wrote (Lightning loads it the same
-        # way); mmap keeps the weights on disk while the small llmp entry is read.
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        # weights_only: tensors and plain data only, so a crafted file cannot run code (llmp's entry
+        # is plain data); mmap keeps the weights on disk while the small llmp entry is read.
+        checkpoint = safe_load(path, mmap=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise LlmpError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a Lightning checkpoint") from err
     return checkpoint.get(CHECKPOINT_KEY, {})
@@ -333,20 +372,27 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: 
     Raises:
         LlmpError: the checkpoint is unreadable or was not written by a RecoveryModule.
     """
-    import tempfile
+    from llmp.outdir import check_output_dir, temp_dir
 
     checkpoint = Path(checkpoint)
-    with tempfile.TemporaryDirectory(dir=Path(output).parent) as tmp:
+    check_output_dir(output, overwrite)  # before the consolidation, which takes a while
+    with temp_dir(output) as tmp:
         if checkpoint.is_dir():
             from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
             consolidated = Path(tmp) / "fp32.ckpt"
             try:
-                convert_zero_checkpoint_to_fp32_state_dict(checkpoint, consolidated)
+                with weights_only_loads():
+                    convert_zero_checkpoint_to_fp32_state_dict(checkpoint, consolidated)
             except Exception as err:  # DeepSpeed raises many types for incomplete folders
                 raise LlmpError(f"cannot consolidate the DeepSpeed checkpoint {checkpoint}: {err}") from err
             checkpoint = consolidated
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = safe_load(checkpoint)
+        except Exception as err:
+            raise LlmpError(
+                f"cannot read checkpoint {checkpoint}: {err}; it is corrupt or not a Lightning checkpoint"
+            ) from err
         saved = state.get(CHECKPOINT_KEY)
         if saved is None or "state_dict" not in state:
             raise LlmpError(f"{checkpoint} was not written by a llmp RecoveryModule (no {CHECKPOINT_KEY!r} entry)")

@@ -24,14 +24,14 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from llmp.errors import LlmpError
 from llmp.io import REPORT
+from llmp.outdir import write_atomic
 
 # Fixed prompts in the spirit of the paper's generation examples (LLM-Pruner, Table 3 and appendix).
 DEFAULT_PROMPTS = (
@@ -173,26 +173,23 @@ def write_report(folder: str | Path, generations: dict | None = None) -> tuple[P
         raise LlmpError(f"{config_path} is not JSON ({err})") from err
     if not report.get("layer_shapes") and config.get("llmp_layer_shapes"):
         report = {**report, "layer_shapes": config["llmp_layer_shapes"]}
-    dense = dense_shapes(report, config)
     generations = generations or report.get("generations")
     tasks = read_task_results(folder)
     md, png = folder / "report.md", folder / "report.png"
-    fig = plot_shapes(report, dense)
-    _atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    text = render_markdown(report, dense, tasks, generations, png.name)
-    _atomic(md, lambda tmp: Path(tmp).write_text(text))
+    try:  # both rendered before either is written
+        dense = dense_shapes(report, config)
+        image = io.BytesIO()
+        plot_shapes(report, dense).savefig(image, format="png", dpi=110)
+        text = render_markdown(report, dense, tasks, generations, png.name)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
+        # Until the typed record of a run (issue 11) checks every field on reading.
+        raise LlmpError(
+            f"{folder / REPORT} has an entry of the wrong shape or type ({type(err).__name__}: {err}); "
+            "it was edited or damaged: re-create the folder with `llmp prune` or `llmp fit`"
+        ) from None
+    write_atomic(png, image.getvalue())
+    write_atomic(md, text)
     return md, png
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_shapes(report: dict, dense: list[dict] | None):

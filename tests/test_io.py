@@ -60,8 +60,10 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(LlmpError, match="not empty"):
         save_pruned(model, tmp_path / "out")
-    save_pruned(model, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(LlmpError, match="was not written by llmp"):
+        save_pruned(model, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries, no lock left
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -116,7 +116,7 @@ def test_recovered_folder_shows_perplexities_and_settings(folder):
     assert "| - | 51.90 | 106.80 | 60.25 | 128-token windows |" in md
     assert "## Recovery" in md and "| lora.r | 8 |" in md and "| targets | q_proj, v_proj |" in md
     assert "| recovered | a b d | 0% |" in md
-    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".llmp"]
     assert not leftovers  # atomic writes leave no temporary files
 
 

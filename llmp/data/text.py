@@ -49,14 +49,21 @@ def read_text(source: str | Path, field: str = "text") -> str:
 
 def _json_documents(path: Path, field: str) -> list[str]:
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LlmpError(f"{path} is not UTF-8 text ({err}); give JSON objects with a {field!r} field") from None
+    try:
         if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(text)
     except json.JSONDecodeError as err:
         raise LlmpError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(records, list) or (records and not isinstance(records[0], dict)):
-        raise LlmpError(f"{path} must hold JSON objects with a {field!r} field")
+    if not isinstance(records, list):
+        raise LlmpError(f"{path} must hold JSON objects with a {field!r} field; it holds one {type(records).__name__}")
+    bad = [i + 1 for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise LlmpError(f"{path}: record(s) {bad[:5]} (counting from 1) are not JSON objects with a {field!r} field")
     return [str(r.get(field, "")) for r in records]
 
 

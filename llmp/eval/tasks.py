@@ -181,15 +181,21 @@ def load_local_task(name: str, data_dir: str | Path, limit: int | None = None) -
     """
     path, fmt = find_task_file(name, data_dir)
     rows = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if limit is not None and len(rows) == limit:
-                break
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise LlmpError(f"{path} line {number} is not JSON ({err}); one JSON object per line") from err
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if limit is not None and len(rows) == limit:
+                    break
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise LlmpError(f"{path} line {number} is not JSON ({err}); one JSON object per line") from err
+    except UnicodeDecodeError as err:
+        raise LlmpError(f"{path} is not UTF-8 text ({err}); give a .jsonl file, one JSON object per line") from None
+    not_objects = [i + 1 for i, row in enumerate(rows) if not isinstance(row, dict)]
+    if not_objects:
+        raise LlmpError(f"{path}: line(s) {not_objects[:5]} are not JSON objects; one JSON object per line")
     try:
         records = _READERS[fmt](rows, path, name)
     except LlmpError:
@@ -202,10 +208,12 @@ def load_local_task(name: str, data_dir: str | Path, limit: int | None = None) -
 
 def _sniff(path: Path) -> str:
     """The format of ``path`` from its first record, or why it has none."""
-    with path.open() as f:
-        line = f.readline()
     try:
+        with path.open(encoding="utf-8") as f:
+            line = f.readline()
         first = json.loads(line)
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
     except json.JSONDecodeError:
         return "the first line is not JSON"
     if not isinstance(first, dict):

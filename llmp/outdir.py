@@ -1,0 +1,350 @@
+"""Output folders: checked before any work, written whole or not at all, never replacing what llmp did not write.
+
+::
+
+    parent/
+      out/                      the output; holds `.llmp` (llmp's marker: the files it wrote)
+      .out.lock                 held (flock) while a process writes `out`: a second writer is refused
+      .out.tmp-HOST-PID-XXXX    the next `out`, being written; renamed into place when complete
+
+Replacing an existing ``out`` swaps the two folders in one ``renameat2(RENAME_EXCHANGE)`` where
+the system has it; elsewhere in two renames, and a crash between them leaves the old folder at
+``.out.old-...``, which the next write to ``out`` puts back. Leftover temporaries of llmp's own
+naming (a ``kill -9``) are removed by the next write to the same output, under its lock.
+
+``--overwrite`` replaces only a folder llmp wrote: one with the marker (or, from older llmp
+versions, a ``pruning_report.json``), holding no file that llmp did not write. An output that
+is, contains or lies inside an input (the model being pruned, its data) is always refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from llmp.errors import LlmpError
+
+log = logging.getLogger(__name__)
+
+MARKER = ".llmp"
+# Files llmp adds to a folder it wrote, after the model itself (`llmp report`, `llmp fit`, `llmp eval tasks`).
+LATER_FILES = ("report.md", "report.png", "recipe.yaml", "tasks*.json", "pruning_report.json")
+
+# What this process has written completely, for "interrupted after writing ..." messages.
+WRITTEN: list[Path] = []
+_HELD: dict[Path, tuple[int, int]] = {}  # lock path → (fd, depth): re-entrant within a process
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, mode: int) -> None:
+    """``mkdtemp``/``mkstemp`` create 0700/0600 whatever the umask; give the modes any tool gives."""
+    os.chmod(path, mode & ~_umask())
+
+
+def real_path(path: str | Path) -> Path:
+    """``path`` absolute, with symlinks resolved (a link to a folder names that folder)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def is_llmp_folder(folder: Path) -> bool:
+    return (folder / MARKER).is_file() or (folder / "pruning_report.json").is_file()
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files in ``folder`` that llmp did not write (by its marker's list, plus the files llmp adds later)."""
+    try:
+        written = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # an older llmp folder (no marker): its report is the sign it is llmp's
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    return sorted(
+        name
+        for name in found - written - {MARKER}
+        if not any(Path(name).match(pattern) for pattern in (*LATER_FILES, ".*.tmp-*"))
+    )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_dir(
+    output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "output"
+) -> Path:
+    """Refuse, before any work, an output that cannot or may not be written; return its real path.
+
+    Args:
+        output: the folder to write.
+        overwrite: replace an existing folder llmp wrote.
+        inputs: paths the run reads (model folder or file, data files); the output may not be,
+            contain or lie inside any of them.
+        flag: the argument's name in messages (``--output`` on the command line).
+
+    Raises:
+        LlmpError: the output is a file, the current folder, overlaps an input, is not empty
+            without ``overwrite``, holds files llmp did not write, or its parent is not writable.
+    """
+    given, output = output, real_path(output)
+    cwd = real_path(".")
+    if output == cwd or output in cwd.parents:
+        raise LlmpError(
+            f"`{flag}` {given} is the current folder or holds it; llmp writes the output as a whole "
+            "folder: give a new folder's path, e.g. out/pruned"
+        )
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        source_real = real_path(source)
+        if _overlaps(output, source_real):
+            raise LlmpError(
+                f"`{flag}` {given} overlaps the input {source} ({source_real}): writing it would replace "
+                "what the run reads; choose an output outside it"
+            )
+    if output.exists() and not output.is_dir():
+        raise LlmpError(f"`{flag}` {given} exists and is not a folder; choose another path")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise LlmpError(f"`{flag}` folder {given} is not empty; choose another path or pass --overwrite")
+        if not is_llmp_folder(output):
+            raise LlmpError(
+                f"`{flag}` folder {given} was not written by llmp (no {MARKER} marker or pruning_report.json), "
+                "so --overwrite will not replace it: choose another path, or empty it yourself"
+            )
+        foreign = foreign_files(output)
+        if foreign:
+            raise LlmpError(
+                f"`{flag}` folder {given} holds files llmp did not write ({', '.join(foreign[:5])}), so "
+                "--overwrite will not replace it: move them out or choose another path"
+            )
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LlmpError(f"`{flag}` {given}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LlmpError(f"`{flag}` {given}: the folder {parent} is not writable; choose another path")
+    return output
+
+
+def _lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path) -> Iterator[None]:
+    """Hold ``output``'s lock: one writer at a time; a second process gets a clear error at once.
+
+    Re-entrant in one process (the CLI takes it before loading the model, :func:`write_folder` again).
+
+    Raises:
+        LlmpError: another process is writing ``output``.
+    """
+    output = real_path(output)
+    lock = _lock_path(output)
+    if lock in _HELD:
+        fd, depth = _HELD[lock]
+        _HELD[lock] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            _HELD[lock] = (fd, _HELD[lock][1] - 1)
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise LlmpError(
+                    f"another llmp process is writing {output} (it holds {lock}); wait for it to finish "
+                    "or choose another output"
+                ) from None
+            raise
+        # The holder before us may have removed the file after we opened it: lock the file that is there.
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    _HELD[lock] = (fd, 1)
+    try:
+        yield
+    finally:
+        if _HELD.pop(lock)[1] == 1:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
+
+
+def _temp_prefix(output: Path, kind: str) -> str:
+    return f".{output.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def clean_stale(output: Path) -> None:
+    """Remove what an interrupted write to ``output`` left (call it holding the output's lock).
+
+    A ``.NAME.old-*`` is the previous output when a two-rename swap was cut between its renames:
+    it is put back if ``output`` is missing.
+    """
+    parent = output.parent
+    if not parent.is_dir():
+        return
+    for old in sorted(parent.glob(f".{output.name}.old-*")):
+        if not output.exists():
+            log.warning("restoring %s from %s (a previous write was interrupted mid-swap)", output, old)
+            os.rename(old, output)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    own = (_temp_prefix(output, "tmp"), _temp_prefix(output, "old"))
+    for tmp in parent.glob(f".{output.name}.tmp-*"):
+        if tmp.name.startswith(own):  # this process's, in use (a consolidation beside the output)
+            continue
+        log.info("removing %s, left by an interrupted write", tmp)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def temp_dir(output: str | Path) -> Iterator[Path]:
+    """A scratch folder beside ``output``, named so that a later write removes it if a crash leaves it."""
+    output = real_path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=_temp_prefix(output, "tmp")))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2``); ``False`` where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    if not output.exists():
+        os.rename(tmp, output)
+        return
+    if _exchange(tmp, output):
+        shutil.rmtree(tmp, ignore_errors=True)  # `tmp` holds the old output now
+        return
+    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=_temp_prefix(output, "old")))
+    os.rmdir(old)
+    os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except BaseException as err:
+        try:
+            os.rename(old, output)
+        except OSError:
+            raise LlmpError(f"could not put the new {output} in place ({err}); the previous one is at {old}") from err
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def write_folder(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """A temporary folder to fill; on success it becomes ``output`` whole, with llmp's marker.
+
+    Example::
+
+        with write_folder("out/pruned") as tmp:
+            model.save_pretrained(tmp)
+
+    Raises:
+        LlmpError: see :func:`check_output_dir`; another process is writing ``output``.
+    """
+    output = check_output_dir(output, overwrite, inputs)
+    with output_lock(output):
+        clean_stale(output)  # first: it may put back an output a crash left aside
+        output = check_output_dir(output, overwrite, inputs)  # again, under the lock
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=_temp_prefix(output, "tmp")))
+        _follow_umask(tmp, 0o777)
+        try:
+            yield tmp
+            for path in tmp.rglob("*"):  # safetensors writes 0600: every file llmp writes follows the umask
+                _follow_umask(path, 0o777 if path.is_dir() else 0o666)
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+            write_json_atomic(tmp / MARKER, {"written_by": "llmp", "files": files}, record=False)
+            _fsync_tree(tmp)
+            _swap_into_place(tmp, output)
+            _fsync(output.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    WRITTEN.append(output)
+
+
+def write_atomic(path: str | Path, data: str | bytes, record: bool = True) -> None:
+    """Write a file beside ``path``, fsync it and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        _follow_umask(Path(tmp), 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if record:
+        WRITTEN.append(path)
+
+
+def write_json_atomic(path: str | Path, data: Any, record: bool = True) -> None:
+    """Write JSON beside ``path`` and rename it into place."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n", record)
+
+
+def written_summary(since: int = 0) -> str:
+    """What this process wrote completely (from ``WRITTEN[since]`` on), in words, for an interruption message."""
+    done = WRITTEN[since:]
+    if not done:
+        return "nothing was written"
+    return "written completely: " + ", ".join(str(p) for p in dict.fromkeys(done))
