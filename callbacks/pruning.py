@@ -115,7 +115,7 @@ class StructuredPruning(L.Callback):
         if stage != "fit":
             return
         self._check_strategy(trainer)
-        self._check_epochs(trainer)
+        self.check_epochs(trainer)
         pl_module.load_base()
         pl_module.pruning_settings = {
             "settings": dataclasses.asdict(self.config),
@@ -153,7 +153,7 @@ class StructuredPruning(L.Callback):
 
     # -- the work -------------------------------------------------------------------------------
 
-    def _check_epochs(self, trainer: L.Trainer) -> None:
+    def check_epochs(self, trainer: L.Trainer) -> None:
         """Refuse a scheduled epoch the fit never reaches (before the model loads)."""
         last = trainer.max_epochs
         late = sorted(e for e in self.targets if last is not None and last >= 0 and e >= last)

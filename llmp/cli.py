@@ -227,21 +227,26 @@ def _prune(args) -> int:
 
 def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     from llmp.data import calibration_samples, read_text
+    from llmp.data.text import read_documents
     from llmp.eval import perplexity
+    from llmp.importance import GRADIENT_CRITERIA
     from llmp.io import save_pruned
     from llmp.models import load_model
     from llmp.pruner import prune
     from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
 
+    # Local data is read (and refused if unreadable) before the model loads.
+    text = read_text(eval_source) if eval_source else None
+    if config.criterion in GRADIENT_CRITERIA and Path(calibration_source).is_file():
+        calibration_source = read_documents(calibration_source)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
-    text = read_text(eval_source) if eval_source else None
     dense = perplexity(model, tokenizer, text, 128, args.eval_tokens) if text else None
     dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=args.samples)
     t1 = time.perf_counter()
     calib = None
-    if config.criterion in ("taylor", "taylor2", "taylor_mix", "vectorwise"):
+    if config.criterion in GRADIENT_CRITERIA:
         calib = calibration_samples(calibration_source, tokenizer, args.num_samples, args.seq_len, config.seed)
     report = prune(model, config, calib)
     prune_s = time.perf_counter() - t1
@@ -280,8 +285,9 @@ def _eval_ppl(args) -> int:
     raise_all(problems)
     source = _check_data("--data", args.data)
     _check_seq_len("--seq-len", args.seq_len, args.model)
+    text = read_text(source)
     model, tokenizer = load_model(args.model)
-    result = perplexity(model, tokenizer, read_text(source), args.seq_len, args.max_tokens)
+    result = perplexity(model, tokenizer, text, args.seq_len, args.max_tokens)
     if args.json:
         print(json.dumps({**result.as_dict(), "model": args.model, "data": args.data}))
     else:

@@ -144,6 +144,9 @@ def _run(cli: FitCLI) -> int:
     if output is not None:  # before hours of training, not after
         check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
         EvalSettings(**vars(config.eval)).check()
+    for callback in trainer.callbacks:  # a schedule the fit never reaches, before the data is tokenized
+        if hasattr(callback, "check_epochs"):
+            callback.check_epochs(trainer)
     if config.ckpt_path:
         # Set before `fit`, so StructuredPruning sees it at setup and rebuilds the pruned shapes.
         trainer.ckpt_path = _checkpoint_path(trainer, config.ckpt_path)

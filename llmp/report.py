@@ -144,7 +144,7 @@ def read_report(folder: str | Path) -> dict:
     path = Path(folder) / REPORT
     try:
         report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
         raise LlmpError(f"cannot read {path}: {err}; give a folder written by `llmp prune` or `llmp fit`") from err
     if not isinstance(report, dict):
         raise LlmpError(f"{path} holds a {type(report).__name__}, not a pruning report object")

@@ -79,7 +79,7 @@ def _hub_documents(name: str, field: str) -> list[str]:
 
 
 def calibration_samples(
-    source: str | Path, tokenizer, num_samples: int = 10, seq_len: int = 64, seed: int = 0
+    source: str | Path | list[str], tokenizer, num_samples: int = 10, seq_len: int = 64, seed: int = 0
 ) -> torch.Tensor:
     """``num_samples`` windows of ``seq_len`` tokens, ``[N, L]``.
 
@@ -87,12 +87,16 @@ def calibration_samples(
     samples C4 documents); when no single document is long enough, windows of the concatenated
     text are used instead.
 
+    ``source`` is what :func:`read_documents` reads, or its documents already read.
+
     Raises:
         LlmpError: bad counts, or too little text for the requested samples.
     """
     if num_samples < 1 or seq_len < 2:
         raise LlmpError(f"need `num_samples` >= 1 and `seq_len` >= 2; got {num_samples} and {seq_len}")
-    docs = read_documents(source)
+    docs = source if isinstance(source, list) else read_documents(source)
+    if isinstance(source, list):
+        source = "the calibration text"
     generator = torch.Generator().manual_seed(seed)
     ids = [tokenizer(d, add_special_tokens=False).input_ids for d in docs[: max(64, num_samples * 8)]]
     long_enough = [t for t in ids if len(t) > seq_len]
