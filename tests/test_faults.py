@@ -34,22 +34,46 @@ class HangAtEpoch(L.Callback):
             time.sleep(600)
 
 
+class HangWritingCheckpoint(L.Callback):
+    """While epoch ``epoch``'s checkpoint is written, stops halfway through its bytes and waits to be killed."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        import time
+
+        from fsspec.implementations.local import LocalFileOpener
+
+        def half_then_hang(opener, data):
+            opener.f.write(data[: len(data) // 2])
+            opener.f.flush()
+            print("HANGING", flush=True)
+            time.sleep(600)
+
+        LocalFileOpener.write = half_then_hang
+
+
 def _checkpointing(ckpts: Path) -> list[str]:
     callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
     callback["init_args"] = {"dirpath": str(ckpts), "save_last": True}
     return ["--trainer.callbacks+", json.dumps(callback)]
 
 
-def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path):
-    """kill -9 at the start of epoch 1 (pruning step 1 of 2 done, epoch 0's checkpoint written),
-    then `--ckpt_path last`: the shapes, parameter count and weights of an uninterrupted fit."""
+@pytest.mark.parametrize("where", ["HangAtEpoch", "HangWritingCheckpoint"])
+def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path, where):
+    """kill -9 at the start of epoch 1 (pruning step 1 of 2 done, epoch 0's checkpoint written), or
+    halfway through writing epoch 1's checkpoint, then `--ckpt_path last`: the shapes, parameter
+    count and weights of an uninterrupted fit."""
     epochs = {"trainer.max_epochs": 3}
     whole = tmp_path / "whole"
     assert (
         fit_main(recipe(tiny_dir, tmp_path, output=whole, **epochs, **{"trainer.enable_checkpointing": "false"})) == 0
     )
     ckpts = tmp_path / "ckpts"
-    hang = ["--trainer.callbacks+", json.dumps({"class_path": "test_faults.HangAtEpoch", "init_args": {"epoch": 1}})]
+    hang = ["--trainer.callbacks+", json.dumps({"class_path": f"test_faults.{where}", "init_args": {"epoch": 1}})]
     command = [sys.executable, "-m", "llmp.cli", "fit", *recipe(tiny_dir, tmp_path, **epochs), *_checkpointing(ckpts)]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*command, *hang], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
