@@ -212,14 +212,32 @@ def clean_stale(output: Path) -> None:
         else:
             shutil.rmtree(old, ignore_errors=True)
     own = (_temp_prefix(output, "tmp"), _temp_prefix(output, "old"))
-    for tmp in parent.glob(f".{output.name}.tmp-*"):
-        if tmp.name.startswith(own):  # this process's, in use (a consolidation beside the output)
-            continue
+    stale = [t for t in parent.glob(f".{output.name}.tmp-*") if not t.name.startswith(own)]
+    # Other outputs' temporaries in the same folder: only those of a process of this machine that has died.
+    stale += [t for t in parent.glob(".*.tmp-*") if not t.name.startswith(f".{output.name}.") and _orphan(t)]
+    for tmp in stale:
         log.info("removing %s, left by an interrupted write", tmp)
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def _orphan(tmp: Path) -> bool:
+    """Whether ``tmp`` (``.NAME.tmp-HOST-PID-XXXX``) was left by a process of this host that is gone."""
+    host, pid = f"-{socket.gethostname()}-", tmp.name.rpartition(".tmp-")[2]
+    if not pid.startswith(host[1:]):
+        return False
+    pid = pid[len(host) - 1 :].partition("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -139,10 +140,15 @@ def test_stale_temporaries_are_removed_by_the_next_write(tmp_path):
     (stale / "model.safetensors").write_bytes(b"0" * 1000)
     legacy = tmp_path / ".out.tmp-ab12cd34"  # the naming of earlier llmp versions
     legacy.mkdir()
-    other = tmp_path / ".other.tmp-somehost-1-zz"  # another output's: not ours to touch
+    other = tmp_path / ".other.tmp-somehost-1-zz"  # another output's, from another machine: not ours to touch
     other.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".other.tmp-{socket.gethostname()}-{int(dead.stdout)}-qq"  # its writer died here
+    orphan.mkdir()
+    alive = tmp_path / f".other.tmp-{socket.gethostname()}-{os.getpid()}-rr"  # its writer still runs
+    alive.mkdir()
     save_pruned(tiny_model("llama-mha"), tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-somehost-1-zz", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, alive.name, "out"])
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path):
