@@ -12,9 +12,7 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -123,10 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (a SLURM pre-emption, `kill`) ends the run like Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["--trust-remote-code", "fit"]:
@@ -143,26 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     from llmp import outdir
 
     written = len(outdir.WRITTEN)
-    previous = (
-        signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
-    )
     try:
-        if args.command == "prune":
-            return _prune(args)
-        if args.command == "eval":
-            return _eval_ppl(args) if args.what == "ppl" else _eval_tasks(args)
-        if args.command == "report":
-            return _report(args)
-        return _generate(args)
+        with outdir.sigterm_as_interrupt():
+            if args.command == "prune":
+                return _prune(args)
+            if args.command == "eval":
+                return _eval_ppl(args) if args.what == "ppl" else _eval_tasks(args)
+            if args.command == "report":
+                return _report(args)
+            return _generate(args)
     except LlmpError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {outdir.written_summary(since=written)}", file=sys.stderr)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _positive(args, *names: str, allow_none: bool = False) -> list[str]:

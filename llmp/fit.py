@@ -26,7 +26,10 @@ from unittest import mock
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from llmp import strategies  # registers the llmp_deepspeed* strategy names
+from llmp import (
+    outdir,
+    strategies,  # registers the llmp_deepspeed* strategy names
+)
 from llmp.data.instruct import InstructionData
 from llmp.errors import LlmpError, raise_all
 from llmp.outdir import write_atomic
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = launcher_args()
     if overrides:
         log.info("fabric run settings mapped onto the Trainer: %s", " ".join(overrides))
+    written = len(outdir.WRITTEN)
     try:
         # LightningCLI warns when it is given `args` while sys.argv has some (`llmp fit ...` does).
         with mock.patch.object(sys, "argv", sys.argv[:1]):
@@ -129,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                 save_config_callback=None,  # the resolved recipe is saved into --output instead
                 parser_kwargs={"prog": "llmp fit"},
             )
-        return _run(cli)
+        with outdir.sigterm_as_interrupt():  # Lightning sets its own handler while it trains
+            return _run(cli)
     except LlmpError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {outdir.written_summary(since=written)}", file=sys.stderr)
+        return 130
 
 
 def _run(cli: FitCLI) -> int:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from llmp.errors import LlmpError
 from llmp.io import load_pruned
+from llmp.outdir import follow_umask_tree
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def _builtin_folder(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        follow_umask_tree(tmp)
         os.replace(tmp, folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,8 +27,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,13 @@ def _umask() -> int:
 def _follow_umask(path: Path, mode: int) -> None:
     """``mkdtemp``/``mkstemp`` create 0700/0600 whatever the umask; give the modes any tool gives."""
     os.chmod(path, mode & ~_umask())
+
+
+def follow_umask_tree(folder: Path) -> None:
+    """``folder`` and everything in it get the modes the umask gives (safetensors writes 0600)."""
+    _follow_umask(folder, 0o777)
+    for path in folder.rglob("*"):
+        _follow_umask(path, 0o777 if path.is_dir() else 0o666)
 
 
 def real_path(path: str | Path) -> Path:
@@ -324,8 +333,7 @@ def write_folder(output: str | Path, overwrite: bool = False, inputs: Iterable[s
         _follow_umask(tmp, 0o777)
         try:
             yield tmp
-            for path in tmp.rglob("*"):  # safetensors writes 0600: every file llmp writes follows the umask
-                _follow_umask(path, 0o777 if path.is_dir() else 0o666)
+            follow_umask_tree(tmp)
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
             write_json_atomic(tmp / MARKER, {"written_by": "llmp", "files": files}, record=False)
             _fsync_tree(tmp)
@@ -358,6 +366,24 @@ def write_atomic(path: str | Path, data: str | bytes, record: bool = True) -> No
 def write_json_atomic(path: str | Path, data: Any, record: bool = True) -> None:
     """Write JSON beside ``path`` and rename it into place."""
     write_atomic(path, json.dumps(data, indent=2) + "\n", record)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a SLURM pre-emption, ``kill``) raises ``KeyboardInterrupt`` like Ctrl-C, so a write in
+    progress removes its temporary folder (a no-op outside the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def written_summary(since: int = 0) -> str:
