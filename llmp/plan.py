@@ -23,7 +23,9 @@ import torch
 
 from llmp.errors import LlmpError
 from llmp.structure import Group, Kind
-from llmp.surgery import Plan
+
+Plan = dict[str, list[int]]
+"""Group name → the elements (indices in the group's space) to remove."""
 
 
 @dataclass

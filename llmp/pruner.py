@@ -22,6 +22,7 @@ from llmp import importance, surgery
 from llmp.errors import LlmpError, raise_all
 from llmp.plan import PlanSettings, make_plan
 from llmp.structure import Group, Kind, adapter_for
+from llmp.verify import verify
 
 Scope = Literal["block", "channel", "layer"]
 Attention = Literal["query", "kv", "none"]
@@ -188,8 +189,8 @@ def prune(
     adapter = adapter_for(model)
     n_layers = len(adapter.layers(model))
     _ranges(config, n_layers)  # validates the ranges against the model before any work
-    if getattr(adapter, "automatic", False):  # a family llmp has not seen: check its map first
-        adapter.verify(model, config.kinds)
+    if adapter.automatic:  # a family llmp has not seen: check its map first
+        verify(model, adapter.discover(model, config.kinds), adapter)
     total = count_parameters(model)
     steps, timings = [], {"scoring_s": 0.0, "planning_s": 0.0, "surgery_s": 0.0}
     for step in range(1, config.steps + 1):

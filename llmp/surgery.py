@@ -9,9 +9,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmp.errors import LlmpError
+from llmp.plan import Plan
 from llmp.structure import Adapter, Kind, Structure
 
-Plan = dict[str, list[int]]
 """Group name → indices of the elements to remove."""
 
 

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune, save_pruned, surgery
 from llmp.structure import Kind, adapter_for
-from llmp.structure.auto import AutoAdapter, random_plan, verify
+from llmp.structure.auto import AutoAdapter
+from llmp.verify import random_plan, verify
 
 ALL = (Kind.QUERY_HEADS, Kind.KV_GROUPS, Kind.MLP, Kind.HIDDEN, Kind.LAYERS)
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
@@ -107,8 +108,8 @@ def test_config_dependent_forward_is_caught_at_run_time():
     model = arch("phi3")
     adapter = AutoAdapter()
     with pytest.raises(LlmpError, match="equivalence check failed.*query_heads.*docs/adapters.md"):
-        adapter.verify(model, (Kind.QUERY_HEADS,))
-    adapter.verify(model, (Kind.MLP, Kind.HIDDEN))  # what it can do still passes
+        verify(model, adapter.discover(model, (Kind.QUERY_HEADS,)), adapter)
+    verify(model, adapter.discover(model, (Kind.MLP, Kind.HIDDEN)), adapter)  # what it can do still passes
 
 
 def test_eager_attention_is_traced_as_sdpa(calib, inputs):
@@ -273,4 +274,4 @@ def test_gather_by_a_fixed_index_is_mapped_but_refused_by_the_check():
     assert next(s for s in structure.groups[0].slices if s.param == "blocks.0.q.weight").starts == (24, 16, 8, 0)
     with pytest.raises(LlmpError, match="equivalence check failed.*kv_groups.*blocks.0"):
         verify(model, structure, adapter)
-    adapter.verify(model, (Kind.MLP, Kind.HIDDEN, Kind.LAYERS))
+    verify(model, adapter.discover(model, (Kind.MLP, Kind.HIDDEN, Kind.LAYERS)), adapter)

@@ -52,7 +52,7 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _ADAPTERS:
-        from llmp.structure.auto import AutoAdapter  # imports surgery helpers: keep it lazy
+        from llmp.structure.auto import AutoAdapter  # it reads this registry: imported when needed
 
         return AutoAdapter()
     return _ADAPTERS[model_type]()

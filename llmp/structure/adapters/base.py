@@ -40,6 +40,8 @@ class Adapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     kinds: ClassVar[tuple[Kind, ...]]
+    automatic: ClassVar[bool] = False
+    """Found by tracing, not written for the family: the pruner checks its map first (:mod:`llmp.verify`)."""
 
     @abstractmethod
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:

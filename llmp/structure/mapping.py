@@ -1,0 +1,548 @@
+"""The trace → groups mapping behind automatic discovery (see :mod:`llmp.structure.auto`).
+
+:class:`Mapping` walks one traced forward pass (:mod:`llmp.structure.trace`) and writes, for every
+kind, the groups it could map with certainty and, by module name, what it refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from llmp.structure.groups import Group, Kind, Slice
+from llmp.structure.trace import SHIFT, trace_model
+
+ALL_KINDS = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.HIDDEN, Kind.LAYERS)
+
+
+@dataclass
+class Analysis:
+    """Everything discovery learnt about one model: groups by kind, and what it refused."""
+
+    groups: dict[Kind, list[Group]] = field(default_factory=lambda: defaultdict(list))
+    problems: dict[Kind, list[str]] = field(default_factory=lambda: defaultdict(list))
+    info: dict = field(default_factory=dict)
+
+
+class Mapping:
+    """Turns one :class:`Trace` into groups (one object per analysis; see the module doc)."""
+
+    def __init__(self, model: PreTrainedModel, layers: nn.ModuleList, layers_path: str):
+        self.model, self.layers, self.path = model, layers, layers_path
+        self.out = Analysis()
+        self.params = dict(model.named_parameters())
+
+    def run(self) -> Analysis:
+        try:
+            self.trace = trace_model(self.model)
+        except Exception as err:  # the model's own forward failed under the tracer
+            for kind in ALL_KINDS:
+                self.out.problems[kind].append(f"tracing one forward pass failed ({type(err).__name__}: {err})")
+            return self.out
+        t = self.trace
+        self.members: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self.roots: dict[int, torch.Tensor] = {}
+        for s, source in enumerate(t.sources):
+            if source.kind in ("linear", "embed"):
+                roots = torch.tensor(t.components(s))
+                self.roots[s] = roots
+                for c, r in enumerate(roots.tolist()):
+                    self.members[r].append((s, c))
+        self.consumers: dict[int, set] = defaultdict(set)
+        for k, sink in enumerate(t.sinks):
+            for r in self._find(sink.codes):
+                self.consumers[r].add(("sink", k))
+        for e, att in enumerate(t.attentions):
+            for codes in (att.q, att.k, att.v):
+                for r in self._find(codes):
+                    self.consumers[r].add(("attention", e))
+        self.tainted = {s: op for op in t.opaque for s in op.sources}
+        self.stat_roots = [(st, [self._find(row) for row in st.codes]) for st in t.stats]
+        self.use_roots = [(u, self._find(u.pairs[:, 1])) for u in t.uses]
+        n = len(self.layers)
+        self.out.info = {
+            "layers": self.path,
+            "per_layer": [{"writes": []} for _ in range(n)],
+            "norms": [],
+            "layer_norms": [],
+            "config": {},
+        }
+        self._config_rules()
+        self._hidden()
+        o_sinks = set()
+        self.claimed = set(self.hidden_sources)
+        for e, att in enumerate(t.attentions):
+            o_sinks |= self._attention(e, att)
+        for i in range(n):
+            self._mlp(i, o_sinks)
+        self._unclaimed()
+        if not t.attentions:
+            for kind in (Kind.KV_GROUPS, Kind.QUERY_HEADS):
+                self.out.problems[kind].append("no attention call (scaled_dot_product_attention) reads projections")
+        self._layers_group()
+        return self.out
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _find(self, codes: torch.Tensor) -> list[int]:
+        return [self.trace.find(c) if c >= 0 else -1 for c in codes.reshape(-1).tolist()]
+
+    def _layer_of(self, module: str) -> int | None:
+        m = re.match(rf"{re.escape(self.path)}\.(\d+)(\.|$)", module)
+        return int(m.group(1)) if m else None
+
+    def _rel(self, name: str, i: int) -> str:
+        return name[len(f"{self.path}.{i}.") :]
+
+    def _module(self, s: int) -> str:
+        return self.trace.sources[s].module
+
+    def _check_elements(self, kind: Kind, elements: list[set[int]], owner: set, where: str) -> list[str]:
+        """Problems with element root sets: overlaps, other consumers, opaque ops, pooling across them."""
+        problems, element_of = [], {}
+        for e, roots in enumerate(elements):
+            for r in roots:
+                if r in element_of and element_of[r] != e:
+                    problems.append(f"{where}: elements {element_of[r]} and {e} share channels")
+                element_of[r] = e
+        for r in element_of:
+            extra = self.consumers.get(r, set()) - owner
+            if extra:
+                tag = sorted(extra)[0]
+                reader = self.trace.sinks[tag[1]].module if tag[0] == "sink" else self.trace.attentions[tag[1]].module
+                members = self.members.get(r, [])
+                src = self._module(members[0][0]) if members else where
+                problems.append(f"`{src}` output is read by two consumers ({where} and `{reader}`)")
+                break
+        for r in element_of:
+            for s, _ in self.members.get(r, []):
+                if s in self.tainted:
+                    op = self.tainted[s]
+                    problems.append(f"`{self._module(s)}` output goes through `{op.op}` in `{op.module}`")
+                    break
+        for stat, rows in self.stat_roots:
+            for row in rows:
+                hit = {element_of[r] for r in row if r in element_of}
+                if len(hit) > 1 or (hit and any(r not in element_of and r >= 0 for r in row)):
+                    problems.append(f"`{stat.module}` pools channels of several {kind.value} ({stat.op})")
+                    break
+        return sorted(set(problems))
+
+    def _member_slices(self, elements: list[set[int]], writes: bool, where: str) -> tuple[list[Slice], list[str]]:
+        """Rows (dim 0) of every projection channel in each element, plus per-element parameters."""
+        per_param: dict[str, list[list[int]]] = {}
+        for e, roots in enumerate(elements):
+            for r in roots:
+                for s, c in self.members.get(r, []):
+                    src = self.trace.sources[s]
+                    for name in (src.param, src.bias):
+                        if name is not None:
+                            dim = 1 if src.kind == "embed" else 0
+                            per_param.setdefault((name, dim), [[] for _ in elements])[e].append(c)
+        slices, problems = [], []
+        for (name, dim), rows in per_param.items():
+            made = make_slices(name, dim, rows, writes)
+            if made is None:
+                problems.append(f"{where}: the channels of `{name}` have no regular per-element layout")
+            slices += made or []
+        s2, p2 = self._param_slices(elements, where)
+        return slices + s2, problems + p2
+
+    def _param_slices(self, elements: list[set[int]], where: str) -> tuple[list[Slice], list[str]]:
+        """Parameters used elementwise on the elements (norm gains): sliced if per element, else shared."""
+        element_of = {r: e for e, roots in enumerate(elements) for r in roots}
+        slices, problems, seen = [], [], set()
+        for use, roots in self.use_roots:
+            owner = defaultdict(set)
+            for (idx, _), r in zip(use.pairs.tolist(), roots, strict=True):
+                if r in element_of:
+                    owner[idx].add(element_of[r])
+            if not owner or use.param in seen:
+                continue
+            seen.add(use.param)
+            if all(len(v) == len(elements) for v in owner.values()) and len(elements) > 1:
+                continue  # shared by every element (a per-head-dim norm gain): not sliced
+            if any(len(v) > 1 for v in owner.values()) or self.params[use.param].dim() != 1:
+                problems.append(f"{where}: `{use.param}` is shared by some elements and not others")
+                continue
+            rows = [[] for _ in elements]
+            for idx, es in owner.items():
+                rows[next(iter(es))].append(idx)
+            made = make_slices(use.param, 0, rows, False)
+            if made is None:
+                problems.append(f"{where}: `{use.param}` has no regular per-element layout")
+            slices += made or []
+        return slices, problems
+
+    # -- kinds -----------------------------------------------------------------------------------
+    def _config_rules(self) -> None:
+        rules = self.out.info["config"]
+        config = self.model.config
+        n = len(self.layers)
+        for name, value in config.to_dict().items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            low = name.lower()
+            if "layer" in low and value == n and not low.startswith("max"):
+                rules.setdefault("layers", []).append(name)
+            elif low in ("hidden_size", "n_embd", "d_model", "dim"):
+                rules.setdefault("hidden", []).append(name)
+
+    def _hidden(self) -> None:
+        t, kind, problems = self.trace, Kind.HIDDEN, self.out.problems[Kind.HIDDEN]
+        token = dict(self.model.named_parameters()).keys() & {
+            n for n, p in self.model.named_parameters() if p is self.model.get_input_embeddings().weight
+        }
+        embeds = [s for s, src in enumerate(t.sources) if src.kind == "embed" and src.param in token]
+        if len(embeds) != 1:  # position embeddings join the hidden channels through the sum
+            problems.append(f"expected one token embedding, found {len(embeds)}")
+            self.hidden_roots, self.hidden_sources = set(), set()
+            return
+        roots = self.roots[embeds[0]].tolist()
+        self.hidden_roots = set(roots)
+        self.hidden_sources = {s for r in self.hidden_roots for s, _ in self.members[r]}
+        where = "hidden channels"
+        if len(self.hidden_roots) != len(roots):
+            problems.append(f"`{self._module(embeds[0])}` channels are mixed with each other")
+            return
+        elements = [{r} for r in roots]
+        for s, src in enumerate(t.sources):  # which layer writes through which parameters
+            if src.kind == "linear" and s in self.roots and self.hidden_roots & set(self.roots[s].tolist()):
+                i = self._layer_of(src.module)
+                if i is not None:
+                    self.out.info["per_layer"][i]["writes"] += [self._rel(p, i) for p in (src.param, src.bias) if p]
+        slices, more = self._member_slices(elements, True, where)
+        problems += more
+        element_of = {r: e for e, r in enumerate(roots)}
+        for sink in t.sinks:
+            sroots = self._find(sink.codes)
+            hit = [r in element_of for r in sroots]
+            if any(hit) and not all(hit):
+                problems.append(f"`{sink.module}` reads hidden channels together with other channels")
+            elif all(hit):
+                cols = [[] for _ in roots]
+                for j, r in enumerate(sroots):
+                    cols[element_of[r]].append(j)
+                made = make_slices(sink.param, 1, cols, False)
+                if made is None:
+                    problems.append(f"`{sink.module}` reads hidden channels in an irregular order")
+                slices += made or []
+        for att in t.attentions:
+            if any(r in element_of for codes in (att.q, att.k, att.v) for r in self._find(codes)):
+                problems.append(f"`{att.module}` attends over hidden channels directly")
+        for s in (s for r in roots for s, _ in self.members[r]):
+            if s in self.tainted:
+                op = self.tainted[s]
+                problems.append(f"`{self._module(s)}` output goes through `{op.op}` in `{op.module}`")
+                break
+        norms = set()
+        for stat, rows in self.stat_roots:
+            if any(r in element_of for row in rows for r in row):
+                norms.add(stat.module)
+                if any(r >= 0 and r not in element_of for row in rows for r in row):
+                    problems.append(f"`{stat.module}` pools hidden channels with other channels ({stat.op})")
+        for name in sorted(norms):
+            form = rms_form(self.model.get_submodule(name), len(roots))
+            if form is None:
+                problems.append(
+                    f"`{name}` ({type(self.model.get_submodule(name)).__name__}) normalises the residual stream "
+                    "and is not an RMSNorm: removing hidden channels would change what it computes"
+                )
+                continue
+            i = self._layer_of(name)
+            if i is None:
+                self.out.info["norms"].append((name, *form))
+            elif i == 0:
+                self.out.info["layer_norms"].append((self._rel(name, 0), *form))
+        eps = {getattr(self.model.get_submodule(n), e) for n, _, e in self.out.info["norms"]}
+        eps |= {getattr(self.layers[0].get_submodule(n), e) for n, _, e in self.out.info["layer_norms"]}
+        self.out.info["config"]["eps"] = [
+            k
+            for k, v in self.model.config.to_dict().items()
+            if "eps" in k.lower() and isinstance(v, float) and v in eps
+        ]
+        size = len(roots)
+        if not problems:
+            self.out.groups[kind].append(Group("hidden", kind, None, size, tuple(dedupe(slices))))
+
+    def _attention(self, e: int, att) -> set[int]:
+        kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS)
+        i = self._layer_of(att.module)
+        where = f"`{att.module}`"
+        problems: list[str] = []
+        if i is None:
+            for kind in kinds:
+                self.out.problems[kind].append(f"{where} attends outside the decoder layers")
+            return set()
+        n, d = att.q.shape
+        q_sets = [set(self._find(att.q[h])) for h in range(n)]
+        k_sets = [frozenset(self._find(att.k[h])) for h in range(n)]
+        v_sets = [frozenset(self._find(att.v[h])) for h in range(n)]
+        kv_ids: dict[tuple, int] = {}
+        group_of = [kv_ids.setdefault((k_sets[h], v_sets[h]), len(kv_ids)) for h in range(n)]
+        n_kv = len(kv_ids)
+        if len({k for k, _ in kv_ids}) != n_kv or len({v for _, v in kv_ids}) != n_kv:
+            problems.append(f"{where}: keys and values are not paired head by head")
+        per_group = n // n_kv if n % n_kv == 0 else 0
+        if not per_group or any(group_of.count(g) != per_group for g in range(n_kv)):
+            problems.append(f"{where}: KV heads serve unequal numbers of query heads")
+        if any(-1 in s for s in q_sets + [set(k) for k in k_sets] + [set(v) for v in v_sets]):
+            problems.append(f"{where}: queries, keys or values carry channels of no projection")
+        # o_proj: the one projection reading this call's output, and nothing else
+        base = att.out << SHIFT
+        readers = [k for k, sink in enumerate(self.trace.sinks) if ((sink.codes >> SHIFT) == att.out).any()]
+        o_cols: list[list[int]] = [[] for _ in range(n)]
+        if len(readers) != 1:
+            problems.append(f"{where}: its output is read by {len(readers)} projections (expected one)")
+        else:
+            sink = self.trace.sinks[readers[0]]
+            if not ((sink.codes >> SHIFT) == att.out).all():
+                problems.append(f"`{sink.module}` reads the attention output together with other channels")
+            else:
+                dv = self.trace.sources[att.out].size // n
+                for j, code in enumerate(sink.codes.tolist()):
+                    o_cols[(code - base) // dv].append(j)
+        owner = {("attention", e)}
+        for r in set().union(*q_sets, *k_sets, *v_sets):
+            self.claimed |= {s for s, _ in self.members.get(r, [])}
+        kv_sets = [set(k_sets[group_of.index(g)]) | set(v_sets[group_of.index(g)]) for g in range(n_kv)]
+        problems += self._check_elements(Kind.QUERY_HEADS, q_sets + kv_sets, owner, where)
+        order = sorted(range(n), key=lambda h: (group_of[h], h))  # query heads grouped by KV head
+        entry = self.out.info["per_layer"][i]
+        if problems or len(readers) != 1:
+            for kind in kinds:
+                self.out.problems[kind] += problems
+            return set(readers)
+        o_param = self.trace.sinks[readers[0]].param
+        # KV groups: each element = its query heads + its K/V head, and their o_proj columns
+        kv_elements = [
+            kv_sets[g] | set().union(*(q_sets[h] for h in range(n) if group_of[h] == g)) for g in range(n_kv)
+        ]
+        kv_slices, p1 = self._member_slices(kv_elements, False, where)
+        o_kv = [sorted(j for h in range(n) if group_of[h] == g for j in o_cols[h]) for g in range(n_kv)]
+        o_made = make_slices(o_param, 1, o_kv, True)
+        q_slices, p2 = self._member_slices([q_sets[h] for h in order], False, where)
+        o_q = make_slices(o_param, 1, [o_cols[h] for h in order], True)
+        if o_made is None or o_q is None:
+            p1.append(f"`{o_param}`: the attention output columns have no regular per-head layout")
+        if p1 or p2:
+            for kind in kinds:
+                self.out.problems[kind] += p1 + p2
+            return set(readers)
+        kv_group = Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, n_kv, tuple(dedupe(kv_slices + o_made)))
+        self.out.groups[Kind.KV_GROUPS].append(kv_group)
+        if per_group > 1:
+            q_group = Group(
+                f"layers.{i}.query_heads", Kind.QUERY_HEADS, i, n, tuple(dedupe(q_slices + o_q)), blocks=n_kv
+            )
+        else:
+            q_group = kv_group  # MHA / MQA with one query head per KV head: heads are KV groups
+        self.out.groups[Kind.QUERY_HEADS].append(q_group)
+        self._attention_info(i, att, entry, kv_slices, o_param, o_cols, n, n_kv, d)
+        return set(readers)
+
+    def _attention_info(self, i, att, entry, kv_slices, o_param, o_cols, n, n_kv, d) -> None:
+        """What sync() needs to re-derive head counts from weights and set the module attributes."""
+        o_rows = self.params[o_param].shape[1]
+        k_src = int(att.k.reshape(-1)[0]) >> SHIFT
+        k_param = self.trace.sources[k_src].param
+        k_total = self.params[k_param].shape[0]
+        width = {sl.param: 0 for sl in kv_slices}
+        for sl in kv_slices:
+            if sl.dim == 0:
+                width[sl.param] += sl.width
+        q_src = int(att.q.reshape(-1)[0]) >> SHIFT
+        with_q = int(self.trace.sources[q_src].param == k_param)
+        per_kv = width[k_param] - with_q * (n // n_kv) * d  # rows per KV group beside its queries
+        entry.update(
+            attn=self._rel(att.module, i) if att.module != f"{self.path}.{i}" else "",
+            head_dim=d,
+            o=self._rel(o_param, i),
+            o_base=o_rows - sum(len(c) for c in o_cols),
+            k=self._rel(k_param, i),
+            k_rows=[k_total - width[k_param] * n_kv, with_q, per_kv // d],
+            attrs={},
+        )
+        module = self.model.get_submodule(att.module)
+        layer = self.layers[i]
+        path = att.module
+        while True:  # the attention module and its parents up to the layer
+            for name, value in vars(module).items():
+                rule = attr_rule(name, value, n, n_kv, d)
+                if rule:
+                    rel = self._rel(path, i) if path != f"{self.path}.{i}" else ""
+                    entry["attrs"][f"{rel}.{name}" if rel else f".{name}"] = rule
+            if module is layer or "." not in path:
+                break
+            path = path.rpartition(".")[0]
+            module = self.model.get_submodule(path)
+        rules = self.out.info["config"]
+        for name, value in self.model.config.to_dict().items():
+            rule = attr_rule(name, value, n, n_kv, d)
+            if rule in ("heads", "kv_heads") and i == 0:
+                rules.setdefault(rule, []).append(name)
+
+    def _mlp(self, i: int, o_sinks: set[int]) -> None:
+        kind, t = Kind.MLP, self.trace
+        candidates = []
+        for k, sink in enumerate(t.sinks):
+            if k in o_sinks or self._layer_of(sink.module) != i:
+                continue
+            roots = self._find(sink.codes)
+            if any(r in self.hidden_roots for r in roots):
+                continue
+            candidates.append((k, sink, roots))
+        if not candidates:
+            return
+        if len(candidates) > 1:
+            names = ", ".join(f"`{c[1].module}`" for c in candidates)
+            self.out.problems[kind].append(f"layer {i}: several projections read inner channels ({names})")
+            return
+        k, sink, roots = candidates[0]
+        where = f"`{sink.module}`"
+        self.claimed |= {s for r in roots for s, _ in self.members.get(r, [])}
+        problems = []
+        if -1 in roots:
+            problems.append(f"{where} reads channels of no projection")
+        elements = [{r} for r in roots]
+        problems += self._check_elements(kind, elements, {("sink", k)}, where)
+        for r in roots:
+            for s, _ in self.members.get(r, []):
+                if self._layer_of(self._module(s)) != i:
+                    problems.append(f"{where} reads `{self._module(s)}` of another layer")
+                    break
+        slices, more = self._member_slices(elements, False, where)
+        problems += more
+        if problems:
+            self.out.problems[kind] += sorted(set(problems))
+            return
+        slices += make_slices(sink.param, 1, [[j] for j in range(len(roots))], True)
+        self.out.groups[kind].append(Group(f"layers.{i}.mlp", kind, i, len(roots), tuple(dedupe(slices))))
+        entry = self.out.info["per_layer"][i]
+        entry.update(mlp=self._rel(sink.param, i), mlp_base=self.params[sink.param].shape[1] - len(roots))
+        if i == 0:
+            self.out.info["config"]["mlp"] = [
+                name
+                for name, value in self.model.config.to_dict().items()
+                if value == len(roots) and any(w in name.lower() for w in ("intermediate", "ffn", "inner", "mlp"))
+            ]
+
+    def _unclaimed(self) -> None:
+        """Projections in a layer whose output reaches nothing mapped (an unknown op, say): no MLP."""
+        for s, src in enumerate(self.trace.sources):
+            if src.kind != "linear" or s in self.claimed or self._layer_of(src.module) is None:
+                continue
+            if s in self.tainted:
+                op = self.tainted[s]
+                problem = f"`{src.module}` output goes through `{op.op}` in `{op.module}`"
+            else:
+                problem = f"`{src.module}` output reaches no projection or attention that llmp can map"
+            self.out.problems[Kind.MLP].append(problem)
+
+    def _layers_group(self) -> None:
+        n = len(self.layers)
+        missing = [i for i, e in enumerate(self.out.info["per_layer"]) if not e["writes"]]
+        opaque = [op for op in self.trace.opaque if op.sources & self.hidden_sources]
+        if opaque:  # a layer may write through it: zeroing the writes found would not remove the layer
+            self.out.problems[Kind.LAYERS].append(
+                f"the residual stream goes through `{opaque[0].op}` in `{opaque[0].module}`"
+            )
+        elif missing:
+            self.out.problems[Kind.LAYERS].append(f"layers {missing} write nothing found into the residual stream")
+            return
+        modules = tuple(f"{self.path}.{i}" for i in range(n))
+        self.out.groups[Kind.LAYERS].append(Group("layers", Kind.LAYERS, None, n, modules=modules))
+
+
+# ------------------------------------------------------------------------------------------------
+def attr_rule(name: str, value, n: int, n_kv: int, d: int) -> str | None:
+    """Which head count an int attribute named ``name`` holds, if its name and value agree."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    low = name.lower()
+    kv = "kv" in low or "key_value" in low
+    if ("group" in low or "rep" in low) and value == n // n_kv:
+        return "groups"
+    if "head" in low and kv and value == n_kv and "dim" not in low:
+        return "kv_heads"
+    if "head" in low and not kv and value == n and "dim" not in low and "size" not in low:
+        return "heads"
+    if kv and ("dim" in low or "size" in low) and value == n_kv * d:
+        return "kv_x_dim"
+    if any(s in low for s in ("all_head", "inner_dim", "q_size", "attn_dim")) and value == n * d:
+        return "heads_x_dim"
+    return None
+
+
+def make_slices(param: str, dim: int, per_element: list[list[int]], writes: bool) -> list[Slice] | None:
+    """Slices whose ``indices(e)`` are exactly ``per_element[e]``, or ``None`` if no regular layout.
+
+    Each element's indices split into runs of consecutive indices; every element must have runs of
+    the same widths. Run ``k`` becomes one slice: ``offset + e * stride`` when its starts are evenly
+    spaced, a ``starts`` table otherwise (heads permuted by a gather).
+    """
+    runs = []
+    for idx in per_element:
+        idx = sorted(idx)
+        r = []
+        for x in idx:
+            if r and x == r[-1][0] + r[-1][1]:
+                r[-1][1] += 1
+            else:
+                r.append([x, 1])
+        runs.append(r)
+    if not runs or any([w for _, w in r] != [w for _, w in runs[0]] for r in runs) or not runs[0]:
+        return None
+    slices = []
+    for k, (_, width) in enumerate(runs[0]):
+        starts = [r[k][0] for r in runs]
+        step = starts[1] - starts[0] if len(starts) > 1 else width
+        if all(b - a == step for a, b in itertools.pairwise(starts)) and step >= 0:
+            stride = None if step == width or len(starts) == 1 else step
+            slices.append(Slice(param, dim, width, starts[0], stride, writes))
+        else:
+            slices.append(Slice(param, dim, width, 0, None, writes, starts=tuple(starts)))
+    return slices
+
+
+def dedupe(slices: list[Slice]) -> list[Slice]:
+    """One slice per index set (tied weights appear as reader and writer): the writing one wins."""
+    out: dict[tuple, Slice] = {}
+    for s in slices:
+        key = (s.param, s.dim, s.width, s.offset, s.stride, getattr(s, "starts", None))
+        if key not in out or s.writes:
+            out[key] = s
+    return list(out.values())
+
+
+@torch.no_grad()
+def rms_form(module: nn.Module, size: int) -> tuple[str, str] | None:
+    """``("w" | "1+w", eps attribute)`` if ``module`` computes an RMSNorm, else ``None``."""
+    weight = getattr(module, "weight", None)
+    params = list(module.parameters())
+    if not isinstance(weight, torch.Tensor) or weight.shape != (size,) or len(params) != 1:
+        return None
+    eps_name = next(
+        (n for n in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(module, n, None), float)), None
+    )
+    if eps_name is None:
+        return None
+    eps = getattr(module, eps_name)
+    x = torch.randn(2, 3, size, generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        y = module(x)
+    except Exception:
+        return None
+    if not isinstance(y, torch.Tensor):
+        return None
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    for form, gain in (("w", weight.float()), ("1+w", 1 + weight.float())):
+        if torch.allclose(y.float(), normed * gain, atol=1e-4, rtol=1e-3):
+            return form, eps_name
+    return None
