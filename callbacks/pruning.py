@@ -19,16 +19,37 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
+from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
+from llmp.importance import needs_calibration
 from llmp.pruner import PruneConfig, count_parameters, prune
 
 log = logging.getLogger(__name__)
+
+
+class Prunable(Protocol):
+    """What :class:`StructuredPruning` needs of the module it prunes; :class:`~llmp.RecoveryModule` has it."""
+
+    tokenizer: Any
+    history: list[dict]  # the pruning steps so far; checkpoints carry it
+    pruning_settings: dict  # the callback's settings, for the report
+    original_params: int  # the model's size before any pruning
+
+    @property
+    def base_model(self) -> torch.nn.Module: ...  # the model without adapters or wrappers
+
+    def load_base(self) -> None: ...  # load the (dense) model, before any strategy wraps it
+    def merge_adapters(self) -> None: ...  # fold LoRA into the weights before a step
+    def prepare(self) -> None: ...  # new adapters / trainable parameters after a step
+    def rebuild(self, history: list[dict]) -> None: ...  # repeat recorded steps (resume)
+    def to(self, device) -> Any: ...
+
 
 RAMPS = ("linear", "cubic")
 
@@ -189,18 +210,17 @@ class StructuredPruning(L.Callback):
         state = read_checkpoint_state(path)
         return {"history": state.get("history", []), "done": state.get("pruning_done", [])}
 
-    def _step(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, rewrap: bool) -> None:
+    def _step(self, trainer: L.Trainer, pl_module: Prunable, epoch: int, rewrap: bool) -> None:
         if rewrap:
             pl_module.merge_adapters()
         model = pl_module.base_model
         original, current = pl_module.original_params, count_parameters(model)
-        remove = self.targets[epoch] * original - (original - current)
-        if remove <= 0:
+        if self.targets[epoch] * original <= original - current:  # already there
             self.done.append(epoch)
             return
-        config = dataclasses.replace(self.config, ratio=min(remove / current, 0.999), steps=1)
+        config = dataclasses.replace(self.config, ratio=self.targets[epoch], steps=1)  # of the original
         model.to(trainer.strategy.root_device)
-        calibration = self._calibration(trainer, pl_module) if config.criterion != "random" else None
+        calibration = self._calibration(trainer, pl_module) if needs_calibration(config.criterion) else None
         log.info(
             "epoch %d: pruning to %.1f%% of the original parameters removed (%s criterion%s)",
             epoch,
@@ -209,7 +229,9 @@ class StructuredPruning(L.Callback):
             f", {len(calibration)} x {calibration.shape[1]} calibration tokens" if calibration is not None else "",
         )
         strategy = trainer.strategy
-        report = prune(model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0))
+        report = prune(
+            model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0), reference_params=original
+        )
         (step,) = report["steps"]  # recorded in the history, so checkpoints carry it
         step.update(
             epoch=epoch,
@@ -241,7 +263,7 @@ class StructuredPruning(L.Callback):
             pl_module.prepare()
             self._rewrap(trainer, pl_module)
 
-    def _rewrap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _rewrap(self, trainer: L.Trainer, pl_module: Prunable) -> None:
         """New parameters: the precision's dtype (``bf16-true``), a new DDP wrapper, and new
         optimizers (their state starts empty)."""
         strategy = trainer.strategy
@@ -252,7 +274,7 @@ class StructuredPruning(L.Callback):
             strategy.configure_ddp()
         strategy.setup_optimizers(trainer)
 
-    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+    def _calibration(self, trainer: L.Trainer, pl_module: Prunable) -> torch.Tensor:
         n, length = self.num_samples, self.seq_len
         if self.calibration is not None:
             from llmp.data import calibration_samples
@@ -265,16 +287,4 @@ class StructuredPruning(L.Callback):
                 "or fit with a datamodule"
             )
         loader = data.calibration_dataloader() if hasattr(data, "calibration_dataloader") else data.train_dataloader()
-        stream: list[int] = []
-        for batch in loader:  # the real (unpadded) tokens of the batches, one stream
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
-            stream += ids[mask].tolist()
-            if len(stream) >= n * length:
-                break
-        if len(stream) < n * length:
-            raise LlmpError(
-                f"the datamodule gave {len(stream):,} tokens, too few for {n} calibration samples of {length}; "
-                "lower `num_samples` / `seq_len` or set `calibration`"
-            )
-        return torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)
+        return loader_samples(loader, n, length)

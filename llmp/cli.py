@@ -18,7 +18,8 @@ from pathlib import Path
 
 from llmp.errors import LlmpError, raise_all
 
-TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"  # read by llmp.models.allow_remote_code
+TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"
+ALIASES = {"criterion": ("--importance",)}  # DESIGN.md's name for the option  # read by llmp.models.allow_remote_code
 
 _DEFAULTS_NOTE = (
     "defaults: MLP channels of every layer but the first and last, first-order Taylor on 16 x 128 C4 tokens"
@@ -45,16 +46,16 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
 
     helps = _field_help(PruneConfig)
     for field in dataclasses.fields(PruneConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *ALIASES.get(field.name, ())]
         default = field.default
         if isinstance(default, bool):
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(field.name)
+                *flags, action=argparse.BooleanOptionalAction, default=default, help=helps.get(field.name)
             )
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(
-                flag, type=kind, default=default, help=f"{helps.get(field.name, '')} (default: {default})"
+                *flags, type=kind, default=default, help=f"{helps.get(field.name, '')} (default: {default})"
             )
 
 
@@ -199,12 +200,9 @@ def _prune(args) -> int:
     if args.seq_len < 2:
         problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
     raise_all(problems)
-    config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
-    if not 0.0 < config.ratio < 1.0:
-        raise LlmpError(
-            f"`--ratio` must be between 0 and 1 (a fraction of all parameters, e.g. 0.2); got {config.ratio}"
-        )
-    config.check()
+    if not 0.0 < args.ratio < 1.0:  # stricter than the library: a run that removes nothing is a mistake
+        raise LlmpError(f"`--ratio` must be between 0 and 1 (a fraction of all parameters, e.g. 0.2); got {args.ratio}")
+    config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})  # checks itself
     calibration = _check_data("--calibration", args.calibration)
     evaluation = _check_data("--eval-data", args.eval_data)
     _check_seq_len("--seq-len", args.seq_len, args.model)
@@ -218,7 +216,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     from llmp.data import calibration_samples, read_text
     from llmp.data.text import read_documents
     from llmp.eval import perplexity
-    from llmp.importance import GRADIENT_CRITERIA
+    from llmp.importance import needs_calibration
     from llmp.io import save_pruned
     from llmp.models import load_model
     from llmp.pruner import prune
@@ -226,7 +224,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
 
     # Local data is read (and refused if unreadable) before the model loads.
     text = read_text(eval_source) if eval_source else None
-    if config.criterion in GRADIENT_CRITERIA and Path(calibration_source).is_file():
+    if needs_calibration(config.criterion) and Path(calibration_source).is_file():
         calibration_source = read_documents(calibration_source)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -235,7 +233,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=args.samples)
     t1 = time.perf_counter()
     calib = None
-    if config.criterion in GRADIENT_CRITERIA:
+    if needs_calibration(config.criterion):
         calib = calibration_samples(calibration_source, tokenizer, args.num_samples, args.seq_len, config.seed)
     report = prune(model, config, calib)
     prune_s = time.perf_counter() - t1

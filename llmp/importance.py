@@ -40,7 +40,14 @@ Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "l1", "l2",
 Reduction = Literal["sum", "mean", "max", "prod", "first"]
 CRITERIA: tuple[str, ...] = Criterion.__args__
 REDUCTIONS: tuple[str, ...] = Reduction.__args__
-GRADIENT_CRITERIA = ("taylor", "taylor2", "taylor_mix", "vectorwise")  # need calibration text
+GRADIENT_CRITERIA = ("taylor", "taylor2", "taylor_mix", "vectorwise")
+
+
+def needs_calibration(criterion: str) -> bool:
+    """Whether ``criterion`` scores from calibration text (the gradient criteria) or from weights alone."""
+    return criterion in GRADIENT_CRITERIA
+
+
 _PER_SAMPLE = {"taylor2", "taylor_mix"}
 
 
@@ -77,15 +84,15 @@ def score(
     if criterion == "random":
         generator = torch.Generator().manual_seed(seed)
         return {g.name: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in structure.groups}
-    if criterion in GRADIENT_CRITERIA and (calibration is None or calibration.numel() == 0):
+    if needs_calibration(criterion) and (calibration is None or calibration.numel() == 0):
         raise LlmpError(
-            f"criterion {criterion!r} needs calibration data and none was given: pass `--calibration FILE` "
-            "(text, JSONL or a datasets id), or use a data-free criterion (l1, l2, random)"
+            f"`criterion` {criterion!r} needs calibration tokens and `calibration` is empty: pass token ids "
+            "(e.g. from llmp.data.calibration_samples), or use a data-free criterion (l1, l2, random)"
         )
     params = dict(model.named_parameters())
     tracked = _tracked(structure, params)
     keys = _slice_keys(structure)
-    if criterion in GRADIENT_CRITERIA:
+    if needs_calibration(criterion):
         sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
     else:
         sums, totals = _magnitude_scores(params, tracked, keys, criterion)

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -72,8 +73,11 @@ class PruneConfig:
     batch_size: int = 1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        """Validate what can be checked without a model.
+        """Validate what can be checked without a model (done on construction; again after a change).
 
         Raises:
             LlmpError: every problem found, in one message.
@@ -81,13 +85,10 @@ class PruneConfig:
         problems = []
         if not 0.0 <= self.ratio < 1.0:
             problems.append(f"`ratio` must be in [0, 1) (a fraction of all parameters); got {self.ratio}")
+        hints = typing.get_type_hints(PruneConfig)
         choices = {
-            "scope": ("block", "channel", "layer"),
-            "attention": ("query", "kv", "none"),
-            "criterion": importance.CRITERIA,
-            "reduction": importance.REDUCTIONS,
-            "ranking": ("layer", "global"),
-            "layout": ("heterogeneous", "uniform"),
+            name: typing.get_args(hints[name])
+            for name in ("scope", "attention", "criterion", "reduction", "ranking", "layout")
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -169,6 +170,7 @@ def prune(
     config: PruneConfig,
     calibration: torch.Tensor | None = None,
     agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
+    reference_params: int | None = None,
 ) -> dict:
     """Prune ``model`` in place and return the report (settings, counts, shapes, timings).
 
@@ -181,6 +183,9 @@ def prune(
         calibration: ``[N, L]`` token ids for the gradient criteria.
         agree: called with each step's plan before it is applied; returns the plan to apply.
             Distributed callers broadcast rank 0's plan here so every rank removes the same.
+        reference_params: the size ``config.ratio`` is a fraction of (default: ``model``'s own).
+            An iterative schedule passes the original model's, so the ratio stays "of the
+            original", and only what is still missing is removed.
 
     Raises:
         LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
@@ -192,9 +197,12 @@ def prune(
     if adapter.automatic:  # a family llmp has not seen: check its map first
         verify(model, adapter.discover(model, config.kinds), adapter)
     total = count_parameters(model)
+    reference = total if reference_params is None else reference_params
+    already, goal = reference - total, config.ratio * reference  # parameters removed before, and in the end
     steps, timings = [], {"scoring_s": 0.0, "planning_s": 0.0, "surgery_s": 0.0}
     for step in range(1, config.steps + 1):
-        target = round(config.ratio * total * step / config.steps) - (total - count_parameters(model))
+        cumulative = round(already + (goal - already) * step / config.steps)
+        target = cumulative - (reference - count_parameters(model))
         t0 = time.perf_counter()
         structure = adapter.discover(model, config.kinds)
         ranges = _ranges(config, len(adapter.layers(model)))

@@ -238,3 +238,18 @@ def test_trust_remote_code_flag_sets_the_switch(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LLMP_TRUST_REMOTE_CODE", raising=False)
     code, _, _ = run_cli(capsys, "--trust-remote-code", "generate", "--model", tmp_path / "none", "--prompt", "x")
     assert code == 2 and os.environ.get("LLMP_TRUST_REMOTE_CODE") == "1"
+
+
+def test_importance_is_an_alias_of_criterion(tiny_dir, tmp_path, capsys, no_load):
+    expect_error(
+        capsys,
+        tmp_path,
+        "`criterion` must be one of",
+        "prune",
+        "--model",
+        tiny_dir,
+        "--output",
+        tmp_path / "o",
+        "--importance",
+        "magic",
+    )

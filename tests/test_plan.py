@@ -66,7 +66,7 @@ def test_bad_settings_are_clear_errors(kwargs, message):
 
 
 def test_missing_calibration_is_a_clear_error():
-    with pytest.raises(LlmpError, match="needs calibration data"):
+    with pytest.raises(LlmpError, match="needs calibration tokens and `calibration` is empty"):
         prune(medium_model(), PruneConfig(ratio=0.2), None)
 
 
@@ -85,3 +85,16 @@ def test_parse_range():
     assert parse_range("4:30", 32) == range(4, 30)
     assert parse_range(":3", 8) == range(0, 3)
     assert parse_range("5:", 8) == range(5, 8)
+
+
+def test_reference_params_makes_the_ratio_a_fraction_of_the_original(calib):
+    from conftest import tiny_model
+
+    from llmp.pruner import count_parameters
+
+    model = tiny_model("llama-gqa")
+    original = count_parameters(model)
+    prune(model, PruneConfig(ratio=0.1, layers="0:4"), calib)
+    report = prune(model, PruneConfig(ratio=0.3, layers="0:4"), calib, reference_params=original)
+    assert 1 - count_parameters(model) / original == pytest.approx(0.3, abs=0.01)
+    assert report["params_after"] == count_parameters(model)

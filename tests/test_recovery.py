@@ -117,8 +117,8 @@ def test_data_errors_at_setup(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(config=PruneConfig(ratio=0.0)), r"`config.ratio` must be in \(0, 1\)"),
-        (dict(config=PruneConfig(ratio=1.0)), r"`ratio` must be in \[0, 1\)"),
+        (dict(config=dict(ratio=0.0)), r"`config.ratio` must be in \(0, 1\)"),
+        (dict(config=dict(ratio=1.0)), r"`ratio` must be in \[0, 1\)"),  # PruneConfig refuses it when built
         (dict(schedule="steep:3"), "'linear:N' or 'cubic:N'"),
         (dict(schedule="linear:0"), "'linear:N' or 'cubic:N'"),
         (dict(schedule={0: 0.2, 1: 0.1}), "ratios must grow"),
@@ -128,7 +128,7 @@ def test_data_errors_at_setup(tiny_dir, tmp_path):
 )
 def test_bad_callback_settings(kwargs, message):
     with pytest.raises(LlmpError, match=message):
-        StructuredPruning(**kwargs)
+        StructuredPruning(**{k: PruneConfig(**v) if k == "config" else v for k, v in kwargs.items()})
 
 
 def test_schedules():

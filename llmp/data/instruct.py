@@ -127,10 +127,6 @@ class InstructionData(L.LightningDataModule):
         self.tokenizer = None
         self.train_set = self.val_set = None
 
-    def set_tokenizer(self, tokenizer) -> None:
-        """Use this tokenizer object (instead of loading ``tokenizer`` by spec)."""
-        self.tokenizer = tokenizer
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

@@ -118,3 +118,25 @@ def calibration_samples(
         picks = torch.randperm(windows, generator=generator)[:num_samples].tolist()
         samples = [stream[i * seq_len : (i + 1) * seq_len] for i in picks]
     return torch.tensor(samples, dtype=torch.long)
+
+
+def loader_samples(loader, num_samples: int, seq_len: int) -> torch.Tensor:
+    """``[num_samples, seq_len]`` calibration tokens from a dataloader's batches: their real
+    (unpadded, by ``attention_mask``) tokens as one stream, cut into windows.
+
+    Raises:
+        LlmpError: the batches hold too few tokens.
+    """
+    stream: list[int] = []
+    for batch in loader:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+        stream += ids[mask].tolist()
+        if len(stream) >= num_samples * seq_len:
+            break
+    if len(stream) < num_samples * seq_len:
+        raise LlmpError(
+            f"the datamodule gave {len(stream):,} tokens, too few for {num_samples} calibration samples of "
+            f"{seq_len}; lower `num_samples` / `seq_len` or set `calibration`"
+        )
+    return torch.tensor(stream[: num_samples * seq_len], dtype=torch.long).view(num_samples, seq_len)

@@ -104,11 +104,6 @@ class TaskResults:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TaskResults:
-        tasks = {name: TaskResult(**result) for name, result in data["tasks"].items()}
-        return cls(**{**data, "tasks": tasks})
-
     def table(self) -> str:
         """A Markdown table: one row per task, acc and acc_norm labelled (and ppl for cloze tasks)."""
         ppl = any(r.ppl is not None for r in self.tasks.values())

@@ -219,9 +219,9 @@ class Tracer(TorchFunctionMode):
         tracked = [(t, self._label(t)) for t in flat if isinstance(t, torch.Tensor)]
         acts = [(t, lab[1]) for t, lab in tracked if lab is not None and lab[0] == "act"]
         params = [(t, lab[1]) for t, lab in tracked if lab is not None and lab[0] == "param"]
-        if not acts and not params:
-            pass
-        elif name in MOVEMENT or name in JOIN or name in CAST:
+        if not acts and not params:  # nothing traced flows through this op
+            return out
+        if name in MOVEMENT or name in JOIN or name in CAST:
             self._move(func, name, args, kwargs, out, "act" if acts else "param")
         elif name in ELEMENTWISE or (name.endswith("_") and name[:-1] in ELEMENTWISE):
             self._elementwise(name, args, out, acts, params)
