@@ -261,7 +261,7 @@ def evaluate(output: Path, settings: EvalSettings) -> dict:
         del model
         model, tokenizer = load_model(str(output))
         measure("recovered", model, tokenizer)
-    report["perplexity"] = results
+    report["perplexity"] = {"data": str(settings.data), **results}  # the same entry `llmp prune` writes
     if runs:
         report["generations"] = samples_entry(*runs.values(), labels=tuple(runs))
     write_json_atomic(output / REPORT, report)

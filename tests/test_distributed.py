@@ -89,7 +89,8 @@ def check_output(tmp_path: Path, world_size: int, steps: int) -> dict:
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert report["recovery"]["world_size"] == world_size and len(report["steps"]) == steps
     ppl = report["perplexity"]
-    assert set(ppl) >= {"dense", "pruned", "recovered"} and all(v > 1 for k, v in ppl.items() if k != "protocol")
+    assert set(ppl) >= {"dense", "pruned", "recovered"} and ppl["data"] == "wikitext2"  # the data name, as `llmp prune`
+    assert all(v > 1 for k, v in ppl.items() if k not in ("data", "protocol"))
     # It trained: 2 epochs x 2 batches per rank, and the weights moved (recovered != pruned).
     assert report["recovery"]["optimizer_steps"] == 4
     assert abs(ppl["recovered"] - ppl["pruned"]) > 1e-3 * ppl["pruned"]
