@@ -15,6 +15,7 @@ to fp32 and turned back into the pruned model.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -25,15 +26,23 @@ from unittest import mock
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.states import TrainerFn
 
 from llmp import (
     outdir,
     strategies,  # registers the llmp_deepspeed* strategy names
 )
+from llmp.data import read_text
 from llmp.data.instruct import InstructionData
+from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
-from llmp.outdir import write_atomic
+from llmp.eval import perplexity
+from llmp.io import REPORT, write_json_atomic
+from llmp.models import input_paths, load_model
+from llmp.outdir import check_output_dir, write_atomic
+from llmp.pruner import replay
 from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
+from llmp.report import generate_samples, samples_entry, write_report
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,6 @@ class EvalSettings:
         Raises:
             LlmpError: every problem found, in one message.
         """
-        from llmp.data.resources import resolve
 
         problems = []
         if self.data is not None:
@@ -144,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cli: FitCLI) -> int:
-    from llmp.models import input_paths
-    from llmp.outdir import check_output_dir
 
     config, trainer, module = cli.config, cli.trainer, cli.model
     output = Path(config.output) if config.output else None
@@ -193,7 +199,6 @@ def _run(cli: FitCLI) -> int:
         write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
         if config.eval.data:
             evaluate(output, EvalSettings(**vars(config.eval)))
-        from llmp.report import write_report
 
         print(f"saved {output}; summary in {write_report(output)[0]}")
     return 0
@@ -208,8 +213,6 @@ def _checkpoint_path(trainer, value: str) -> str | None:
         LlmpError: ``hpc`` without an HPC checkpoint, or a path that does not exist.
     """
     if value in ("last", "hpc"):
-        from lightning.pytorch.trainer.states import TrainerFn
-
         try:  # Lightning resolves these names only for `fit(ckpt_path=...)`, after setup
             path = trainer._checkpoint_connector._parse_ckpt_path(
                 TrainerFn.FITTING, value, model_provided=True, model_connected=False
@@ -231,14 +234,6 @@ def _metric(trainer, name: str) -> float | None:
 
 def evaluate(output: Path, settings: EvalSettings) -> dict:
     """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's report."""
-    import json
-
-    from llmp.data import read_text
-    from llmp.eval import perplexity
-    from llmp.io import REPORT, write_json_atomic
-    from llmp.models import load_model
-    from llmp.pruner import replay
-    from llmp.report import generate_samples, samples_entry
 
     report = json.loads((output / REPORT).read_text())
     text = read_text(settings.data)

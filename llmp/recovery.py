@@ -26,9 +26,15 @@ from unittest import mock
 
 import lightning as L
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics.text import Perplexity
 
 from llmp.errors import LlmpError, raise_all
+from llmp.io import save_pruned
+from llmp.models import input_paths, load_model
+from llmp.outdir import check_output_dir, temp_dir
+from llmp.pruner import count_parameters, replay
+from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +122,6 @@ class RecoveryModule(L.LightningModule):
         """Load the model and tokenizer named by ``model`` (once)."""
         if self.model is not None:
             return
-        from llmp.models import load_model
-        from llmp.pruner import count_parameters
-        from llmp.structure import adapter_for
 
         self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))
         self.model.config.use_cache = False
@@ -134,7 +137,6 @@ class RecoveryModule(L.LightningModule):
 
     @property
     def is_lora_wrapped(self) -> bool:
-        from peft import PeftModel
 
         return isinstance(self.model, PeftModel)
 
@@ -142,7 +144,6 @@ class RecoveryModule(L.LightningModule):
         """Wrap the model with fresh LoRA adapters (``mode=lora``); the base weights freeze."""
         if self.mode != "lora" or self.is_lora_wrapped:
             return
-        from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
             r=self.lora.r,
@@ -248,7 +249,6 @@ class RecoveryModule(L.LightningModule):
 
     def rebuild(self, history: list[dict]) -> None:
         """Reload the original model and repeat ``history`` on it, ready to train (see :meth:`prepare`)."""
-        from llmp.pruner import replay
 
         self.model = None
         self.load_base()
@@ -264,8 +264,6 @@ class RecoveryModule(L.LightningModule):
         The pruning report of the folder lists the pruning steps and ``extra_report`` (the
         recovery run: settings, perplexities). ``overwrite`` replaces only a folder llmp wrote.
         """
-        from llmp.io import save_pruned
-        from llmp.models import input_paths
 
         self.merge_adapters()
         model = self.model
@@ -276,7 +274,6 @@ class RecoveryModule(L.LightningModule):
 
     def report(self) -> dict:
         """The pruning report of the steps applied so far (merged into one)."""
-        from llmp.structure import adapter_for
 
         base = self.base_model
         adapter = adapter_for(base)
@@ -372,7 +369,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: 
     Raises:
         LlmpError: the checkpoint is unreadable or was not written by a RecoveryModule.
     """
-    from llmp.outdir import check_output_dir, temp_dir
 
     checkpoint = Path(checkpoint)
     check_output_dir(output, overwrite)  # before the consolidation, which takes a while
