@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import torch
-from test_surgery import n_params, prune_and_mask
+from helpers import n_params, prune_and_mask
 
 from llmp import PruneConfig, load_pruned, prune, save_pruned
 from llmp.io import REPORT

@@ -133,11 +133,11 @@ def test_deepspeed_resume_rebuilds_the_pruned_shapes(tiny_dir, tmp_path):
     stop = f"""  callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {tmp_path / "ckpts"}}}
-    - class_path: test_recovery.StopAfterEpoch
+    - class_path: helpers.StopAfterEpoch
 """
     first = tmp_path / "first.yaml"
     first.write_text(text.replace("  callbacks:\n", stop, 1).replace(f"output: {tmp_path / 'out'}\n", ""))
-    env = {"PYTHONPATH": str(Path(__file__).parent)}  # StopAfterEpoch lives in test_recovery
+    env = {"PYTHONPATH": str(Path(__file__).parent)}  # StopAfterEpoch lives in helpers
     fabric_run("deepspeed_stage_2", first, extra_env=env)
     (stopped,) = (tmp_path / "ckpts").glob("*.ckpt")
     assert stopped.is_dir()  # ZeRO: a folder of shards

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from family_checks import TOKENS, check_prune_save_load, check_pruned_equals_masked, randomized
-from test_surgery import prune_and_mask
+from helpers import prune_and_mask
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
 from llmp import LlmpError, PruneConfig, prune

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_generates, check_prune_save_load, check_pruned_equals_masked, randomized
-from test_surgery import prune_and_mask
+from helpers import prune_and_mask
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from llmp import PruneConfig, load_pruned, save_pruned

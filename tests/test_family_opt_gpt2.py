@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_prune_save_load, check_pruned_equals_masked, randomized
-from test_surgery import prune_and_mask
+from helpers import prune_and_mask
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from llmp import LlmpError, PruneConfig, prune, save_pruned

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_generates, check_prune_save_load, check_pruned_equals_masked, randomized
-from test_surgery import prune_and_mask
+from helpers import prune_and_mask
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from llmp import PruneConfig, prune, save_pruned

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from test_recovery import logits, recipe
+from helpers import logits, recipe
 
 from llmp import load_pruned
 from llmp.errors import LlmpError
@@ -18,42 +17,6 @@ from llmp.fit import main as fit_main
 from llmp.recovery import export_checkpoint, read_checkpoint_state
 
 TESTS = Path(__file__).resolve().parent
-
-
-class HangAtEpoch(L.Callback):
-    """Announces the start of ``epoch`` (its checkpoint before it is on disk) and waits to be killed."""
-
-    def __init__(self, epoch: int = 1) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            import time
-
-            print("HANGING", flush=True)
-            time.sleep(600)
-
-
-class HangWritingCheckpoint(L.Callback):
-    """While epoch ``epoch``'s checkpoint is written, stops halfway through its bytes and waits to be killed."""
-
-    def __init__(self, epoch: int = 1) -> None:
-        self.epoch = epoch
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.current_epoch != self.epoch:
-            return
-        import time
-
-        from fsspec.implementations.local import LocalFileOpener
-
-        def half_then_hang(opener, data):
-            opener.f.write(data[: len(data) // 2])
-            opener.f.flush()
-            print("HANGING", flush=True)
-            time.sleep(600)
-
-        LocalFileOpener.write = half_then_hang
 
 
 def _checkpointing(ckpts: Path) -> list[str]:
@@ -73,7 +36,7 @@ def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path, w
         fit_main(recipe(tiny_dir, tmp_path, output=whole, **epochs, **{"trainer.enable_checkpointing": "false"})) == 0
     )
     ckpts = tmp_path / "ckpts"
-    hang = ["--trainer.callbacks+", json.dumps({"class_path": f"test_faults.{where}", "init_args": {"epoch": 1}})]
+    hang = ["--trainer.callbacks+", json.dumps({"class_path": f"helpers.{where}", "init_args": {"epoch": 1}})]
     command = [sys.executable, "-m", "llmp.cli", "fit", *recipe(tiny_dir, tmp_path, **epochs), *_checkpointing(ckpts)]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*command, *hang], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -11,6 +11,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from helpers import logits, recipe
 
 from llmp import load_pruned
 from llmp.callbacks import StructuredPruning
@@ -40,12 +41,6 @@ def trainer(**kwargs) -> L.Trainer:
         enable_model_summary=False,
     )
     return L.Trainer(**{**settings, **kwargs})
-
-
-def logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -252,56 +247,6 @@ def test_scheduled_fit_prunes_between_epochs(tiny_dir):
     assert {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]} == trained
 
 
-def recipe(tiny_dir, tmp_path, **overrides) -> list[str]:
-    """`llmp fit` arguments for the tiny model (an iterative schedule)."""
-    config = tmp_path / "recipe.yaml"
-    config.write_text(
-        f"""
-model:
-  model: {tiny_dir}
-  learning_rate: 0.001
-  warmup_steps: 1
-  lora: {{dropout: 0.0}}  # dropout draws from the global RNG, which a resume does not restore
-trainer:
-  default_root_dir: {tmp_path}
-  accelerator: cpu
-  devices: 1
-  max_epochs: 2
-  limit_train_batches: 2
-  limit_val_batches: 1
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: llmp.callbacks.StructuredPruning
-      init_args:
-        config: {{ratio: 0.3, attention: kv, layers: "0:4"}}
-        schedule: {{0: 0.1, 1: 0.3}}
-        num_samples: 2
-        seq_len: 16
-data:
-  path: alpaca-1k
-  max_samples: 24
-  val_size: 4
-  cutoff_len: 192
-  batch_size: 2
-eval:
-  data: null
-"""
-    )
-    return ["--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
-
-
-class StopAfterEpoch(L.Callback):
-    """Ends a fit after ``epoch`` as an interruption would, without changing its LR schedule."""
-
-    def __init__(self, epoch: int = 0) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        trainer.should_stop = trainer.current_epoch >= self.epoch
-
-
 @pytest.mark.parametrize("stop", [0, 1])
 def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
     """A fit stopped after epoch 0 (one of two pruning steps done) or after epoch 1 (both done, the
@@ -314,7 +259,7 @@ def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
     checkpoint["init_args"] = {"dirpath": str(ckpts), "save_last": True}
     checkpoint = ["--trainer.callbacks+", json.dumps(checkpoint)]
-    until = json.dumps({"class_path": "test_recovery.StopAfterEpoch", "init_args": {"epoch": stop}})
+    until = json.dumps({"class_path": "helpers.StopAfterEpoch", "init_args": {"epoch": stop}})
     assert fit_main([*recipe(tiny_dir, tmp_path, **epochs), *checkpoint, "--trainer.callbacks+", until]) == 0
     state = read_checkpoint_state(ckpts / "last.ckpt")
     history = state["history"]

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import tiny_model
+from helpers import n_params, prune_and_mask
 
 from llmp import importance, surgery
 from llmp.errors import LlmpError
-from llmp.plan import PlanSettings, make_plan
 from llmp.structure import Kind, adapter_for
 
 KINDS = [Kind.QUERY_HEADS, Kind.KV_GROUPS, Kind.MLP, Kind.HIDDEN, Kind.LAYERS]
-
-
-def prune_and_mask(model, kinds, share=0.5, criterion="taylor", calib=None, reduction="sum", plan=None):
-    """(pruned copy, masked copy, plan) for the same removal: ``share`` of what the groups can give."""
-    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
-    adapter = adapter_for(pruned)
-    structure = adapter.discover(pruned, kinds)
-    if plan is None:
-        scores = importance.score(pruned, structure, calib, criterion, reduction)
-        params = {g.name: importance.element_parameters(g, pruned) for g in structure.groups}
-        most = sum(int(params[g.name].sort().values[: g.size - g.blocks].sum()) for g in structure.groups)
-        plan = make_plan(structure.groups, scores, params, int(share * most), PlanSettings())
-    surgery.mask(masked, adapter.discover(masked, kinds), plan, adapter)
-    surgery.apply(pruned, structure, plan, adapter)
-    return pruned, masked, plan
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)

@@ -1,0 +1,127 @@
+"""Helpers shared by several test files (test files import from here, never from each other).
+
+The callbacks are named by ``class_path: helpers.X`` in recipes of ``llmp fit`` runs started in a
+subprocess with ``PYTHONPATH`` set to this folder.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from llmp import importance, surgery
+from llmp.plan import PlanSettings, make_plan
+from llmp.structure import adapter_for
+
+
+def prune_and_mask(model, kinds, share=0.5, criterion="taylor", calib=None, reduction="sum", plan=None):
+    """(pruned copy, masked copy, plan) for the same removal: ``share`` of what the groups can give."""
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    adapter = adapter_for(pruned)
+    structure = adapter.discover(pruned, kinds)
+    if plan is None:
+        scores = importance.score(pruned, structure, calib, criterion, reduction)
+        params = {g.name: importance.element_parameters(g, pruned) for g in structure.groups}
+        most = sum(int(params[g.name].sort().values[: g.size - g.blocks].sum()) for g in structure.groups)
+        plan = make_plan(structure.groups, scores, params, int(share * most), PlanSettings())
+    surgery.mask(masked, adapter.discover(masked, kinds), plan, adapter)
+    surgery.apply(pruned, structure, plan, adapter)
+    return pruned, masked, plan
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def recipe(tiny_dir, tmp_path, **overrides) -> list[str]:
+    """`llmp fit` arguments for the tiny model (an iterative schedule)."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"""
+model:
+  model: {tiny_dir}
+  learning_rate: 0.001
+  warmup_steps: 1
+  lora: {{dropout: 0.0}}  # dropout draws from the global RNG, which a resume does not restore
+trainer:
+  default_root_dir: {tmp_path}
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  limit_train_batches: 2
+  limit_val_batches: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: llmp.callbacks.StructuredPruning
+      init_args:
+        config: {{ratio: 0.3, attention: kv, layers: "0:4"}}
+        schedule: {{0: 0.1, 1: 0.3}}
+        num_samples: 2
+        seq_len: 16
+data:
+  path: alpaca-1k
+  max_samples: 24
+  val_size: 4
+  cutoff_len: 192
+  batch_size: 2
+eval:
+  data: null
+"""
+    )
+    return ["--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
+
+
+class StopAfterEpoch(L.Callback):
+    """Ends a fit after ``epoch`` as an interruption would, without changing its LR schedule."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = trainer.current_epoch >= self.epoch
+
+
+class HangAtEpoch(L.Callback):
+    """Announces the start of ``epoch`` (its checkpoint before it is on disk) and waits to be killed."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import time
+
+            print("HANGING", flush=True)
+            time.sleep(600)
+
+
+class HangWritingCheckpoint(L.Callback):
+    """While epoch ``epoch``'s checkpoint is written, stops halfway through its bytes and waits to be killed."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        import time
+
+        from fsspec.implementations.local import LocalFileOpener
+
+        def half_then_hang(opener, data):
+            opener.f.write(data[: len(data) // 2])
+            opener.f.flush()
+            print("HANGING", flush=True)
+            time.sleep(600)
+
+        LocalFileOpener.write = half_then_hang
