@@ -5,38 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import run_cli as run
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from llmp.data.resources import BUILTIN_DATA
+from transformers import GPT2Config, GPT2LMHeadModel
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama with a real (byte-level BPE) tokenizer, saved as a model folder."""
-    path = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    text = BUILTIN_DATA["wikitext2"].read_text()[:20000]
-    tok.train_from_iterator(
-        [text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        head_dim=16,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+@pytest.fixture
+def model_dir(tiny_dir):
+    """The shared tiny Llama folder (GQA 4/2, a real byte-level BPE tokenizer; see conftest)."""
+    return tiny_dir
 
 
 def test_prune_eval_generate(model_dir, tmp_path, capsys):
