@@ -10,6 +10,7 @@ included, perplexity excluded: it is measured afterwards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -18,47 +19,36 @@ from pathlib import Path
 
 import torch
 
-from llmp import PruneConfig, load_model, prune
+from llmp import LlmpError, PruneConfig, load_model, prune
+from llmp.cli import add_prune_args
 from llmp.data import calibration_samples, read_text
 from llmp.eval import perplexity
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--calibration", default=str(DATA / "calib" / "c4_en_train00000_first1000.jsonl"))
+    parser.add_argument("--calibration", default="c4", help="calibration text (built-in c4, or a file)")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval", default=str(DATA / "wikitext2" / "wiki.test.raw"))
+    parser.add_argument("--eval", default="wikitext2", help="perplexity text (built-in wikitext2, or a file)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (timing and memory only)")
-    for name, kind in [
-        ("attention", str),
-        ("layers", str),
-        ("attn-layers", str),
-        ("mlp-layers", str),
-        ("criterion", str),
-        ("ranking", str),
-        ("steps", int),
-        ("round-to", int),
-        ("scope", str),
-        ("batch-size", int),
-    ]:
-        parser.add_argument(f"--{name}", type=kind)
+    add_prune_args(parser)  # every option of `llmp prune`, with its help
     args = parser.parse_args()
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k in PruneConfig.__dataclass_fields__}
-    config = PruneConfig(**overrides)
+    try:
+        config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
+    except LlmpError as err:
+        parser.error(str(err))
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     t1 = time.perf_counter()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     t2 = time.perf_counter()
     calib = calibration_samples(args.calibration, tokenizer, args.num_samples, args.seq_len, config.seed)
     t3 = time.perf_counter()
-    report = prune(model, config, calib)
+    record = prune(model, config, calib)
     t4 = time.perf_counter()
     rss_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     # Perplexities after the pruning, so that the peak RSS above is the pruning's alone.
@@ -68,16 +58,18 @@ def main() -> None:
     dense = None if args.no_ppl else perplexity(load_model(args.model)[0], tokenizer, text, 128, args.eval_tokens)
     result = {
         "model": args.model,
-        "settings": report["settings"],
+        "settings": record.settings,
         "threads": torch.get_num_threads(),
         "load_s": round(t1 - t0, 3),
         "calibration_data_s": round(t3 - t2, 3),
-        **report["timings"],
+        **record.timings,
         "prune_total_s": round(t4 - t2, 3),
         "peak_rss_gb_after_prune": round(rss_prune, 3),
-        "params_before": report["params_before"],
-        "params_after": report["params_after"],
-        "achieved_ratio": report["achieved_ratio"],
+        "weights_gb": round(weights / 1024**3, 3),
+        "peak_rss_over_weights": round(rss_prune * 1024**3 / weights, 2),
+        "params_before": record.params_before,
+        "params_after": record.params_after,
+        "achieved_ratio": record.achieved_ratio,
         "ppl_dense": dense and round(dense.ppl, 2),
         "ppl_pruned": pruned and round(pruned.ppl, 2),
         "ppl_protocol": dense and f"{Path(args.eval).name}: {dense.protocol}",
@@ -88,4 +80,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LlmpError as err:
+        sys.exit(f"error: {err}")

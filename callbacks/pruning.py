@@ -9,8 +9,8 @@ The pruning itself is :func:`llmp.prune`; this callback only schedules it::
                                                                                     new optimizer, new DDP wrapper
 
 Rank 0's plan is broadcast, so every rank removes the same structures. The steps done go into
-checkpoints (through the module's history), and a resumed fit rebuilds the pruned shapes before
-the weights load.
+the module's :class:`~llmp.record.PruningRecord`, which checkpoints carry, and a resumed fit
+rebuilds the pruned shapes before the weights load.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
 from llmp.importance import needs_calibration
 from llmp.pruner import PruneConfig, count_parameters, prune
+from llmp.record import Calibration, PruningRecord, checkpoint_record
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,7 @@ class Prunable(Protocol):
     """What :class:`StructuredPruning` needs of the module it prunes; :class:`~llmp.RecoveryModule` has it."""
 
     tokenizer: Any
-    history: list[dict]  # the pruning steps so far; checkpoints carry it
-    pruning_settings: dict  # the callback's settings, for the report
-    original_params: int  # the model's size before any pruning
+    record: PruningRecord  # made by load_base: the original size and shapes; the steps so far
 
     @property
     def base_model(self) -> torch.nn.Module: ...  # the model without adapters or wrappers
@@ -47,7 +46,7 @@ class Prunable(Protocol):
     def load_base(self) -> None: ...  # load the (dense) model, before any strategy wraps it
     def merge_adapters(self) -> None: ...  # fold LoRA into the weights before a step
     def prepare(self) -> None: ...  # new adapters / trainable parameters after a step
-    def rebuild(self, history: list[dict]) -> None: ...  # repeat recorded steps (resume)
+    def rebuild(self, saved: PruningRecord) -> None: ...  # repeat a record's steps (resume)
     def to(self, device) -> Any: ...
 
 
@@ -138,20 +137,15 @@ class StructuredPruning(L.Callback):
         self._check_strategy(trainer)
         self.check_epochs(trainer)
         pl_module.load_base()
-        pl_module.pruning_settings = {
-            "settings": dataclasses.asdict(self.config),
-            "schedule": {str(epoch): ratio for epoch, ratio in self.targets.items()},
-            "calibration": {
-                "source": str(self.calibration or "datamodule"),
-                "num_samples": self.num_samples,
-                "seq_len": self.seq_len,
-            },
-        }
-        resumed = self._resume_history(trainer)
+        record = pl_module.record
+        record.settings = dataclasses.asdict(self.config)
+        record.schedule = {str(epoch): ratio for epoch, ratio in self.targets.items()}
+        record.calibration = Calibration(str(self.calibration or "datamodule"), self.num_samples, self.seq_len)
+        resumed = self._resumed(trainer)
         if resumed is not None:  # rebuild the checkpoint's shapes; its weights load next
-            if resumed["history"] != pl_module.history:
-                pl_module.rebuild(resumed["history"])
-            self.done = list(resumed["done"])
+            saved, self.done = resumed
+            if saved.steps != record.steps:
+                pl_module.rebuild(saved)
             return
         if 0 in self.targets and 0 not in self.done:
             self._step(trainer, pl_module, 0, rewrap=False)
@@ -200,21 +194,23 @@ class StructuredPruning(L.Callback):
                 f"iterative pruning supports the single-device and ddp strategies; got {type(strategy).__name__}"
             )
 
-    def _resume_history(self, trainer: L.Trainer) -> dict | None:
-        """The pruning history of the checkpoint a fit resumes from (``trainer.ckpt_path``)."""
+    def _resumed(self, trainer: L.Trainer) -> tuple[PruningRecord, list[int]] | None:
+        """The pruning record of the checkpoint a fit resumes from (``trainer.ckpt_path``), and
+        the epochs whose step it had done."""
         path = trainer.ckpt_path
         if not path:
             return None
         from llmp.recovery import read_checkpoint_state
 
         state = read_checkpoint_state(path)
-        return {"history": state.get("history", []), "done": state.get("pruning_done", [])}
+        saved = checkpoint_record(state, str(path)) or PruningRecord("unknown", 0, 0)  # none: nothing was pruned
+        return saved, list(state.get("pruning_done", []))
 
     def _step(self, trainer: L.Trainer, pl_module: Prunable, epoch: int, rewrap: bool) -> None:
         if rewrap:
             pl_module.merge_adapters()
         model = pl_module.base_model
-        original, current = pl_module.original_params, count_parameters(model)
+        original, current = pl_module.record.params_before, count_parameters(model)
         if self.targets[epoch] * original <= original - current:  # already there
             self.done.append(epoch)
             return
@@ -229,17 +225,12 @@ class StructuredPruning(L.Callback):
             f", {len(calibration)} x {calibration.shape[1]} calibration tokens" if calibration is not None else "",
         )
         strategy = trainer.strategy
-        report = prune(
+        result = prune(
             model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0), reference_params=original
         )
-        (step,) = report["steps"]  # recorded in the history, so checkpoints carry it
-        step.update(
-            epoch=epoch,
-            target_ratio=self.targets[epoch],
-            timings=report["timings"],
-            layer_shapes=report["layer_shapes"],
-        )
-        pl_module.history.extend(report["steps"])
+        (step,) = result.steps
+        step.epoch, step.target_ratio = epoch, self.targets[epoch]
+        pl_module.record.extend(result)  # so checkpoints carry the step
         self.done.append(epoch)
         params = count_parameters(model)
         metrics = {
@@ -257,7 +248,7 @@ class StructuredPruning(L.Callback):
             f"{current:,}",
             f"{params:,}",
             100 * metrics["pruning/ratio"],
-            plan_digest(report["steps"][-1]["plan"]),
+            plan_digest(step.plan),
         )
         if rewrap:
             pl_module.prepare()

@@ -11,10 +11,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 from llmp.errors import LlmpError, raise_all
 
@@ -26,37 +27,31 @@ _DEFAULTS_NOTE = (
 )
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The ``Attributes:`` section of a dataclass docstring, as ``{field: one-line help}``."""
-    doc = cls.__doc__ or ""
-    section = doc.split("Attributes:", 1)[-1]
-    helps, current = {}, None
-    for line in section.splitlines():
-        match = re.match(r"\s{8}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            helps[current] = match.group(2).strip()
-        elif current and line.strip():
-            helps[current] += " " + line.strip()
-    return helps
+def field_help(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings, as ``{field: one-line help}``."""
+    import docstring_parser
+
+    return {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse_from_object(cls).params}
 
 
-def _add_prune_args(parser: argparse.ArgumentParser) -> None:
+def add_prune_args(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`~llmp.PruneConfig` field, its help from the field's docstring
+    (``llmp prune`` and ``bench/prune.py`` take the same options)."""
     from llmp.pruner import PruneConfig
 
-    helps = _field_help(PruneConfig)
+    helps = field_help(PruneConfig)
+    hints = typing.get_type_hints(PruneConfig)
     for field in dataclasses.fields(PruneConfig):
         flags = ["--" + field.name.replace("_", "-"), *ALIASES.get(field.name, ())]
-        default = field.default
+        default, text = field.default, helps[field.name]
+        choices = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else None
         if isinstance(default, bool):
-            parser.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, default=default, help=helps.get(field.name)
-            )
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(
-                *flags, type=kind, default=default, help=f"{helps.get(field.name, '')} (default: {default})"
-            )
+            shown = f"{text} (default: {default})"
+            metavar = "{" + ",".join(choices) + "}" if choices else None  # checked by PruneConfig, with its message
+            parser.add_argument(*flags, type=kind, default=default, metavar=metavar, help=shown)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384, help="token budget of that perplexity")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--samples", type=int, default=4, help="greedy generations before/after shown in report.md")
-    _add_prune_args(p)
+    add_prune_args(p)
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True)
@@ -220,6 +215,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     from llmp.io import save_pruned
     from llmp.models import load_model
     from llmp.pruner import prune
+    from llmp.record import Calibration, Perplexity
     from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
 
     # Local data is read (and refused if unreadable) before the model loads.
@@ -235,28 +231,23 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     calib = None
     if needs_calibration(config.criterion):
         calib = calibration_samples(calibration_source, tokenizer, args.num_samples, args.seq_len, config.seed)
-    report = prune(model, config, calib)
+    record = prune(model, config, calib)
     prune_s = time.perf_counter() - t1
-    report["model"] = args.model
-    report["calibration"] = {"source": str(args.calibration), "num_samples": args.num_samples, "seq_len": args.seq_len}
-    report["timings"].update(load_s=round(load_s, 3), prune_s=round(prune_s, 3))
-    report["dense_layer_shapes"] = dense_shapes
+    record.model = args.model
+    record.calibration = Calibration(str(args.calibration), args.num_samples, args.seq_len)
+    record.timings.update(load_s=round(load_s, 3), prune_s=round(prune_s, 3))
+    record.dense_layer_shapes = dense_shapes
     if args.samples > 0:
-        report["generations"] = samples_entry(dense_samples, generate_samples(model, tokenizer, count=args.samples))
+        record.generations = samples_entry(dense_samples, generate_samples(model, tokenizer, count=args.samples))
     print(
-        f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
-        f"({report['achieved_ratio']:.2%} removed, asked {config.ratio:.2%}) in {prune_s:.1f} s"
+        f"parameters: {record.params_before:,} -> {record.params_after:,} "
+        f"({record.achieved_ratio:.2%} removed, asked {config.ratio:.2%}) in {prune_s:.1f} s"
     )
     if text:
         pruned = perplexity(model, tokenizer, text, 128, args.eval_tokens)
-        report["perplexity"] = {
-            "data": str(args.eval_data),
-            "dense": dense.ppl,
-            "pruned": pruned.ppl,
-            "protocol": dense.protocol,
-        }
+        record.perplexity = Perplexity(str(args.eval_data), dense.ppl, pruned.ppl, protocol=dense.protocol)
         print(f"perplexity on {args.eval_data}: {dense.ppl:.2f} -> {pruned.ppl:.2f} ({dense.protocol})")
-    out = save_pruned(model, args.output, tokenizer, report, overwrite=args.overwrite, inputs=inputs)
+    out = save_pruned(model, args.output, tokenizer, record, overwrite=args.overwrite, inputs=inputs)
     print(f"saved to {out}; summary in {write_report(out)[0]}")
     return 0
 
@@ -321,7 +312,8 @@ def _eval_tasks(args) -> int:
 
 
 def _report(args) -> int:
-    from llmp.report import DEFAULT_PROMPTS, compare_generations, read_report, write_report
+    from llmp.record import read_record
+    from llmp.report import DEFAULT_PROMPTS, compare_generations, write_report
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -342,7 +334,7 @@ def _report(args) -> int:
     generations = None
     if args.dense:
         # A folder from `llmp fit` holds the recovered model; its report has a `recovery` entry.
-        recovered = "recovery" in read_report(folder)
+        recovered = read_record(folder).recovery is not None
         models = {"dense": args.dense, "recovered" if recovered else "pruned": str(folder)}
         generations = compare_generations(models, prompts, args.max_new_tokens)
     md, png = write_report(folder, generations)

@@ -15,7 +15,6 @@ to fp32 and turned back into the pruned model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -37,10 +36,10 @@ from llmp.data.instruct import InstructionData
 from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
 from llmp.eval import perplexity
-from llmp.io import REPORT, write_json_atomic
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
 from llmp.pruner import replay
+from llmp.record import Perplexity, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
 from llmp.report import generate_samples, samples_entry, write_report
 
@@ -173,18 +172,16 @@ def _run(cli: FitCLI) -> int:
     if output is None:
         return 0
     recovery = {
-        "recovery": {
-            "mode": module.mode,
-            "lora": asdict(module.lora) if module.mode == "lora" else None,
-            "learning_rate": module.learning_rate,
-            "epochs": trainer.current_epoch,
-            "optimizer_steps": trainer.global_step,
-            "world_size": trainer.world_size,
-            "strategy": type(trainer.strategy).__name__,
-            "precision": str(trainer.precision),
-            "fit_s": round(fit_s, 2),
-            "val_ppl": _metric(trainer, "val_ppl"),
-        }
+        "mode": module.mode,
+        "lora": asdict(module.lora) if module.mode == "lora" else None,
+        "learning_rate": module.learning_rate,
+        "epochs": trainer.current_epoch,
+        "optimizer_steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "precision": str(trainer.precision),
+        "fit_s": round(fit_s, 2),
+        "val_ppl": _metric(trainer, "val_ppl"),
     }
     if isinstance(trainer.strategy, strategies.DeepSpeedStrategy):
         ckpt = output.with_name(f"{output.name}.zero-checkpoint")
@@ -232,32 +229,31 @@ def _metric(trainer, name: str) -> float | None:
     return round(float(value), 4) if value is not None else None
 
 
-def evaluate(output: Path, settings: EvalSettings) -> dict:
-    """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's report."""
-
-    report = json.loads((output / REPORT).read_text())
+def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
+    """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's record."""
+    record = read_record(output)
     text = read_text(settings.data)
-    results, runs = {}, {}
+    found, runs = Perplexity(data=str(settings.data)), {}
 
     def measure(name: str, model, tokenizer) -> None:
         result = perplexity(model, tokenizer, text, settings.seq_len, settings.max_tokens)
-        results[name] = round(result.ppl, 4)
-        results["protocol"] = f"{settings.data}: {result.protocol}"
+        setattr(found, name, round(result.ppl, 4))
+        found.protocol = result.protocol
         print(f"perplexity {name:>9}: {result.ppl:.2f}")
         if settings.samples > 0:
             runs[name] = generate_samples(model, tokenizer, count=settings.samples)
 
     with torch.inference_mode(False):
-        model, tokenizer = load_model(report["model"])
+        model, tokenizer = load_model(record.model)
         if settings.dense:
             measure("dense", model, tokenizer)
-        replay(model, report.get("steps", []))
+        replay(model, record.steps)
         measure("pruned", model, tokenizer)
         del model
         model, tokenizer = load_model(str(output))
         measure("recovered", model, tokenizer)
-    report["perplexity"] = {"data": str(settings.data), **results}  # the same entry `llmp prune` writes
+    record.perplexity = found
     if runs:
-        report["generations"] = samples_entry(*runs.values(), labels=tuple(runs))
-    write_json_atomic(output / REPORT, report)
-    return results
+        record.generations = samples_entry(*runs.values(), labels=tuple(runs))
+    write_record(output, record)
+    return found

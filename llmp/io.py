@@ -10,6 +10,7 @@ folder has equal counts in every layer written into the config itself, so plain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,10 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmp.errors import LlmpError
 from llmp.outdir import check_output_dir, real_path, write_folder, write_json_atomic
+from llmp.record import REPORT, PruningRecord
 from llmp.structure import adapter_for
+from llmp.structure.adapters.base import module_name
 from llmp.surgery import sync_module_sizes
 
-REPORT = "pruning_report.json"
 SHAPES_KEY = "llmp_layer_shapes"
 __all__ = ["REPORT", "check_output_dir", "load_pruned", "save_pruned", "write_json_atomic"]
 
@@ -34,11 +36,11 @@ def save_pruned(
     model: PreTrainedModel,
     output: str | Path,
     tokenizer=None,
-    report: dict | None = None,
+    record: PruningRecord | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Save ``model`` (and tokenizer, report) to ``output`` atomically: all of it or nothing.
+    """Save ``model`` (and tokenizer, the record of its pruning) to ``output`` atomically: all of it or nothing.
 
     The folder is written under a temporary name beside ``output`` and swapped into place (see
     :mod:`llmp.outdir`); ``overwrite`` replaces only a folder llmp wrote.
@@ -53,13 +55,13 @@ def save_pruned(
         # (unless transformers' own config checks refuse the counts).
         plain = adapter.apply_uniform_config(model)
         setattr(model.config, SHAPES_KEY, shapes)
-        if report is not None:
-            report = {**report, "loads_with_plain_transformers": plain}
+        if record is not None:
+            record = dataclasses.replace(record, loads_with_plain_transformers=plain)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            write_json_atomic(tmp / REPORT, report, record=False)
+        if record is not None:
+            write_json_atomic(tmp / REPORT, record.to_json(), record=False)
     return real_path(output)
 
 
@@ -113,7 +115,10 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
 def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     expected = dict(model.named_parameters())
     expected.update((n, b) for n, b in model.named_buffers() if not _non_persistent(model, n))
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    head = model.get_output_embeddings()  # its weight is the embedding's when tied (lm_head, embed_out)
+    tied = set()
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        tied = {f"{module_name(model, head)}.weight"}
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -122,8 +127,8 @@ def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None
             f"{unexpected[:5]}); the folder is corrupt or from another model"
         )
     for name, tensor in state.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         else:

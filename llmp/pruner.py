@@ -4,15 +4,15 @@ Example::
 
     model, tokenizer = llmp.load_model("smollm2-135m")
     calib = llmp.data.calibration_samples("c4.jsonl", tokenizer, 10, 64)
-    report = llmp.prune(model, PruneConfig(ratio=0.2), calib)
-    report["achieved_ratio"]  # 0.2003
+    record = llmp.prune(model, PruneConfig(ratio=0.2), calib)
+    record.achieved_ratio  # 0.2003
 """
 
 from __future__ import annotations
 
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from llmp import importance, surgery
 from llmp.errors import LlmpError, raise_all
 from llmp.plan import PlanSettings, make_plan
+from llmp.record import PruningRecord, Step
 from llmp.structure import Group, Kind, adapter_for
 from llmp.verify import verify
 
@@ -31,47 +32,43 @@ Attention = Literal["query", "kv", "none"]
 
 @dataclass
 class PruneConfig:
-    """What to remove and how to choose it.
-
-    Attributes:
-        ratio: fraction of all model parameters to remove, in [0, 1).
-        scope: ``block`` (attention heads and MLP channels inside layers), ``channel`` (hidden
-            channels of the whole model), or ``layer`` (whole decoder layers).
-        attention: in ``block`` scope, remove query heads evenly inside each KV group (``query``),
-            whole KV groups (``kv``; same as heads for MHA), or no heads (``none``: MLP only).
-        mlp: in ``block`` scope, remove MLP channels.
-        layers: ``A:B`` range of layers (0-based, B excluded) that may be pruned, for heads, MLP
-            channels and whole layers; ``None`` means the llmp default: every layer but the
-            first and the last, which are the most sensitive.
-        attn_layers: range for heads alone (overrides ``layers``).
-        mlp_layers: range for MLP channels alone (overrides ``layers``).
-        criterion: importance criterion (see :mod:`llmp.importance`).
-        reduction: how one element's slice scores combine.
-        ranking: ``layer`` (same fraction per layer) or ``global``.
-        min_keep: fraction of every group always kept (at least one head per KV group).
-        round_to: kept MLP/hidden channels are a multiple of this.
-        layout: ``heterogeneous`` or ``uniform`` (same counts in every layer: a plain HF config).
-        steps: prune in this many steps, re-scoring between them.
-        batch_size: calibration samples per forward/backward (1 keeps memory lowest).
-        seed: for sampling and the ``random`` criterion.
-    """
+    """What to remove and how to choose it (each field's docstring is its ``--help`` text)."""
 
     ratio: float = 0.2
+    """fraction of all model parameters to remove, in [0, 1)"""
     scope: Scope = "block"
+    """block (attention heads and MLP channels inside layers), channel (hidden channels of the
+    whole model) or layer (whole decoder layers)"""
     attention: Attention = "none"
+    """in block scope: remove query heads evenly inside each KV group (query), whole KV groups
+    (kv; the same as heads for MHA), or no heads (none: MLP only)"""
     mlp: bool = True
+    """in block scope, remove MLP channels"""
     layers: str | None = None
+    """A:B range of layers (0-based, B excluded) that may be pruned, for heads, MLP channels and
+    whole layers; unset: every layer but the first and the last, which are the most sensitive"""
     attn_layers: str | None = None
+    """range for heads alone (overrides layers)"""
     mlp_layers: str | None = None
+    """range for MLP channels alone (overrides layers)"""
     criterion: importance.Criterion = "taylor"
+    """importance criterion (see llmp.importance)"""
     reduction: importance.Reduction = "sum"
+    """how one element's slice scores combine"""
     ranking: Literal["layer", "global"] = "layer"
+    """layer (the same fraction in every layer) or global (one ranking over all layers)"""
     min_keep: float = 0.0
+    """fraction of every group always kept (at least one head per KV group)"""
     round_to: int = 1
+    """kept MLP / hidden channels are a multiple of this"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
+    """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     steps: int = 1
+    """prune in this many steps, re-scoring between them"""
     batch_size: int = 1
+    """calibration samples per forward/backward"""
     seed: int = 0
+    """for sampling and the random criterion"""
 
     def __post_init__(self) -> None:
         self.check()
@@ -171,11 +168,11 @@ def prune(
     calibration: torch.Tensor | None = None,
     agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
     reference_params: int | None = None,
-) -> dict:
-    """Prune ``model`` in place and return the report (settings, counts, shapes, timings).
+) -> PruningRecord:
+    """Prune ``model`` in place and return the record of it (settings, counts, shapes, timings).
 
-    Each step of ``report["steps"]`` holds its ``plan`` and ``kinds``: :func:`replay` repeats
-    the same removals on another copy of the original model without scoring.
+    Each of ``record.steps`` holds its ``plan`` and ``kinds``: :func:`replay` repeats the same
+    removals on another copy of the original model without scoring.
 
     Args:
         model: the causal LM, pruned in place.
@@ -229,36 +226,36 @@ def prune(
         before = count_parameters(model)
         surgery.apply(model, structure, plan, adapter)
         t3 = time.perf_counter()
-        timings["scoring_s"] += t1 - t0
-        timings["planning_s"] += t2 - t1
-        timings["surgery_s"] += t3 - t2
+        seconds = {"scoring_s": t1 - t0, "planning_s": t2 - t1, "surgery_s": t3 - t2}
+        for key, value in seconds.items():
+            timings[key] += value
         steps.append(
-            {
-                "step": step,
-                "params_before": before,
-                "params_after": count_parameters(model),
-                "removed": {name: len(v) for name, v in plan.items()},
-                "kinds": [str(k) for k in config.kinds],
-                "plan": {name: [int(e) for e in v] for name, v in plan.items() if len(v)},
-            }
+            Step(
+                kinds=[str(k) for k in config.kinds],
+                plan={name: [int(e) for e in v] for name, v in plan.items() if len(v)},
+                params_before=before,
+                params_after=count_parameters(model),
+                step=step,
+                removed={name: len(v) for name, v in plan.items()},
+                layer_shapes=adapter.layer_shapes(model),
+                timings={k: round(v, 4) for k, v in seconds.items()},
+            )
         )
-    after = count_parameters(model)
-    return {
-        "settings": asdict(config),
-        "family": adapter.family,
-        "params_before": total,
-        "params_after": after,
-        "achieved_ratio": round(1 - after / total, 6),
-        "layer_shapes": adapter.layer_shapes(model),
-        "hidden_size": model.config.hidden_size,
-        "num_layers": len(adapter.layers(model)),
-        "steps": steps,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-    }
+    return PruningRecord(
+        family=adapter.family,
+        params_before=total,
+        params_after=count_parameters(model),
+        layer_shapes=adapter.layer_shapes(model),
+        settings=asdict(config),
+        hidden_size=model.config.hidden_size,
+        num_layers=len(adapter.layers(model)),
+        steps=steps,
+        timings={k: round(v, 4) for k, v in timings.items()},
+    )
 
 
-def replay(model: PreTrainedModel, steps: list[dict]) -> None:
-    """Repeat recorded pruning steps (``report["steps"]``) on ``model``, without scoring.
+def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
+    """Repeat recorded pruning steps (a :class:`PruningRecord`'s ``steps``) on ``model``, without scoring.
 
     ``model`` must be the model the steps were first applied to (same original shapes): this is
     how a checkpoint's pruned shapes are rebuilt before its weights are loaded.
@@ -268,8 +265,8 @@ def replay(model: PreTrainedModel, steps: list[dict]) -> None:
     """
     adapter = adapter_for(model)
     for step in steps:
-        structure = adapter.discover(model, tuple(Kind(k) for k in step["kinds"]))
-        plan = {name: list(v) for name, v in step["plan"].items()}
+        structure = adapter.discover(model, tuple(Kind(k) for k in step.kinds))
+        plan = {name: list(v) for name, v in step.plan.items()}
         surgery.apply(model, structure, plan, adapter)
 
 

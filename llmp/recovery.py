@@ -1,9 +1,9 @@
 """Recovery training: a LightningModule around a (pruned) Hugging Face causal LM.
 
 Two modes: ``lora`` (peft adapters on every linear layer but the head, the paper's setting:
-r 8, alpha 16, dropout 0.05, lr 1e-4) and ``full`` fine-tuning. The module owns the model's
-structural history (which pruning steps were applied to the base model), so a Lightning
-checkpoint can be turned back into the right shapes, and :meth:`RecoveryModule.export` merges the
+r 8, alpha 16, dropout 0.05, lr 1e-4) and ``full`` fine-tuning. The module owns the
+:class:`~llmp.record.PruningRecord` of the run (which pruning steps were applied to the base
+model), so a Lightning checkpoint can be turned back into the right shapes, and :meth:`RecoveryModule.export` merges the
 adapters and writes the same folder as ``llmp prune``.
 
 Example::
@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from llmp.io import save_pruned
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, temp_dir
 from llmp.pruner import count_parameters, replay
+from llmp.record import PruningRecord, checkpoint_record
 from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
@@ -110,10 +112,8 @@ class RecoveryModule(L.LightningModule):
         self.gradient_checkpointing, self.dtype_name, self.seed = gradient_checkpointing, dtype, seed
         self.model = None  # the Hugging Face model (a peft model in LoRA mode), loaded in setup
         self.tokenizer = None
-        self.history: list[dict] = []  # pruning steps applied to the base model, in order
-        self.original_params = 0  # parameters of the model as loaded, before any pruning
-        self.dense_shapes: list[dict] = []  # its per-layer heads / KV heads / MLP channels
-        self.pruning_settings: dict = {}  # what StructuredPruning was asked for (settings, schedule, calibration)
+        # What was pruned so far (steps, settings, shapes before and now), made when the model loads.
+        self.record: PruningRecord | None = None
         self.val_ppl = Perplexity(ignore_index=-100)
 
     # -- the model ------------------------------------------------------------------------------
@@ -126,8 +126,18 @@ class RecoveryModule(L.LightningModule):
         self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))
         self.model.config.use_cache = False
         self.model.train()
-        self.original_params = count_parameters(self.model)
-        self.dense_shapes = adapter_for(self.model).layer_shapes(self.model)
+        adapter, size = adapter_for(self.model), count_parameters(self.model)
+        shapes = adapter.layer_shapes(self.model)
+        self.record = PruningRecord(
+            family=adapter.family,
+            params_before=size,
+            params_after=size,
+            layer_shapes=shapes,
+            model=self.spec,
+            dense_layer_shapes=shapes,
+            hidden_size=self.model.config.hidden_size,
+            num_layers=len(adapter.layers(self.model)),
+        )
 
     @property
     def base_model(self):
@@ -155,7 +165,7 @@ class RecoveryModule(L.LightningModule):
         )
         # Seeded by the pruning step: a resumed fit re-creates the adapters an uninterrupted one did.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + len(self.history))
+            torch.manual_seed(self.seed + len(self.record.steps))
             self.model = get_peft_model(self.model, config)
 
     def merge_adapters(self) -> None:
@@ -219,15 +229,13 @@ class RecoveryModule(L.LightningModule):
             mode=self.mode,
             lora_settings=asdict(self.lora),
             dtype=self.dtype_name,
-            history=self.history,
-            pruning_settings=self.pruning_settings,
-            # recorded by the last pruning step: under ZeRO-3 the live weights are partitioned
-            layer_shapes=self.history[-1].get("layer_shapes") if self.history else None,
+            # its shapes were recorded at each pruning step: under ZeRO-3 the live weights are partitioned
+            record=self.record.to_json(),
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None or saved["history"] == self.history:
+        saved = checkpoint_record(checkpoint.get(CHECKPOINT_KEY) or {})
+        if saved is None or saved.steps == self.record.steps:
             return
         # The checkpoint's model was pruned differently from this one (a resume that did not go
         # through StructuredPruning's replay): rebuild its shapes before its weights load.
@@ -238,65 +246,57 @@ class RecoveryModule(L.LightningModule):
                 "resume through `llmp fit --ckpt_path ...`, or set `trainer.ckpt_path` before `fit` so "
                 "StructuredPruning rebuilds the shapes at setup"
             )
-        if self.history:
+        if self.record.steps:
             # `trainer.fit(ckpt_path=...)` tells the callbacks the path only after setup, so the
             # model was pruned afresh first; `trainer.ckpt_path = ...` before `fit` avoids that.
             log.warning(
                 "the checkpoint's pruning history differs from the model's: rebuilding its shapes "
                 "(set `trainer.ckpt_path` before `fit` to skip the needless pruning at setup)"
             )
-        self.rebuild(saved["history"])
+        self.rebuild(saved)
 
-    def rebuild(self, history: list[dict]) -> None:
-        """Reload the original model and repeat ``history`` on it, ready to train (see :meth:`prepare`)."""
-
+    def rebuild(self, saved: PruningRecord) -> None:
+        """Reload the original model and repeat ``saved``'s steps on it, ready to train (see :meth:`prepare`)."""
         self.model = None
         self.load_base()
-        replay(self.model, history)
-        self.history = list(history)
+        replay(self.model, saved.steps)
+        adapter = adapter_for(self.model)
+        self.record = dataclasses.replace(
+            self.record,
+            params_after=count_parameters(self.model),
+            layer_shapes=adapter.layer_shapes(self.model),
+            settings=saved.settings,
+            hidden_size=self.model.config.hidden_size,
+            num_layers=len(adapter.layers(self.model)),
+            steps=list(saved.steps),
+            timings=_summed_timings(saved.steps),
+            calibration=saved.calibration,
+            schedule=saved.schedule,
+        )
         self.prepare()
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export(self, output: str | Path, extra_report: dict | None = None, overwrite: bool = False) -> Path:
+    def export(self, output: str | Path, recovery: dict | None = None, overwrite: bool = False) -> Path:
         """Merge adapters and save a model folder loadable with :func:`llmp.load_pruned`.
 
-        The pruning report of the folder lists the pruning steps and ``extra_report`` (the
-        recovery run: settings, perplexities). ``overwrite`` replaces only a folder llmp wrote.
+        The folder's pruning record lists the pruning steps and ``recovery`` (settings and
+        results of the recovery run). ``overwrite`` replaces only a folder llmp wrote.
         """
-
         self.merge_adapters()
         model = self.model
         model.config.use_cache = True
-        report = self.report()
-        report.update(extra_report or {})
-        return save_pruned(model, output, self.tokenizer, report, overwrite=overwrite, inputs=input_paths(self.spec))
+        record = dataclasses.replace(self.record, recovery=recovery)
+        return save_pruned(model, output, self.tokenizer, record, overwrite=overwrite, inputs=input_paths(self.spec))
 
-    def report(self) -> dict:
-        """The pruning report of the steps applied so far (merged into one)."""
 
-        base = self.base_model
-        adapter = adapter_for(base)
-        before = self.original_params
-        after = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
-        timings: dict[str, float] = {}  # summed over the steps, those done before a resume included
-        for step in self.history:
-            for key, seconds in step.get("timings", {}).items():
-                timings[key] = round(timings.get(key, 0.0) + seconds, 4)
-        return {
-            **self.pruning_settings,
-            "family": adapter.family,
-            "model": self.spec,
-            "params_before": before,
-            "params_after": after,
-            "achieved_ratio": round(1 - after / before, 6),
-            "layer_shapes": adapter.layer_shapes(base),
-            "dense_layer_shapes": self.dense_shapes,
-            "hidden_size": base.config.hidden_size,
-            "num_layers": base.config.num_hidden_layers,
-            "steps": list(self.history),
-            "timings": timings,
-        }
+def _summed_timings(steps) -> dict[str, float]:
+    """Seconds per phase over ``steps`` (those done before a resume included)."""
+    timings: dict[str, float] = {}
+    for step in steps:
+        for key, seconds in step.timings.items():
+            timings[key] = round(timings.get(key, 0.0) + seconds, 4)
+    return timings
 
 
 def safe_load(path: str | Path, mmap: bool = False):
@@ -359,7 +359,7 @@ def read_checkpoint_state(path: str | Path) -> dict:
     return checkpoint.get(CHECKPOINT_KEY, {})
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: dict | None = None, overwrite=False):
+def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: dict | None = None, overwrite=False):
     """Turn a Lightning checkpoint of a :class:`RecoveryModule` into a pruned model folder.
 
     A DeepSpeed ZeRO checkpoint (a folder of shards) is consolidated to fp32 first. The original
@@ -390,12 +390,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, extra_report: 
                 f"cannot read checkpoint {checkpoint}: {err}; it is corrupt or not a Lightning checkpoint"
             ) from err
         saved = state.get(CHECKPOINT_KEY)
-        if saved is None or "state_dict" not in state:
+        record = checkpoint_record(saved, str(checkpoint)) if isinstance(saved, dict) else None
+        if record is None or "state_dict" not in state:
             raise LlmpError(f"{checkpoint} was not written by a llmp RecoveryModule (no {CHECKPOINT_KEY!r} entry)")
         module = RecoveryModule(
             saved["model"], mode=saved["mode"], lora=LoraSettings(**saved["lora_settings"]), dtype=saved["dtype"]
         )
-        module.rebuild(saved["history"])
-        module.pruning_settings = saved.get("pruning_settings", {})
+        module.rebuild(record)
         module.load_state_dict(state["state_dict"])
-        return module.export(output, extra_report, overwrite=overwrite)
+        return module.export(output, recovery, overwrite=overwrite)

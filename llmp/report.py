@@ -1,24 +1,24 @@
 """The pruning report a person reads: ``report.md`` and ``report.png`` in a pruned model folder.
 
-It is made from the folder's ``pruning_report.json`` (written by ``llmp prune`` and ``llmp fit``),
-its ``config.json`` and any ``tasks*.json`` written by ``llmp eval tasks --output``::
+It is made from the folder's :class:`~llmp.record.PruningRecord` (``pruning_report.json``, written
+by ``llmp prune`` and ``llmp fit``), its ``config.json`` and any ``tasks*.json`` written by
+``llmp eval tasks --output``::
 
     report.md   parameters before/after, settings, kept heads and MLP channels per layer,
                 perplexity dense -> pruned (-> recovered), recovery settings, zero-shot scores,
                 greedy generations side by side
     report.png  kept / dense attention heads and MLP channels for every layer
 
-Optional keys of ``pruning_report.json`` that are shown when present: ``perplexity``
-(``{data, dense, pruned, recovered, protocol}``, any of the numbers may be missing),
-``recovery`` (settings of the recovery run, shown as a table), ``generations`` (a
-:func:`samples_entry` dict, any number of labelled models) and ``timings``. A task file
+Optional entries of the record that are shown when present: ``perplexity`` (any of dense,
+pruned, recovered), ``recovery`` (settings of the recovery run, shown as a table),
+``generations`` (any number of labelled models) and ``timings``. A task file
 ``tasks_<label>.json`` becomes the column ``<label>`` of the task table (``tasks.json``: the
 model named inside).
 
 Example::
 
-    report = llmp.prune(model, PruneConfig(ratio=0.2), calib)   # after layer_shapes(model) was kept
-    save_pruned(model, "out/p20", tokenizer, report)
+    record = llmp.prune(model, PruneConfig(ratio=0.2), calib)
+    save_pruned(model, "out/p20", tokenizer, record)
     write_report("out/p20")  # -> (out/p20/report.md, out/p20/report.png)
 """
 
@@ -30,8 +30,8 @@ import re
 from pathlib import Path
 
 from llmp.errors import LlmpError
-from llmp.io import REPORT
 from llmp.outdir import write_atomic
+from llmp.record import Generations, Perplexity, PruningRecord, read_record
 
 # Fixed prompts in the spirit of the paper's generation examples (LLM-Pruner, Table 3 and appendix).
 DEFAULT_PROMPTS = (
@@ -67,17 +67,14 @@ def generate_samples(model, tokenizer, prompts=DEFAULT_PROMPTS, max_new_tokens: 
     return {"prompts": prompts, "max_new_tokens": max_new_tokens, "outputs": outputs}
 
 
-def samples_entry(*runs: dict, labels=("dense", "pruned")) -> dict:
-    """One ``generations`` entry for the report from runs of :func:`generate_samples` on the same prompts."""
+def samples_entry(*runs: dict, labels=("dense", "pruned")) -> Generations:
+    """The record's ``generations`` from runs of :func:`generate_samples` on the same prompts."""
     first = runs[0]
-    return {
-        "prompts": first["prompts"],
-        "max_new_tokens": first["max_new_tokens"],
-        "outputs": {label: run["outputs"] for label, run in zip(labels, runs, strict=True)},
-    }
+    outputs = {label: run["outputs"] for label, run in zip(labels, runs, strict=True)}
+    return Generations(first["prompts"], first["max_new_tokens"], outputs)
 
 
-def compare_generations(models: dict[str, str], prompts=DEFAULT_PROMPTS, max_new_tokens: int = 32) -> dict:
+def compare_generations(models: dict[str, str], prompts=DEFAULT_PROMPTS, max_new_tokens: int = 32) -> Generations:
     """Load each model spec in turn (one in memory at a time) and generate from the same prompts."""
     from llmp.models import load_model
 
@@ -96,22 +93,29 @@ def repeated_ngrams(text: str, n: int = 3) -> float:
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
-def dense_shapes(report: dict, config: dict) -> list[dict[str, int]] | None:
-    """The dense per-layer counts: recorded by ``llmp prune``, else the config's when it still holds
-    them (heterogeneous folders keep the family config and add ``llmp_layer_shapes``)."""
-    if report.get("dense_layer_shapes"):
-        return report["dense_layer_shapes"]
-    kept = report.get("layer_shapes") or []
-    if not kept or report.get("loads_with_plain_transformers"):
+def dense_shapes(record: PruningRecord, folder: Path) -> list[dict[str, int]] | None:
+    """The dense per-layer counts: recorded since llmp prune and fit keep them, else (older folders)
+    the counts of the folder's config, which a heterogeneous folder keeps as the family's dense ones."""
+    if record.dense_layer_shapes:
+        return record.dense_layer_shapes
+    if not record.layer_shapes or record.loads_with_plain_transformers:
         return None  # a uniform folder's config holds the pruned counts
-    dense = {
-        "heads": config.get("num_attention_heads"),
-        "kv_heads": config.get("num_key_value_heads") or config.get("num_attention_heads"),
-        "mlp": config.get("intermediate_size"),
-    }
-    if None in dense.values() or any(shape[k] > dense[k] for shape in kept for k in dense):
+    try:  # the dense model's skeleton on the meta device: no weights, any family the adapters know
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from llmp.structure import adapter_for
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        dense = adapter_for(model).layer_shapes(model)
+    except Exception:  # a config transformers cannot build: kept counts only
         return None
-    return [dict(dense) for _ in kept]
+    kept = record.layer_shapes
+    if len(dense) != len(kept) or any(k[key] > d[key] for k, d in zip(kept, dense, strict=True) for key in d):
+        return None
+    return dense
 
 
 def read_task_results(folder: Path) -> list[dict]:
@@ -135,68 +139,45 @@ def read_task_results(folder: Path) -> list[dict]:
     return results
 
 
-def read_report(folder: str | Path) -> dict:
-    """The ``pruning_report.json`` of ``folder``.
-
-    Raises:
-        LlmpError: it is missing, not JSON, or not a JSON object.
-    """
-    path = Path(folder) / REPORT
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
-        raise LlmpError(f"cannot read {path}: {err}; give a folder written by `llmp prune` or `llmp fit`") from err
-    if not isinstance(report, dict):
-        raise LlmpError(f"{path} holds a {type(report).__name__}, not a pruning report object")
-    return report
-
-
-def write_report(folder: str | Path, generations: dict | None = None) -> tuple[Path, Path]:
+def write_report(folder: str | Path, generations: Generations | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.png`` into ``folder``, each atomically.
 
     Args:
         folder: a folder holding ``pruning_report.json`` (from ``llmp prune`` or ``llmp fit``).
-        generations: a :func:`samples_entry` dict; default: the one in the pruning report, if any.
+        generations: side-by-side generations; default: the record's, if any.
 
     Returns:
         The paths of ``report.md`` and ``report.png``.
 
     Raises:
-        LlmpError: ``folder`` has no readable pruning report, or a ``tasks*.json`` in it is not valid.
+        LlmpError: ``folder`` has no readable pruning record, or a ``tasks*.json`` in it is not valid.
     """
     folder = Path(folder)
-    report = read_report(folder)
+    record = read_record(folder)
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except json.JSONDecodeError as err:
         raise LlmpError(f"{config_path} is not JSON ({err})") from err
-    if not report.get("layer_shapes") and config.get("llmp_layer_shapes"):
-        report = {**report, "layer_shapes": config["llmp_layer_shapes"]}
-    generations = generations or report.get("generations")
+    if not record.layer_shapes and isinstance(config.get("llmp_layer_shapes"), list):
+        record.layer_shapes = config["llmp_layer_shapes"]
+    generations = generations or record.generations
     tasks = read_task_results(folder)
     md, png = folder / "report.md", folder / "report.png"
-    try:  # both rendered before either is written
-        dense = dense_shapes(report, config)
-        image = io.BytesIO()
-        plot_shapes(report, dense).savefig(image, format="png", dpi=110)
-        text = render_markdown(report, dense, tasks, generations, png.name)
-    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
-        # Until the typed record of a run (issue 11) checks every field on reading.
-        raise LlmpError(
-            f"{folder / REPORT} has an entry of the wrong shape or type ({type(err).__name__}: {err}); "
-            "it was edited or damaged: re-create the folder with `llmp prune` or `llmp fit`"
-        ) from None
+    dense = dense_shapes(record, folder)  # both rendered before either is written
+    image = io.BytesIO()
+    plot_shapes(record, dense).savefig(image, format="png", dpi=110)
+    text = render_markdown(record, dense, tasks, generations, png.name)
     write_atomic(png, image.getvalue())
     write_atomic(md, text)
     return md, png
 
 
-def plot_shapes(report: dict, dense: list[dict] | None):
+def plot_shapes(record: PruningRecord, dense: list[dict] | None):
     """Kept heads and MLP channels per layer as bars over the dense counts (grey), one panel each."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg is used to save
 
-    kept = report.get("layer_shapes") or []
+    kept = record.layer_shapes
     layers = list(range(len(kept)))
     fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 5.6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
@@ -221,39 +202,36 @@ def plot_shapes(report: dict, dense: list[dict] | None):
     axes[1].set_xlabel("layer")
     axes[1].set_xticks(layers)
     axes[1].tick_params(axis="x", labelsize=7)
-    before, after = report.get("params_before"), report.get("params_after")
-    title = f"{report.get('model', 'pruned model')}: kept structures per layer"
+    before, after = record.params_before, record.params_after
+    title = f"{record.model or 'pruned model'}: kept structures per layer"
     if before and after:
         title += f"\nparameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)"
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def render_markdown(report: dict, dense, tasks: list[dict], generations: dict | None, png: str) -> str:
+def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations: Generations | None, png: str) -> str:
     """The Markdown summary (see the module docstring)."""
-    settings = report.get("settings", {})
-    before, after = report.get("params_before", 0), report.get("params_after", 0)
-    lines = [f"# Pruning report: {report.get('model', 'model')}", "", f"![kept structures per layer]({png})", ""]
+    settings = record.settings
+    before, after = record.params_before, record.params_after
+    lines = [f"# Pruning report: {record.model or 'model'}", "", f"![kept structures per layer]({png})", ""]
     lines += ["| parameters | count |", "| --- | ---: |", f"| before | {before:,} |", f"| after | {after:,} |"]
     asked = settings.get("ratio")
-    lines.append(
-        f"| removed | {report.get('achieved_ratio', 0):.2%}" + (f" (asked {asked:.2%})" if asked else "") + " |"
-    )
+    lines.append(f"| removed | {record.achieved_ratio:.2%}" + (f" (asked {asked:.2%})" if asked else "") + " |")
     lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items())]
-    if "calibration" in report:
-        cal = report["calibration"]
-        lines.append(f"Calibration: {cal.get('num_samples')} x {cal.get('seq_len')} tokens of `{cal.get('source')}`.")
-    lines += ["", "## Where the model was cut", "", *_shape_table(report.get("layer_shapes") or [], dense)]
-    if report.get("perplexity"):
-        lines += ["", "## Perplexity", "", *_perplexity_table(report["perplexity"])]
-    if report.get("recovery"):
-        lines += ["", "## Recovery", "", *_settings_table(report["recovery"])]
+    if (cal := record.calibration) is not None:
+        lines.append(f"Calibration: {cal.num_samples} x {cal.seq_len} tokens of `{cal.source}`.")
+    lines += ["", "## Where the model was cut", "", *_shape_table(record.layer_shapes, dense)]
+    if record.perplexity is not None:
+        lines += ["", "## Perplexity", "", *_perplexity_table(record.perplexity)]
+    if record.recovery:
+        lines += ["", "## Recovery", "", *_settings_table(record.recovery)]
     if tasks:
         lines += ["", "## Zero-shot tasks", "", *_task_table(tasks)]
     if generations:
         lines += ["", *_generation_tables(generations)]
-    if report.get("timings"):
-        lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items())]
+    if record.timings:
+        lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in record.timings.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -270,17 +248,14 @@ def _shape_table(kept: list[dict], dense) -> list[str]:
     return rows
 
 
-def _perplexity_table(ppl: dict) -> list[str]:
+def _perplexity_table(ppl: Perplexity) -> list[str]:
     """One row: dense -> pruned -> recovered (the stages present), with the data and protocol."""
-    stages = [k for k in ("dense", "pruned", "recovered") if isinstance(ppl.get(k), (int, float))]
-    rows = [
+    stages = {k: getattr(ppl, k) for k in ("dense", "pruned", "recovered") if getattr(ppl, k) is not None}
+    return [
         "| data | " + " | ".join(stages) + " | protocol |",
         "| --- |" + " ---: |" * len(stages) + " --- |",
-        f"| {ppl.get('data', '-')} | "
-        + " | ".join(f"{ppl[k]:.2f}" for k in stages)
-        + f" | {ppl.get('protocol', '-')} |",
+        f"| {ppl.data or '-'} | " + " | ".join(f"{v:.2f}" for v in stages.values()) + f" | {ppl.protocol or '-'} |",
     ]
-    return rows
 
 
 def _settings_table(settings: dict) -> list[str]:
@@ -326,14 +301,14 @@ def _task_table(results: list[dict]) -> list[str]:
     return rows
 
 
-def _generation_tables(generations: dict) -> list[str]:
-    outputs = generations["outputs"]
+def _generation_tables(generations: Generations) -> list[str]:
+    outputs = generations.outputs
     rows = [
-        f"## Generations (greedy, {generations.get('max_new_tokens')} new tokens)",
+        f"## Generations (greedy, {generations.max_new_tokens} new tokens)",
         "",
         "Repeated 3-grams: share of word 3-grams seen earlier in the same text (looping shows as a high value).",
     ]
-    for i, prompt in enumerate(generations["prompts"]):
+    for i, prompt in enumerate(generations.prompts):
         rows += ["", f"**{_cell(prompt)}**", "", "| model | continuation | repeated 3-grams |", "| --- | --- | ---: |"]
         for label, texts in outputs.items():
             text = texts[i] if i < len(texts) else ""

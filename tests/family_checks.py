@@ -10,13 +10,11 @@ Each takes a tiny random model and asserts, never prints:
 
 from __future__ import annotations
 
-import json
-
 import torch
 from helpers import n_params, prune_and_mask
 
 from llmp import PruneConfig, load_pruned, prune, save_pruned
-from llmp.io import REPORT
+from llmp.record import PruningRecord, read_record
 from llmp.structure import Kind
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -59,15 +57,18 @@ def check_pruned_equals_masked(model, kind: Kind, calib, inputs, share: float = 
     return plan
 
 
-def check_prune_save_load(model, config: PruneConfig, calib, inputs, tmp_path) -> dict:
-    """``llmp.prune`` removes parameters; the saved folder loads back with identical logits."""
+def check_prune_save_load(model, config: PruneConfig, calib, inputs, tmp_path) -> PruningRecord:
+    """``llmp.prune`` removes parameters; the saved folder loads back with identical logits (and
+    its record reads back)."""
     report = prune(model, config, calib)
-    assert report["params_after"] < report["params_before"]
-    out = save_pruned(model, tmp_path / "pruned", report=report)
+    assert report.params_after < report.params_before
+    out = save_pruned(model, tmp_path / "pruned", record=report)
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
     loaded = load_pruned(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
-    assert n_params(loaded) == report["params_after"]
+    assert n_params(loaded) == report.params_after
     check_generates(loaded, inputs)
-    return json.loads((out / REPORT).read_text())
+    saved = read_record(out)
+    assert saved.steps == report.steps and saved.layer_shapes == report.layer_shapes
+    return saved

@@ -13,6 +13,7 @@ import torch
 
 from llmp import importance, surgery
 from llmp.plan import PlanSettings, make_plan
+from llmp.record import PruningRecord
 from llmp.structure import adapter_for
 
 
@@ -29,6 +30,11 @@ def prune_and_mask(model, kinds, share=0.5, criterion="taylor", calib=None, redu
     surgery.mask(masked, adapter.discover(masked, kinds), plan, adapter)
     surgery.apply(pruned, structure, plan, adapter)
     return pruned, masked, plan
+
+
+def blank_record(model: str = "x") -> PruningRecord:
+    """A record for a folder saved without pruning (it marks the folder as llmp's)."""
+    return PruningRecord(family="llama", params_before=1, params_after=1, model=model)
 
 
 def n_params(model) -> int:

@@ -121,7 +121,7 @@ def test_eager_attention_is_traced_as_sdpa(calib, inputs):
     assert [g.name for g in AutoAdapter().discover(model, ALL).groups] == [g.name for g in expected.groups]
     assert model.config._attn_implementation == "eager"
     report = prune(model, PruneConfig(ratio=0.2, attention="query"), calib)
-    assert report["family"] == "auto" and model.config._attn_implementation == "eager"
+    assert report.family == "auto" and model.config._attn_implementation == "eager"
     with torch.no_grad():
         assert torch.isfinite(model(inputs).logits).all()
 
@@ -136,7 +136,7 @@ def test_prune_refuses_an_unknown_family_that_fails_the_check():
         prune(model, PruneConfig(ratio=0.1, attention="query", mlp=False, criterion="l1"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     report = prune(model, PruneConfig(ratio=0.1, attention="none", criterion="l1"))  # MLP passes the check
-    assert report["family"] == "auto" and report["achieved_ratio"] > 0.05
+    assert report.family == "auto" and report.achieved_ratio > 0.05
 
 
 def test_wrong_map_is_caught_by_the_check():
@@ -157,9 +157,9 @@ def test_unknown_family_prunes_saves_and_loads(calib, inputs, tmp_path):
     model = arch("qwen3")  # no adapter registers qwen3: llmp.prune takes the automatic path
     assert isinstance(adapter_for(model), AutoAdapter)
     report = prune(model, PruneConfig(ratio=0.15, attention="query", layers="0:3", ranking="global"), calib)
-    assert report["family"] == "auto" and report["params_after"] < report["params_before"]
-    assert len({tuple(s.values()) for s in report["layer_shapes"]}) > 1  # counts differ across layers
-    out = save_pruned(model, tmp_path / "pruned", report=report)
+    assert report.family == "auto" and report.params_after < report.params_before
+    assert len({tuple(s.values()) for s in report.layer_shapes}) > 1  # counts differ across layers
+    out = save_pruned(model, tmp_path / "pruned", record=report)
     loaded = load_pruned(out)
     torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
     gen = loaded.generate(inputs[:1, :6], max_new_tokens=3, do_sample=False)

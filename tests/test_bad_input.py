@@ -154,9 +154,9 @@ def pruned(tiny_dir, tmp_path_factory, capsys) -> Path:
         (b"[1, 2]", "holds a list, not a pruning report object"),
         (
             json.dumps({"params_before": "many", "params_after": [1]}).encode(),
-            "has an entry of the wrong shape or type",
+            "`params_before`: input should be a valid integer",
         ),
-        (json.dumps({"layer_shapes": "x", "perplexity": 3}).encode(), "has an entry of the wrong shape or type"),
+        (json.dumps({"layer_shapes": "x", "perplexity": 3}).encode(), "`layer_shapes`: input should be a valid list"),
     ],
 )
 def test_report_of_a_damaged_pruning_report(pruned, capsys, content, message):

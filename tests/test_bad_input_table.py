@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from conftest import make_tiny_folder, tiny_model
+from helpers import blank_record
 
 from llmp.cli import main
 from llmp.io import save_pruned
@@ -51,7 +52,7 @@ def cases(W: Path) -> list[tuple[str, list[str]]]:
     (rep3 / "pruning_report.json").write_text("[1]")
     (W / "prompts-empty.txt").write_text("\n\n")
 
-    pruned = save_pruned(tiny_model("llama-gqa"), W / "pruned", report={"model": "x"})
+    pruned = save_pruned(tiny_model("llama-gqa"), W / "pruned", record=blank_record())
     for f in tiny.glob("tokenizer*"):
         (pruned / f.name).write_bytes(f.read_bytes())
     hd = W / "headdim"

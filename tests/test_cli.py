@@ -99,3 +99,27 @@ def test_empty_calibration(model_dir, tmp_path, capsys):
     empty.write_text("\n")
     code, _, err = run(capsys, "prune", "--model", model_dir, "--output", tmp_path / "o", "--calibration", empty)
     assert code == 2 and "no text in" in err
+
+
+def test_bench_prune_takes_the_prune_options(tiny_dir):
+    """`bench/prune.py` has every `llmp prune` pruning option (same help), and runs in a fresh clone
+    (built-in data by default)."""
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmp.pruner import PruneConfig
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "prune.py"
+    out = subprocess.run(
+        [sys.executable, bench, "--model", tiny_dir, "--num-samples", "2", "--no-ppl", "--attention", "kv"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert result["settings"]["attention"] == "kv" and result["params_after"] < result["params_before"]
+    assert result["peak_rss_over_weights"] > 1 and result["threads"] >= 1
+    helps = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(f"--{f.name.replace('_', '-')}" in helps for f in dataclasses.fields(PruneConfig))

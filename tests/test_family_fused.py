@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from baichuan_tiny import BaichuanConfig, BaichuanForCausalLM
+from helpers import blank_record
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -193,13 +194,13 @@ def test_alibi_slopes_follow_the_kept_heads(name, inputs):
 def test_prune_save_load_identical(name, config, calib, inputs, tmp_path):
     model = family_model(name)
     report = prune(model, config, calib)
-    assert report["params_after"] < report["params_before"] and report["family"] == adapter_for(model).family
-    assert abs(report["achieved_ratio"] - config.ratio) < 0.05
-    out = save_pruned(model, tmp_path / "pruned", report=report)
+    assert report.params_after < report.params_before and report.family == adapter_for(model).family
+    assert abs(report.achieved_ratio - config.ratio) < 0.05
+    out = save_pruned(model, tmp_path / "pruned", record=report)
     loaded = load_pruned(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
-    assert json.loads((out / REPORT).read_text())["achieved_ratio"] == report["achieved_ratio"]
+    assert json.loads((out / REPORT).read_text())["achieved_ratio"] == report.achieved_ratio
     out = loaded.generate(inputs[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
 
@@ -208,7 +209,7 @@ def test_prune_save_load_identical(name, config, calib, inputs, tmp_path):
 def test_uniform_mlp_loads_with_plain_transformers(name, calib, inputs, tmp_path):
     model = family_model(name)
     prune(model, PruneConfig(ratio=0.15, layout="uniform"), calib)
-    out = save_pruned(model, tmp_path / "uniform", report={})
+    out = save_pruned(model, tmp_path / "uniform", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_uniform_mlp_loads_with_plain_transformers(name, calib, inputs, tmp_path
 def test_pruned_alibi_heads_never_claim_a_plain_checkpoint(calib, tmp_path):
     model = family_model("bloom")
     prune(model, PruneConfig(ratio=0.15, attention="kv", mlp=False, layout="uniform"), calib)
-    out = save_pruned(model, tmp_path / "bloom", report={})
+    out = save_pruned(model, tmp_path / "bloom", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is False
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_prune_save_load, check_pruned_equals_masked, randomized
-from helpers import prune_and_mask
+from helpers import blank_record, prune_and_mask
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig
 
 from llmp import LlmpError, PruneConfig, prune, save_pruned
@@ -119,7 +119,7 @@ def test_prune_save_load(name, config, calib, inputs, tmp_path):
             prune(tiny_gemma(name), config, calib)
         return
     report = check_prune_save_load(tiny_gemma(name), config, calib, inputs, tmp_path)
-    assert report["family"] == "gemma"
+    assert report.family == "gemma"
 
 
 @pytest.mark.parametrize("name", ["gemma", "gemma3"])
@@ -130,7 +130,7 @@ def test_uniform_layout_loads_with_plain_transformers(name, calib, inputs, tmp_p
     heads = model.config.num_attention_heads  # Gemma 2/3 configs want hidden_size % heads == 0
     prune(model, PruneConfig(ratio=0.1, scope="channel", round_to=heads), calib)
     assert len({tuple(s.values()) for s in adapter_for(model).layer_shapes(model)}) == 1
-    out = save_pruned(model, tmp_path / "uniform", report={})
+    out = save_pruned(model, tmp_path / "uniform", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert plain.config.hidden_size < TINY[name][1].get("hidden_size", 64)

@@ -61,7 +61,7 @@ def test_hidden_channels_are_refused(calib):
 )
 def test_prune_save_load(multi_query, config, calib, inputs, tmp_path):
     report = check_prune_save_load(tiny_bigcode(multi_query), config, calib, inputs, tmp_path)
-    assert report["family"] == "gpt_bigcode"
+    assert report.family == "gpt_bigcode"
 
 
 # -- the guide: its code is the shipped adapter and tests that run -----------------------------

@@ -126,7 +126,7 @@ def test_pruned_equals_masked(name, kind, calib, inputs):
 )
 def test_prune_save_load(name, config, calib, inputs, tmp_path):
     report = check_prune_save_load(llama_like(name), config, calib, inputs, tmp_path)
-    assert report["family"] == "llama"
+    assert report.family == "llama"
 
 
 def test_llama31_rope_scaling_survives_save_load(calib, inputs, tmp_path):

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_prune_save_load, check_pruned_equals_masked, randomized
-from helpers import prune_and_mask
+from helpers import blank_record, prune_and_mask
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from llmp import LlmpError, PruneConfig, prune, save_pruned
@@ -118,7 +118,7 @@ def test_gpt2_removed_layers_keep_their_inverse_layer_scaling(inputs):
 )
 def test_prune_save_load(name, config, calib, inputs, tmp_path):
     report = check_prune_save_load(family_model(name), config, calib, inputs, tmp_path)
-    assert report["family"] == name.split("-")[0]
+    assert report.family == name.split("-")[0]
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2"])
@@ -126,7 +126,7 @@ def test_uniform_mlp_loads_with_plain_transformers(name, calib, inputs, tmp_path
     """Their configs derive head_dim from hidden / heads: only MLP-only pruning is a plain checkpoint."""
     model = family_model(name)
     prune(model, PruneConfig(ratio=0.15, layout="uniform"), calib)
-    out = save_pruned(model, tmp_path / "uniform", report={})
+    out = save_pruned(model, tmp_path / "uniform", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -134,5 +134,5 @@ def test_uniform_mlp_loads_with_plain_transformers(name, calib, inputs, tmp_path
 
     heads = family_model(name)
     prune(heads, PruneConfig(ratio=0.15, attention="kv", mlp=False, layout="uniform"), calib)
-    out = save_pruned(heads, tmp_path / "heads", report={})
+    out = save_pruned(heads, tmp_path / "heads", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is False

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from family_checks import TOKENS, TOL, check_generates, check_prune_save_load, check_pruned_equals_masked, randomized
-from helpers import prune_and_mask
+from helpers import blank_record, prune_and_mask
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from llmp import PruneConfig, prune, save_pruned
@@ -97,14 +97,14 @@ def test_heterogeneous_heads_get_their_own_config_view(inputs):
 )
 def test_prune_save_load(config, calib, inputs, tmp_path):
     report = check_prune_save_load(tiny_phi3(), config, calib, inputs, tmp_path)
-    assert report["family"] == "phi3"
+    assert report.family == "phi3"
 
 
 def test_uniform_layout_loads_with_plain_transformers(calib, inputs, tmp_path):
     model = tiny_phi3()
     prune(model, PruneConfig(ratio=0.25, attention="query", layout="uniform"), calib)
     assert len({tuple(s.values()) for s in adapter_for(model).layer_shapes(model)}) == 1
-    out = save_pruned(model, tmp_path / "uniform", report={})
+    out = save_pruned(model, tmp_path / "uniform", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(plain(inputs).logits, model(inputs).logits, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from helpers import logits, recipe
 from llmp import load_pruned
 from llmp.errors import LlmpError
 from llmp.fit import main as fit_main
+from llmp.record import checkpoint_record
 from llmp.recovery import export_checkpoint, read_checkpoint_state
 
 TESTS = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path, w
     proc.kill()
     proc.wait()
     assert lines and lines[-1].strip() == "HANGING", "".join(lines[-40:])
-    assert len(read_checkpoint_state(ckpts / "last.ckpt")["history"]) == 1  # killed between the two steps
+    assert len(checkpoint_record(read_checkpoint_state(ckpts / "last.ckpt")).steps) == 1  # killed between the two steps
 
     resumed = tmp_path / "resumed"
     assert (

@@ -28,54 +28,56 @@ SETTINGS = {
 }
 
 
-def digest(name: str, setting: str) -> dict:
-    """What pruning ``name`` with ``setting`` gives: counts, shapes, and two sums over every weight."""
-    torch.manual_seed(0)
-    model = tiny_model(name)
-    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    try:
-        report = prune(model, PruneConfig(**SETTINGS[setting]), calib)
-    except LlmpError as err:  # a refusal is pinned too (MQA has no KV group to remove)
-        return {"error": str(err)}
+def summary(params_before: int, params_after: int, layer_shapes: list, model) -> dict:
+    """Counts, shapes, and two sums over every weight of ``model``."""
     with torch.no_grad():
         weights = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     return {
-        "params_before": report["params_before"],
-        "params_after": report["params_after"],
-        "layer_shapes": report["layer_shapes"],
+        "params_before": params_before,
+        "params_after": params_after,
+        "layer_shapes": layer_shapes,
         "sum": float(weights.sum()),
         "sum_squares": float((weights**2).sum()),
     }
 
 
+def digest(name: str, setting: str) -> dict:
+    """What pruning ``name`` with ``setting`` gives (see :func:`summary`)."""
+    torch.manual_seed(0)
+    model = tiny_model(name)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    try:
+        record = prune(model, PruneConfig(**SETTINGS[setting]), calib)
+    except LlmpError as err:  # a refusal is pinned too (MQA has no KV group to remove)
+        return {"error": str(err)}
+    return summary(record.params_before, record.params_after, record.layer_shapes, model)
+
+
 def cli_digest(folder: Path) -> dict:
-    """``llmp prune`` with its defaults on the tiny model folder: the saved report's counts and the weights."""
+    """``llmp prune`` with its defaults on the tiny model folder: the saved record's counts and the weights."""
     from llmp.cli import main
     from llmp.io import load_pruned
 
     assert main(["prune", "--model", str(folder), "--output", str(folder.parent / "out"), "--samples", "0"]) == 0
     report = json.loads((folder.parent / "out" / "pruning_report.json").read_text())
-    with torch.no_grad():
-        weights = torch.cat([p.double().flatten() for p in load_pruned(folder.parent / "out").parameters()])
-    return {
-        "params_before": report["params_before"],
-        "params_after": report["params_after"],
-        "layer_shapes": report["layer_shapes"],
-        "sum": float(weights.sum()),
-        "sum_squares": float((weights**2).sum()),
-    }
+    model = load_pruned(folder.parent / "out")
+    return summary(report["params_before"], report["params_after"], report["layer_shapes"], model)
+
+
+def assert_matches(found: dict, golden: dict) -> None:
+    if "error" in golden or "error" in found:
+        assert found == golden
+        return
+    exact = ("params_before", "params_after", "layer_shapes")
+    assert {k: found[k] for k in exact} == {k: golden[k] for k in exact}
+    assert found["sum"] == pytest.approx(golden["sum"], rel=1e-6, abs=1e-6)
+    assert found["sum_squares"] == pytest.approx(golden["sum_squares"], rel=1e-6)
 
 
 def test_default_cli_run_matches_the_golden_numbers(tmp_path, one_thread):
     from conftest import make_tiny_folder
 
-    golden = json.loads(GOLDEN.read_text())["cli/default"]
-    found = cli_digest(make_tiny_folder(tmp_path / "tiny"))
-    assert {k: found[k] for k in ("params_before", "params_after", "layer_shapes")} == {
-        k: golden[k] for k in ("params_before", "params_after", "layer_shapes")
-    }
-    assert found["sum"] == pytest.approx(golden["sum"], rel=1e-6, abs=1e-6)
-    assert found["sum_squares"] == pytest.approx(golden["sum_squares"], rel=1e-6)
+    assert_matches(cli_digest(make_tiny_folder(tmp_path / "tiny")), json.loads(GOLDEN.read_text())["cli/default"])
 
 
 CASES = [(name, setting) for name in sorted(TINY) for setting in SETTINGS]
@@ -83,16 +85,7 @@ CASES = [(name, setting) for name in sorted(TINY) for setting in SETTINGS]
 
 @pytest.mark.parametrize(("name", "setting"), CASES, ids=[f"{n}-{s}" for n, s in CASES])
 def test_pruning_matches_the_golden_numbers(name, setting, one_thread):
-    golden = json.loads(GOLDEN.read_text())[f"{name}/{setting}"]
-    found = digest(name, setting)
-    if "error" in golden or "error" in found:
-        assert found == golden
-        return
-    assert {k: found[k] for k in ("params_before", "params_after", "layer_shapes")} == {
-        k: golden[k] for k in ("params_before", "params_after", "layer_shapes")
-    }
-    assert found["sum"] == pytest.approx(golden["sum"], rel=1e-6, abs=1e-6)
-    assert found["sum_squares"] == pytest.approx(golden["sum_squares"], rel=1e-6)
+    assert_matches(digest(name, setting), json.loads(GOLDEN.read_text())[f"{name}/{setting}"])
 
 
 if __name__ == "__main__":  # rewrite the golden file (one thread, as the test runs)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
+from helpers import blank_record
 from transformers import AutoModelForCausalLM
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune, save_pruned
@@ -26,12 +27,12 @@ from llmp.io import REPORT
 def test_save_load_identical_logits(config, calib, inputs, tmp_path):
     model = tiny_model("llama-gqa")
     report = prune(model, config, calib)
-    assert report["params_after"] < report["params_before"]
-    out = save_pruned(model, tmp_path / "pruned", report=report)
+    assert report.params_after < report.params_before
+    out = save_pruned(model, tmp_path / "pruned", record=report)
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
     loaded = load_pruned(out)
     torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
-    assert json.loads((out / REPORT).read_text())["achieved_ratio"] == report["achieved_ratio"]
+    assert json.loads((out / REPORT).read_text())["achieved_ratio"] == report.achieved_ratio
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -40,7 +41,7 @@ def test_uniform_layout_loads_with_plain_transformers(calib, inputs, tmp_path):
     prune(model, PruneConfig(ratio=0.2, attention="query", layout="uniform"), calib)
     shapes = {(layer.self_attn.q_proj.out_features, layer.mlp.gate_proj.out_features) for layer in model.model.layers}
     assert len(shapes) == 1
-    out = save_pruned(model, tmp_path / "uniform", report={})
+    out = save_pruned(model, tmp_path / "uniform", record=blank_record())
     assert json.loads((out / REPORT).read_text())["loads_with_plain_transformers"] is True
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(plain(inputs).logits, model(inputs).logits, rtol=0, atol=1e-6)
@@ -50,7 +51,7 @@ def test_zero_ratio_changes_nothing(calib, inputs):
     model = tiny_model("llama-mha")
     before = model(inputs).logits
     report = prune(model, PruneConfig(ratio=0.0, attention="query"), calib)
-    assert report["params_after"] == report["params_before"]
+    assert report.params_after == report.params_before
     torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=0)
 
 

@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 from conftest import run_cli, tiny_model
+from helpers import blank_record
 
 from llmp import outdir
 from llmp.errors import LlmpError
@@ -61,7 +62,7 @@ def test_overwrite_replaces_an_llmp_folder_and_old_folders_without_marker(tmp_pa
     out = save_pruned(tiny_model("llama-mha"), tmp_path / "out")
     assert (out / outdir.MARKER).is_file()
     (out / "report.md").write_text("old")
-    save_pruned(tiny_model("llama-gqa"), out, report={"model": "x"}, overwrite=True)
+    save_pruned(tiny_model("llama-gqa"), out, record=blank_record(), overwrite=True)
     assert not (out / "report.md").exists() and (out / "pruning_report.json").is_file()
     (out / outdir.MARKER).unlink()  # a folder from an older llmp: its report marks it
     save_pruned(tiny_model("llama-mha"), out, overwrite=True)
@@ -173,7 +174,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path):
 def test_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        out = save_pruned(tiny_model("llama-mha"), tmp_path / "out", report={"model": "x"})
+        out = save_pruned(tiny_model("llama-mha"), tmp_path / "out", record=blank_record())
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -29,7 +29,7 @@ def test_achieved_ratio_is_on_target(attention, ranking):
     model = medium_model()
     calib = torch.randint(0, 512, (4, 32))
     report = prune(model, PruneConfig(ratio=0.2, attention=attention, ranking=ranking, layers="0:6"), calib)
-    assert abs(report["achieved_ratio"] - 0.2) <= 0.01
+    assert abs(report.achieved_ratio - 0.2) <= 0.01
 
 
 def test_rounding_and_min_keep():
@@ -37,14 +37,14 @@ def test_rounding_and_min_keep():
     report = prune(
         model, PruneConfig(ratio=0.25, round_to=64, min_keep=0.5, layers="0:6"), torch.randint(0, 512, (4, 32))
     )
-    assert all(s["mlp"] % 64 == 0 and s["mlp"] >= 344 for s in report["layer_shapes"])
-    assert abs(report["achieved_ratio"] - 0.25) <= 0.02
+    assert all(s["mlp"] % 64 == 0 and s["mlp"] >= 344 for s in report.layer_shapes)
+    assert abs(report.achieved_ratio - 0.25) <= 0.02
 
 
 def test_layer_range_is_respected():
     model = medium_model()
     report = prune(model, PruneConfig(ratio=0.1, attention="query", layers="2:4"), torch.randint(0, 512, (4, 32)))
-    shapes = report["layer_shapes"]
+    shapes = report.layer_shapes
     assert [s["mlp"] for s in shapes[:2] + shapes[4:]] == [688] * 4
     assert all(s["mlp"] < 688 for s in shapes[2:4])
 
@@ -97,4 +97,4 @@ def test_reference_params_makes_the_ratio_a_fraction_of_the_original(calib):
     prune(model, PruneConfig(ratio=0.1, layers="0:4"), calib)
     report = prune(model, PruneConfig(ratio=0.3, layers="0:4"), calib, reference_params=original)
     assert 1 - count_parameters(model) / original == pytest.approx(0.3, abs=0.01)
-    assert report["params_after"] == count_parameters(model)
+    assert report.params_after == count_parameters(model)

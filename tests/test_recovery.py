@@ -20,6 +20,7 @@ from llmp.errors import LlmpError
 from llmp.fit import launcher_args
 from llmp.fit import main as fit_main
 from llmp.pruner import PruneConfig, count_parameters
+from llmp.record import checkpoint_record
 from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint, read_checkpoint_state
 
 
@@ -187,10 +188,10 @@ def test_one_shot_fit_exports_a_loadable_model(tiny_dir, tmp_path, mode):
     callback = StructuredPruning(PruneConfig(ratio=0.3, attention="kv", layers="0:4"), num_samples=2, seq_len=16)
     trainer(callbacks=[callback]).fit(module, datamodule=data(tiny_dir))
     assert callback.done == [0]
-    assert 0.25 < module.report()["achieved_ratio"] < 0.35  # LoRA weights not counted
+    assert 0.25 < module.record.achieved_ratio < 0.35  # LoRA weights not counted
     if mode == "lora":
         assert any("lora_" in n for n, _ in module.model.named_parameters())
-    out = module.export(tmp_path / "out", {"recovery": {"mode": mode}})
+    out = module.export(tmp_path / "out", {"mode": mode})
     assert not any("lora_" in n for n, _ in module.model.named_parameters())  # merged
     loaded = load_pruned(out)
     ids = torch.randint(0, 200, (2, 12))
@@ -207,7 +208,7 @@ def test_bf16_and_gradient_checkpointing(tiny_dir):
     fit = trainer(callbacks=[callback], precision="bf16-true", limit_val_batches=0, max_epochs=2)
     fit.fit(module, datamodule=data(tiny_dir))
     assert module.base_model.is_gradient_checkpointing and module.trainer.global_step == 4
-    assert len(module.history) == 2 and any("lora_" in n for n, _ in module.model.named_parameters())
+    assert len(module.record.steps) == 2 and any("lora_" in n for n, _ in module.model.named_parameters())
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
 
 
@@ -235,13 +236,13 @@ def test_scheduled_fit_prunes_between_epochs(tiny_dir):
     logger = Metrics()
     fit = trainer(callbacks=[callback], max_epochs=2, logger=logger)
     fit.fit(module, datamodule=data(tiny_dir))
-    assert callback.done == [0, 1] and len(module.history) == 2
+    assert callback.done == [0, 1] and len(module.record.steps) == 2
     steps = [m for m in logger.logged if "pruning/ratio" in m]
     assert [round(m["pruning/ratio"], 1) for m in steps] == [0.1, 0.3]
     assert steps[1]["pruning/params_before"] == steps[0]["pruning/params"] > steps[1]["pruning/params"]
-    achieved = [1 - s["params_after"] / s["params_before"] for s in module.history]
+    achieved = [1 - s.params_after / s.params_before for s in module.record.steps]
     assert achieved[0] < achieved[1]  # each step removes a share of the model it pruned
-    assert 0.25 < module.report()["achieved_ratio"] < 0.35
+    assert 0.25 < module.record.achieved_ratio < 0.35
     assert module.is_lora_wrapped  # new adapters on the smaller model
     trained = {id(p) for p in module.model.parameters() if p.requires_grad}
     assert {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]} == trained
@@ -261,12 +262,12 @@ def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
     checkpoint = ["--trainer.callbacks+", json.dumps(checkpoint)]
     until = json.dumps({"class_path": "helpers.StopAfterEpoch", "init_args": {"epoch": stop}})
     assert fit_main([*recipe(tiny_dir, tmp_path, **epochs), *checkpoint, "--trainer.callbacks+", until]) == 0
-    state = read_checkpoint_state(ckpts / "last.ckpt")
-    history = state["history"]
-    assert state["layer_shapes"] == history[-1]["layer_shapes"] and len(state["layer_shapes"]) == 4
+    saved = checkpoint_record(read_checkpoint_state(ckpts / "last.ckpt"))
+    history = saved.steps
+    assert saved.layer_shapes == history[-1].layer_shapes and len(saved.layer_shapes) == 4
     assert len(history) == stop + 1
-    assert 0.07 < 1 - history[0]["params_after"] / history[0]["params_before"] < 0.13
-    assert history[0]["epoch"] == 0 and set(history[0]["timings"]) == {"scoring_s", "planning_s", "surgery_s"}
+    assert 0.07 < 1 - history[0].params_after / history[0].params_before < 0.13
+    assert history[0].epoch == 0 and set(history[0].timings) == {"scoring_s", "planning_s", "surgery_s"}
     resumed = tmp_path / "resumed"
     # By path, and by `last` (the newest last*.ckpt of the ModelCheckpoint folder), as a requeued job would.
     ckpt_path = ckpts / "last.ckpt" if stop == 0 else "last"
@@ -302,7 +303,7 @@ def test_python_fit_with_ckpt_path_rebuilds_the_checkpoint(tiny_dir, tmp_path, c
     with caplog.at_level("WARNING", logger="llmp.recovery"):
         resumed, fit = run(3, tmp_path / "two-steps.ckpt")
     assert "rebuilding its shapes" in caplog.text
-    assert resumed.history == first.history and fit.global_step == 6
+    assert resumed.record.steps == first.record.steps and fit.global_step == 6
     shapes = [[tuple(p.shape) for p in m.base_model.parameters()] for m in (first, resumed)]
     assert shapes[0] == shapes[1]
     assert resumed.base_model.is_gradient_checkpointing and resumed.is_lora_wrapped

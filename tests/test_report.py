@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -104,9 +105,11 @@ def test_recovered_folder_shows_perplexities_and_settings(folder):
     report = json.loads((folder / "pruning_report.json").read_text())
     report["perplexity"] = {"dense": 51.9, "pruned": 106.8, "recovered": 60.25, "protocol": "128-token windows"}
     report["recovery"] = {"mode": "lora", "lora": {"r": 8, "alpha": 16}, "targets": ["q_proj", "v_proj"], "steps": 10}
-    report["generations"] = samples_entry(
-        *({"prompts": ["Hi"], "max_new_tokens": 3, "outputs": [text]} for text in ("a b c", "a a a", "a b d")),
-        labels=("dense", "pruned", "recovered"),
+    report["generations"] = dataclasses.asdict(
+        samples_entry(
+            *({"prompts": ["Hi"], "max_new_tokens": 3, "outputs": [text]} for text in ("a b c", "a a a", "a b d")),
+            labels=("dense", "pruned", "recovered"),
+        )
     )
     (folder / "pruning_report.json").write_text(json.dumps(report))
     md_path, png_path = write_report(folder)

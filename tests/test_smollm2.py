@@ -17,8 +17,8 @@ def test_prune_save_load_generate(smollm2, tmp_path):
     model, tokenizer = smollm2
     calib = calibration_samples(BUILTIN_DATA["c4"], tokenizer, 8, 64)
     report = prune(model, PruneConfig(ratio=0.2, attention="query", layers="4:26"), calib)
-    assert abs(report["achieved_ratio"] - 0.2) <= 0.01
-    assert all(s["heads"] % s["kv_heads"] == 0 for s in report["layer_shapes"])
+    assert abs(report.achieved_ratio - 0.2) <= 0.01
+    assert all(s["heads"] % s["kv_heads"] == 0 for s in report.layer_shapes)
     out = save_pruned(model, tmp_path / "smol", tokenizer, report)
     loaded = load_pruned(out)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -98,3 +98,28 @@ def test_hidden_pruning_rescales_norms(calib, inputs):
     assert pruned.model.embed_tokens.weight.shape == (128, 64 - removed)
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # still tied
     torch.testing.assert_close(pruned(inputs).logits, masked(inputs).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_every_family_keeps_per_layer_config_lists_in_step(calib):
+    """Removing layers keeps `config.layer_types` in step in every family (the base class does it;
+    before, five adapters of seven forgot it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    for model in (
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=128, n_positions=64)),
+        OPTForCausalLM(
+            OPTConfig(
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                ffn_dim=64,
+                vocab_size=128,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
+        ),
+    ):
+        model.config.layer_types = ["a", "b", "c", "d"]
+        adapter = adapter_for(model)
+        adapter.remove_layers(model, [1, 2])
+        assert model.config.layer_types == ["a", "d"] and len(adapter.layers(model)) == 2

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmp.errors import LlmpError
-from llmp.structure.adapters.base import Adapter, set_config_fields
+from llmp.structure.adapters.base import Adapter, keep_layers, rescale_rms, set_config_fields, uniform_shape
 from llmp.structure.groups import Kind, Structure
 from llmp.structure.mapping import ALL_KINDS, Analysis, Mapping
 
@@ -123,8 +123,7 @@ class AutoAdapter(Adapter):
             info["layers"].rpartition(".")[2], nn.ModuleList(layers[i] for i in keep)
         )
         info["per_layer"] = [info["per_layer"][i] for i in keep]
-        if getattr(model.config, "layer_types", None) is not None:
-            model.config.layer_types = [model.config.layer_types[i] for i in keep]
+        keep_layers(model.config, keep)
 
     def sync(self, model: PreTrainedModel) -> None:
         info, layers = self._info(model), self.layers(model)
@@ -171,31 +170,24 @@ class AutoAdapter(Adapter):
         return self._uniform_config(model, self.layer_shapes(model))
 
     def _uniform_config(self, model: PreTrainedModel, shapes: list[dict[str, int]]) -> bool:
-        if not shapes or any(s != shapes[0] for s in shapes):
+        shape = uniform_shape(shapes)
+        if shape is None:
             return False
         rules = self._info(model)["config"]
-        fields = {name: shapes[0][key] for key in ("heads", "kv_heads", "mlp") for name in rules.get(key, [])}
+        fields = {name: shape[key] for key in ("heads", "kv_heads", "mlp") for name in rules.get(key, [])}
         fields.update({name: model.get_input_embeddings().embedding_dim for name in rules.get("hidden", [])})
         return set_config_fields(model.config, **fields) if fields else True
 
     def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
-        # RMSNorm divides by sqrt(mean(x^2) + eps), the mean now over `new` channels instead of
-        # `old` (the removed ones were zeros in the masked model): scale the gain by sqrt(old/new)
-        # and eps by old/new (see LlamaAdapter.rescale_hidden). `1 + w` gains scale as a whole.
+        # Every RMSNorm the trace found over the stream (see rescale_rms), and the config's eps.
         info = self._info(model)
-        gain, eps_gain = (old / new) ** 0.5, old / new
         norms = list(info["norms"])
         for i in range(len(self.layers(model))):
             norms += [(f"{info['layers']}.{i}.{path}", form, eps) for path, form, eps in info["layer_norms"]]
         for path, form, eps in norms:
-            norm = model.get_submodule(path)
-            if form == "1+w":
-                norm.weight.data.add_(1).mul_(gain).sub_(1)
-            else:
-                norm.weight.data.mul_(gain)
-            setattr(norm, eps, getattr(norm, eps) * eps_gain)
+            rescale_rms(model.get_submodule(path), old, new, one_plus=form == "1+w", eps=eps)
         for name in info["config"].get("eps", []):
-            setattr(model.config, name, getattr(model.config, name) * eps_gain)
+            setattr(model.config, name, getattr(model.config, name) * old / new)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,48 +25,41 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from llmp.errors import LlmpError
 from llmp.structure.adapters import alibi
-from llmp.structure.adapters.base import Adapter, set_config_fields
-from llmp.structure.groups import Group, Kind, Slice, Structure
+from llmp.structure.adapters.base import Adapter, Unsupported, set_config_fields, uniform_shape
+from llmp.structure.groups import Group, Kind, Slice
 
 
 class BaichuanAdapter(Adapter):
     family = "baichuan"
     model_types = ("baichuan",)
     kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.HIDDEN, Kind.LAYERS)
-
-    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.model.layers
+    hidden_norms = ("input_layernorm", "post_attention_layernorm")
+    hidden_readers = ("self_attn.W_pack", "mlp.gate_proj", "mlp.up_proj")
+    hidden_writers = ("self_attn.o_proj", "mlp.down_proj")
 
     @staticmethod
     def uses_alibi(model: PreTrainedModel) -> bool:
         layers = model.model.layers
         return bool(layers) and not hasattr(layers[0].self_attn, "rotary_emb")
 
-    def discover(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> Structure:
-        groups: list[Group] = []
-        for i, layer in enumerate(self.layers(model)):
-            if Kind.KV_GROUPS in kinds or Kind.QUERY_HEADS in kinds:
-                groups.append(self._head_group(layer, i))
-            if Kind.MLP in kinds:
-                groups.append(self._mlp_group(layer, i))
-        if Kind.HIDDEN in kinds:
-            groups.append(self._hidden_group(model))
-        if Kind.LAYERS in kinds:
-            n = len(self.layers(model))
-            groups.append(Group("layers", Kind.LAYERS, None, n, modules=tuple(f"model.layers.{i}" for i in range(n))))
-        return Structure(self.family, groups)
+    def check_kinds(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> None:
+        if Kind.HIDDEN in kinds and type(model.lm_head) is not nn.Linear:
+            raise Unsupported(
+                f"hidden-channel pruning (`scope` channel) is not supported for this baichuan model: its "
+                f"`lm_head` is a {type(model.lm_head).__name__} (Baichuan 2 normalises each output row over all "
+                "channels), so removed channels cannot reproduce the zeroed ones. Use `scope` block or layer."
+            )
 
-    def _head_group(self, layer: nn.Module, i: int) -> Group:
-        attn, p = layer.self_attn, f"model.layers.{i}.self_attn"
+    def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
+        attn, p = self.layers(model)[i].self_attn, f"model.layers.{i}.self_attn"
         d, width = attn.head_dim, attn.W_pack.out_features // 3
         slices = [Slice(f"{p}.W_pack.weight", 0, d, offset=k * width) for k in range(3)]
         slices.append(Slice(f"{p}.o_proj.weight", 1, d, writes=True))
         return Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, width // d, tuple(slices))
 
-    def _mlp_group(self, layer: nn.Module, i: int) -> Group:
-        p = f"model.layers.{i}.mlp"
+    def mlp_group(self, model: PreTrainedModel, i: int) -> Group:
+        layer, p = self.layers(model)[i], f"model.layers.{i}.mlp"
         slices = (
             Slice(f"{p}.gate_proj.weight", 0, 1),
             Slice(f"{p}.up_proj.weight", 0, 1),
@@ -74,44 +67,14 @@ class BaichuanAdapter(Adapter):
         )
         return Group(f"layers.{i}.mlp", Kind.MLP, i, layer.mlp.gate_proj.out_features, slices)
 
-    def _hidden_group(self, model: PreTrainedModel) -> Group:
-        if type(model.lm_head) is not nn.Linear:
-            raise LlmpError(
-                f"hidden-channel pruning (`scope` channel) is not supported for this baichuan model: its "
-                f"`lm_head` is a {type(model.lm_head).__name__} (Baichuan 2 normalises each output row over all "
-                "channels), so removed channels cannot reproduce the zeroed ones. Use `scope` block or layer."
-            )
-        slices = [Slice("model.embed_tokens.weight", 1, 1, writes=True)]
-        for i in range(len(self.layers(model))):
-            p = f"model.layers.{i}"
-            slices += [
-                Slice(f"{p}.input_layernorm.weight", 0, 1),
-                Slice(f"{p}.self_attn.W_pack.weight", 1, 1),
-                Slice(f"{p}.self_attn.o_proj.weight", 0, 1, writes=True),
-                Slice(f"{p}.post_attention_layernorm.weight", 0, 1),
-                Slice(f"{p}.mlp.gate_proj.weight", 1, 1),
-                Slice(f"{p}.mlp.up_proj.weight", 1, 1),
-                Slice(f"{p}.mlp.down_proj.weight", 0, 1, writes=True),
-            ]
-        slices.append(Slice("model.norm.weight", 0, 1))
-        if model.lm_head.weight is not model.model.embed_tokens.weight:
-            slices.append(Slice("lm_head.weight", 1, 1))
-        return Group("hidden", Kind.HIDDEN, None, model.model.embed_tokens.embedding_dim, tuple(slices))
-
-    def layer_writes(self, model: PreTrainedModel, i: int) -> list[str]:
-        return [f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"]
-
     def note_removal(self, model: PreTrainedModel, group: Group, elements: list[int]) -> None:
         if group.kind is Kind.KV_GROUPS and self.uses_alibi(model):
             n_heads = model.model.n_head
             alibi.note_heads_removed(model.config, len(self.layers(model)), n_heads, group.layer, elements)
 
-    def remove_layers(self, model: PreTrainedModel, drop: list[int]) -> None:
-        n = len(self.layers(model))
-        keep = [i for i in range(n) if i not in set(drop)]
+    def layers_kept(self, model: PreTrainedModel, keep: list[int], n_before: int) -> None:
         if self.uses_alibi(model):
-            alibi.note_layers_kept(model.config, n, model.model.n_head, keep)
-        model.model.layers = nn.ModuleList(self.layers(model)[i] for i in keep)
+            alibi.note_layers_kept(model.config, n_before, model.model.n_head, keep)
 
     def sync(self, model: PreTrainedModel) -> None:
         layers = self.layers(model)
@@ -134,26 +97,8 @@ class BaichuanAdapter(Adapter):
 
     def apply_uniform_config(self, model: PreTrainedModel) -> bool:
         # head_dim derives from hidden_size / num_attention_heads: only the MLP width may change.
-        config, shapes = model.config, self.layer_shapes(model)
+        config, shape = model.config, uniform_shape(self.layer_shapes(model))
         heads = config.num_attention_heads
-        intact = model.model.embed_tokens.embedding_dim == config.hidden_size
-        if (
-            not shapes
-            or not intact
-            or any(s != {"heads": heads, "kv_heads": heads, "mlp": shapes[0]["mlp"]} for s in shapes)
-        ):
+        if shape is None or shape["heads"] != heads or model.model.embed_tokens.embedding_dim != config.hidden_size:
             return False
-        return set_config_fields(config, intermediate_size=shapes[0]["mlp"])
-
-    def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
-        # RMSNorm, as for Llama: weights × sqrt(old/new) and eps × old/new give exactly the masked
-        # model's output. Baichuan-7B calls eps `variance_epsilon`, 13B `epsilon`.
-        gain, eps_gain = (old / new) ** 0.5, old / new
-        norms = [model.model.norm]
-        for layer in self.layers(model):
-            norms += [layer.input_layernorm, layer.post_attention_layernorm]
-        for norm in norms:
-            norm.weight.data.mul_(gain)
-            attr = "variance_epsilon" if hasattr(norm, "variance_epsilon") else "epsilon"
-            setattr(norm, attr, getattr(norm, attr) * eps_gain)
-        model.config.rms_norm_eps *= eps_gain
+        return set_config_fields(config, intermediate_size=shape["mlp"])

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from llmp.errors import LlmpError
 from llmp.structure.adapters import alibi
+from llmp.structure.adapters.base import Unsupported
 from llmp.structure.adapters.fused import FusedQKVAdapter
 from llmp.structure.groups import Group, Kind
 
@@ -36,7 +36,7 @@ class BloomAdapter(FusedQKVAdapter):
     def check_kinds(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> None:
         super().check_kinds(model, kinds)
         if Kind.LAYERS in kinds and model.config.apply_residual_connection_post_layernorm:
-            raise LlmpError(
+            raise Unsupported(
                 "layer pruning (`scope` layer) is not supported for this bloom model: with "
                 "`apply_residual_connection_post_layernorm` the residual is the normalised input, so a "
                 "removed layer would not pass its input on. Use `scope` block."

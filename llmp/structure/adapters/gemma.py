@@ -34,31 +34,18 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from llmp.structure.adapters.llama import LlamaAdapter
-from llmp.structure.groups import Group, Kind, Slice
-
-# RMSNorms over the hidden channels, in the order the layer applies them (Gemma 1 has the first two).
-_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class GemmaAdapter(LlamaAdapter):
     family = "gemma"
     model_types = ("gemma", "gemma2", "gemma3_text")
-
-    def _hidden_group(self, model: PreTrainedModel) -> Group:
-        slices = [Slice("model.embed_tokens.weight", 1, 1, writes=True)]
-        for i, layer in enumerate(self.layers(model)):
-            p = f"model.layers.{i}"
-            slices += [Slice(f"{p}.{n}.weight", 0, 1) for n in _NORMS if hasattr(layer, n)]
-            slices += [Slice(f"{p}.self_attn.{n}.weight", 1, 1) for n in ("q_proj", "k_proj", "v_proj")]
-            slices += [Slice(f"{p}.mlp.{n}.weight", 1, 1) for n in ("gate_proj", "up_proj")]
-            for module, name in ((layer.self_attn.o_proj, "self_attn.o_proj"), (layer.mlp.down_proj, "mlp.down_proj")):
-                slices.append(Slice(f"{p}.{name}.weight", 0, 1, writes=True))
-                if module.bias is not None:
-                    slices.append(Slice(f"{p}.{name}.bias", 0, 1, writes=True))
-        slices.append(Slice("model.norm.weight", 0, 1))
-        if model.lm_head.weight is not model.model.embed_tokens.weight:
-            slices.append(Slice("lm_head.weight", 1, 1))
-        return Group("hidden", Kind.HIDDEN, None, model.model.embed_tokens.embedding_dim, tuple(slices))
+    # RMSNorms over the hidden channels, in the order the layer applies them (Gemma 1 has the first two).
+    hidden_norms = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
 
     def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
         # See the module docstring; the normaliser itself follows the width in `sync`.
@@ -71,7 +58,7 @@ class GemmaAdapter(LlamaAdapter):
                 module.weight.data.mul_(c)
                 if module.bias is not None:
                     module.bias.data.mul_(c)
-        for norm in readers:
+        for norm in readers:  # eps unchanged: the stream itself is c times the masked one
             norm.weight.data.add_(1.0).mul_(g).sub_(1.0)  # (1 + w)·g = 1 + w'
 
     def sync(self, model: PreTrainedModel) -> None:

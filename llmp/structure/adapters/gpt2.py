@@ -19,52 +19,31 @@ has its query columns multiplied by ``(j + 1)/(i + 1)`` so the renumbered model 
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from llmp.errors import LlmpError
-from llmp.structure.adapters.base import Adapter, set_config_fields
-from llmp.structure.groups import Group, Kind, Slice, Structure
+from llmp.structure.adapters.base import Adapter, set_config_fields, uniform_shape
+from llmp.structure.groups import Group, Kind, Slice
 
 
 class GPT2Adapter(Adapter):
     family = "gpt2"
     model_types = ("gpt2",)
     kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS)
+    layers_path = "transformer.h"
+    layernorm = True
 
-    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.transformer.h
-
-    def discover(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> Structure:
-        if Kind.HIDDEN in kinds:
-            raise LlmpError(
-                "hidden-channel pruning (`scope` channel) is not supported for gpt2: its LayerNorm subtracts the "
-                "mean over all channels, so removed channels cannot reproduce the model with those channels "
-                "zeroed. Use `scope` block (attention heads, MLP channels) or `scope` layer."
-            )
-        groups: list[Group] = []
-        for i, block in enumerate(self.layers(model)):
-            if Kind.KV_GROUPS in kinds or Kind.QUERY_HEADS in kinds:
-                groups.append(self._head_group(block, i))
-            if Kind.MLP in kinds:
-                groups.append(self._mlp_group(block, i))
-        if Kind.LAYERS in kinds:
-            n = len(self.layers(model))
-            groups.append(Group("layers", Kind.LAYERS, None, n, modules=tuple(f"transformer.h.{i}" for i in range(n))))
-        return Structure(self.family, groups)
-
-    def _head_group(self, block: nn.Module, i: int) -> Group:
+    def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
         # Multi-head attention: every head is its own KV group (named like Llama's for one vocabulary).
-        attn, p = block.attn, f"transformer.h.{i}.attn"
+        attn, p = self.layers(model)[i].attn, f"transformer.h.{i}.attn"
         d, e = attn.head_dim, attn.c_proj.weight.shape[0]
         slices = [Slice(f"{p}.c_proj.weight", 0, d, writes=True)]
         for offset in (0, e, 2 * e):  # q, k, v
             slices += [Slice(f"{p}.c_attn.weight", 1, d, offset=offset), Slice(f"{p}.c_attn.bias", 0, d, offset=offset)]
         return Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, e // d, tuple(slices))
 
-    def _mlp_group(self, block: nn.Module, i: int) -> Group:
-        p = f"transformer.h.{i}.mlp"
+    def mlp_group(self, model: PreTrainedModel, i: int) -> Group:
+        block, p = self.layers(model)[i], f"transformer.h.{i}.mlp"
         slices = (
             Slice(f"{p}.c_fc.weight", 1, 1),
             Slice(f"{p}.c_fc.bias", 0, 1),
@@ -77,15 +56,13 @@ class GPT2Adapter(Adapter):
         parts = ["attn", "mlp"] + (["crossattention"] if hasattr(block, "crossattention") else [])
         return [f"{p}.{part}.c_proj.{name}" for part in parts for name in ("weight", "bias")]
 
-    def remove_layers(self, model: PreTrainedModel, drop: list[int]) -> None:
-        keep = [i for i in range(len(self.layers(model))) if i not in set(drop)]
-        if model.config.scale_attn_by_inverse_layer_idx:
+    def layers_kept(self, model: PreTrainedModel, keep: list[int], n_before: int) -> None:
+        if model.config.scale_attn_by_inverse_layer_idx:  # layer `old` becomes `new`: rescale its queries
             for new, old in enumerate(keep):
                 attn = self.layers(model)[old].attn
                 e = attn.c_proj.weight.shape[0]
                 attn.c_attn.weight.data[:, :e] *= (new + 1) / (old + 1)
                 attn.c_attn.bias.data[:e] *= (new + 1) / (old + 1)
-        model.transformer.h = nn.ModuleList(self.layers(model)[i] for i in keep)
 
     def sync(self, model: PreTrainedModel) -> None:
         config = model.config
@@ -112,12 +89,7 @@ class GPT2Adapter(Adapter):
 
     def apply_uniform_config(self, model: PreTrainedModel) -> bool:
         # GPT-2 derives head_dim = n_embd / n_head, so only MLP-only pruning gives a plain config.
-        shapes = self.layer_shapes(model)
-        if not shapes or any(s != shapes[0] for s in shapes):
+        shape = uniform_shape(self.layer_shapes(model))
+        if shape is None or shape["heads"] != model.config.n_head:
             return False
-        if shapes[0]["heads"] != model.config.n_head:
-            return False
-        return set_config_fields(model.config, n_inner=shapes[0]["mlp"])
-
-    def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
-        self.discover(model, (Kind.HIDDEN,))  # raises: hidden channels are refused
+        return set_config_fields(model.config, n_inner=shape["mlp"])

@@ -18,47 +18,22 @@ so removing channels that are zero in the masked model changes what the others c
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import PreTrainedModel
 
-from llmp.errors import LlmpError
-from llmp.structure.adapters.base import Adapter, set_config_fields
-from llmp.structure.groups import Group, Kind, Slice, Structure
+from llmp.structure.adapters.base import Adapter, set_config_fields, uniform_shape
+from llmp.structure.groups import Group, Kind, Slice
 
 
 class GPTBigCodeAdapter(Adapter):
     family = "gpt_bigcode"
     model_types = ("gpt_bigcode",)
     kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS)
+    layers_path = "transformer.h"
+    layernorm = True
+    hidden_writers = ("attn.c_proj", "mlp.c_proj")  # zeroed (weights and biases), a layer passes its input on
 
-    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.transformer.h
-
-    def discover(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> Structure:
-        """The groups of ``kinds``.
-
-        Raises:
-            LlmpError: hidden channels were asked for (see the module docstring).
-        """
-        if Kind.HIDDEN in kinds:
-            raise LlmpError(
-                "hidden-channel pruning (`scope` channel) is not supported for gpt_bigcode: its LayerNorm "
-                "subtracts the mean over all channels, so removed channels cannot reproduce the model with those "
-                "channels zeroed. Use `scope` block (attention heads, MLP channels) or `scope` layer."
-            )
-        groups: list[Group] = []
-        for i, block in enumerate(self.layers(model)):
-            if Kind.KV_GROUPS in kinds or Kind.QUERY_HEADS in kinds:
-                groups.append(self._attention_group(block, i, kinds))
-            if Kind.MLP in kinds:
-                groups.append(self._mlp_group(block, i))
-        if Kind.LAYERS in kinds:
-            n = len(self.layers(model))
-            groups.append(Group("layers", Kind.LAYERS, None, n, modules=tuple(f"transformer.h.{i}" for i in range(n))))
-        return Structure(self.family, groups)
-
-    def _attention_group(self, block: nn.Module, i: int, kinds: tuple[Kind, ...]) -> Group:
-        attn, p = block.attn, f"transformer.h.{i}.attn"
+    def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
+        attn, p = self.layers(model)[i].attn, f"transformer.h.{i}.attn"
         d = attn.head_dim
         n = attn.c_proj.in_features // d
         if not attn.multi_query:  # multi-head: each head is a KV group, its q, k, v rows side by side
@@ -74,21 +49,14 @@ class GPTBigCodeAdapter(Adapter):
         slices.append(Slice(f"{p}.c_proj.weight", 1, n * d, writes=True))
         return Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, 1, tuple(slices))
 
-    def _mlp_group(self, block: nn.Module, i: int) -> Group:
-        p = f"transformer.h.{i}.mlp"
+    def mlp_group(self, model: PreTrainedModel, i: int) -> Group:
+        block, p = self.layers(model)[i], f"transformer.h.{i}.mlp"
         slices = (
             Slice(f"{p}.c_fc.weight", 0, 1),
             Slice(f"{p}.c_fc.bias", 0, 1),
             Slice(f"{p}.c_proj.weight", 1, 1, writes=True),
         )
         return Group(f"layers.{i}.mlp", Kind.MLP, i, block.mlp.c_fc.out_features, slices)
-
-    def layer_writes(self, model: PreTrainedModel, i: int) -> list[str]:
-        return [f"transformer.h.{i}.{part}.c_proj.{name}" for part in ("attn", "mlp") for name in ("weight", "bias")]
-
-    def remove_layers(self, model: PreTrainedModel, drop: list[int]) -> None:
-        keep = [i for i in range(len(self.layers(model))) if i not in set(drop)]
-        model.transformer.h = nn.ModuleList(self.layers(model)[i] for i in keep)
 
     def sync(self, model: PreTrainedModel) -> None:
         layers = self.layers(model)
@@ -110,10 +78,7 @@ class GPTBigCodeAdapter(Adapter):
 
     def apply_uniform_config(self, model: PreTrainedModel) -> bool:
         # The config derives head_dim = n_embd / n_head: only MLP-only pruning gives a plain config.
-        shapes = self.layer_shapes(model)
-        if not shapes or any(s != shapes[0] for s in shapes) or shapes[0]["heads"] != model.config.n_head:
+        shape = uniform_shape(self.layer_shapes(model))
+        if shape is None or shape["heads"] != model.config.n_head:
             return False
-        return set_config_fields(model.config, n_inner=shapes[0]["mlp"])
-
-    def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
-        self.discover(model, (Kind.HIDDEN,))  # raises: hidden channels are refused
+        return set_config_fields(model.config, n_inner=shape["mlp"])

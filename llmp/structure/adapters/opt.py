@@ -22,61 +22,37 @@ Refused, because no smaller model computes what the masked one does:
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import PreTrainedModel
 
-from llmp.errors import LlmpError
-from llmp.structure.adapters.base import Adapter, set_config_fields
-from llmp.structure.groups import Group, Kind, Slice, Structure
+from llmp.structure.adapters.base import Adapter, Unsupported, set_config_fields, uniform_shape
+from llmp.structure.groups import Group, Kind, Slice
 
 
 class OPTAdapter(Adapter):
     family = "opt"
     model_types = ("opt",)
     kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS)
-
-    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.model.decoder.layers
+    layers_path = "model.decoder.layers"
+    layernorm = True
+    hidden_writers = ("self_attn.out_proj", "fc2")  # zeroed (weights and biases), a layer passes its input on
 
     def check_kinds(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> None:
         """Refuse the removals OPT cannot make exactly (see the module docstring).
 
         Raises:
-            LlmpError: hidden channels, or whole layers of a post-LayerNorm model, were asked for.
+            Unsupported: hidden channels, or whole layers of a post-LayerNorm model, were asked for.
         """
-        problems = []
-        if Kind.HIDDEN in kinds:
-            problems.append(
-                "hidden-channel pruning (`scope` channel) is not supported for opt: its LayerNorm subtracts the "
-                "mean over all channels, so removed channels cannot reproduce the model with those channels "
-                "zeroed. Use `scope` block (attention heads, MLP channels) or `scope` layer."
-            )
+        super().check_kinds(model, kinds)
         if Kind.LAYERS in kinds and not model.config.do_layer_norm_before:
-            problems.append(
+            raise Unsupported(
                 "layer pruning (`scope` layer) is not supported for opt models with do_layer_norm_before=false "
                 "(OPT-350m): their LayerNorm follows each residual add, so a removed layer still changed the "
                 "stream. Use `scope` block (attention heads, MLP channels)."
             )
-        if problems:
-            raise LlmpError("; ".join(problems))
 
-    def discover(self, model: PreTrainedModel, kinds: tuple[Kind, ...]) -> Structure:
-        self.check_kinds(model, kinds)
-        groups: list[Group] = []
-        for i, layer in enumerate(self.layers(model)):
-            if Kind.KV_GROUPS in kinds or Kind.QUERY_HEADS in kinds:
-                groups.append(self._head_group(layer, i))
-            if Kind.MLP in kinds:
-                groups.append(self._mlp_group(layer, i))
-        if Kind.LAYERS in kinds:
-            n = len(self.layers(model))
-            modules = tuple(f"model.decoder.layers.{i}" for i in range(n))
-            groups.append(Group("layers", Kind.LAYERS, None, n, modules=modules))
-        return Structure(self.family, groups)
-
-    def _head_group(self, layer: nn.Module, i: int) -> Group:
+    def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
         # Multi-head attention: every head is its own KV group (named like Llama's for one vocabulary).
-        attn, p = layer.self_attn, f"model.decoder.layers.{i}.self_attn"
+        attn, p = self.layers(model)[i].self_attn, f"model.decoder.layers.{i}.self_attn"
         d = attn.head_dim
         slices = [Slice(f"{p}.out_proj.weight", 1, d, writes=True)]
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -85,25 +61,12 @@ class OPTAdapter(Adapter):
                 slices.append(Slice(f"{p}.{name}.bias", 0, d))
         return Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, attn.q_proj.out_features // d, tuple(slices))
 
-    def _mlp_group(self, layer: nn.Module, i: int) -> Group:
-        p = f"model.decoder.layers.{i}"
+    def mlp_group(self, model: PreTrainedModel, i: int) -> Group:
+        layer, p = self.layers(model)[i], f"model.decoder.layers.{i}"
         slices = [Slice(f"{p}.fc1.weight", 0, 1), Slice(f"{p}.fc2.weight", 1, 1, writes=True)]
         if layer.fc1.bias is not None:
             slices.append(Slice(f"{p}.fc1.bias", 0, 1))
         return Group(f"layers.{i}.mlp", Kind.MLP, i, layer.fc1.out_features, tuple(slices))
-
-    def layer_writes(self, model: PreTrainedModel, i: int) -> list[str]:
-        layer, p = self.layers(model)[i], f"model.decoder.layers.{i}"
-        names = []
-        for name, module in (("self_attn.out_proj", layer.self_attn.out_proj), ("fc2", layer.fc2)):
-            names.append(f"{p}.{name}.weight")
-            if module.bias is not None:
-                names.append(f"{p}.{name}.bias")
-        return names
-
-    def remove_layers(self, model: PreTrainedModel, drop: list[int]) -> None:
-        keep = [i for i in range(len(self.layers(model))) if i not in set(drop)]
-        model.model.decoder.layers = nn.ModuleList(self.layers(model)[i] for i in keep)
 
     def sync(self, model: PreTrainedModel) -> None:
         layers = self.layers(model)
@@ -123,12 +86,7 @@ class OPTAdapter(Adapter):
     def apply_uniform_config(self, model: PreTrainedModel) -> bool:
         # OPT derives head_dim = hidden_size / num_attention_heads, so a config cannot say "fewer
         # heads of the same size": only MLP-only pruning gives a plain OPT config.
-        shapes = self.layer_shapes(model)
-        if not shapes or any(s != shapes[0] for s in shapes):
+        shape = uniform_shape(self.layer_shapes(model))
+        if shape is None or shape["heads"] != model.config.num_attention_heads:
             return False
-        if shapes[0]["heads"] != model.config.num_attention_heads:
-            return False
-        return set_config_fields(model.config, ffn_dim=shapes[0]["mlp"])
-
-    def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
-        self.check_kinds(model, (Kind.HIDDEN,))
+        return set_config_fields(model.config, ffn_dim=shape["mlp"])

@@ -48,6 +48,7 @@ class LayerConfig:
 class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     model_types = ("phi3",)
+    hidden_readers = ("self_attn.qkv_proj", "mlp.gate_up_proj")
 
     @staticmethod
     def counts(attn: nn.Module) -> tuple[int, int]:
@@ -56,8 +57,8 @@ class Phi3Adapter(LlamaAdapter):
         n_q = attn.o_proj.weight.shape[1] // d
         return n_q, (attn.qkv_proj.weight.shape[0] // d - n_q) // 2
 
-    def _attention_group(self, layer: nn.Module, i: int, kinds: tuple[Kind, ...]) -> Group:
-        attn, p = layer.self_attn, f"model.layers.{i}.self_attn"
+    def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
+        attn, p = self.layers(model)[i].self_attn, f"model.layers.{i}.self_attn"
         d = attn.head_dim
         n_q, n_kv = self.counts(attn)
         per_group = n_q // n_kv
@@ -74,32 +75,15 @@ class Phi3Adapter(LlamaAdapter):
         )
         return Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, n_kv, slices)
 
-    def _mlp_group(self, layer: nn.Module, i: int) -> Group:
+    def mlp_group(self, model: PreTrainedModel, i: int) -> Group:
         p = f"model.layers.{i}.mlp"
-        channels = layer.mlp.down_proj.weight.shape[1]
+        channels = self.layers(model)[i].mlp.down_proj.weight.shape[1]
         slices = (
             Slice(f"{p}.gate_up_proj.weight", 0, 1),  # gate row c
             Slice(f"{p}.gate_up_proj.weight", 0, 1, offset=channels),  # up row I + c
             Slice(f"{p}.down_proj.weight", 1, 1, writes=True),
         )
         return Group(f"layers.{i}.mlp", Kind.MLP, i, channels, slices)
-
-    def _hidden_group(self, model: PreTrainedModel) -> Group:
-        slices = [Slice("model.embed_tokens.weight", 1, 1, writes=True)]
-        for i in range(len(self.layers(model))):
-            p = f"model.layers.{i}"
-            slices += [
-                Slice(f"{p}.input_layernorm.weight", 0, 1),
-                Slice(f"{p}.self_attn.qkv_proj.weight", 1, 1),
-                Slice(f"{p}.self_attn.o_proj.weight", 0, 1, writes=True),
-                Slice(f"{p}.post_attention_layernorm.weight", 0, 1),
-                Slice(f"{p}.mlp.gate_up_proj.weight", 1, 1),
-                Slice(f"{p}.mlp.down_proj.weight", 0, 1, writes=True),
-            ]
-        slices.append(Slice("model.norm.weight", 0, 1))
-        if model.lm_head.weight is not model.model.embed_tokens.weight:
-            slices.append(Slice("lm_head.weight", 1, 1))
-        return Group("hidden", Kind.HIDDEN, None, model.config.hidden_size, tuple(slices))
 
     def sync(self, model: PreTrainedModel) -> None:
         config = model.config
