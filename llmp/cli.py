@@ -274,7 +274,8 @@ def _eval_ppl(args) -> int:
 
 
 def _eval_tasks(args) -> int:
-    from llmp.eval.tasks import evaluate_tasks, find_task_file
+    from llmp.eval.task_files import find_task_file
+    from llmp.eval.tasks import evaluate_tasks
     from llmp.models import load_model
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]

@@ -7,9 +7,11 @@ subprocess with ``PYTHONPATH`` set to this folder.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 
 from llmp import importance, surgery
 from llmp.plan import PlanSettings, make_plan
@@ -47,42 +49,50 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def recipe_file(tiny_dir, tmp_path, mode="lora", schedule=None, single_device=True, **sections) -> Path:
+    """A `llmp fit` recipe for the tiny model: 2 epochs of 2 batches, KV groups and MLP channels
+    pruned to 30% of layers 0-3 (``schedule``: at fit start, or ``{epoch: ratio}``).
+
+    ``sections`` merge into the recipe's sections (``model={...}``, ``eval={...}``) or set a
+    top-level key (``output=...``). ``single_device``: one CPU process (no launcher)."""
+    pruning = {"config": {"ratio": 0.3, "attention": "kv", "layers": "0:4"}, "num_samples": 2, "seq_len": 16}
+    trainer = {
+        "default_root_dir": str(tmp_path),
+        "max_epochs": 2,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": [
+            {"class_path": "llmp.callbacks.StructuredPruning", "init_args": {**pruning, "schedule": schedule}}
+        ],
+    }
+    if single_device:
+        trainer.update(accelerator="cpu", devices=1)
+    recipe = {
+        "model": {"model": str(tiny_dir), "mode": mode, "learning_rate": 0.001, "warmup_steps": 1},
+        "trainer": trainer,
+        "data": {"path": "alpaca-1k", "max_samples": 24, "val_size": 4, "cutoff_len": 192, "batch_size": 2},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(name, {}).update(value)
+        else:
+            recipe[name] = str(value) if isinstance(value, Path) else value
+    path = Path(tmp_path) / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 def recipe(tiny_dir, tmp_path, **overrides) -> list[str]:
-    """`llmp fit` arguments for the tiny model (an iterative schedule)."""
-    config = tmp_path / "recipe.yaml"
-    config.write_text(
-        f"""
-model:
-  model: {tiny_dir}
-  learning_rate: 0.001
-  warmup_steps: 1
-  lora: {{dropout: 0.0}}  # dropout draws from the global RNG, which a resume does not restore
-trainer:
-  default_root_dir: {tmp_path}
-  accelerator: cpu
-  devices: 1
-  max_epochs: 2
-  limit_train_batches: 2
-  limit_val_batches: 1
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: llmp.callbacks.StructuredPruning
-      init_args:
-        config: {{ratio: 0.3, attention: kv, layers: "0:4"}}
-        schedule: {{0: 0.1, 1: 0.3}}
-        num_samples: 2
-        seq_len: 16
-data:
-  path: alpaca-1k
-  max_samples: 24
-  val_size: 4
-  cutoff_len: 192
-  batch_size: 2
-eval:
-  data: null
-"""
+    """`llmp fit` arguments for the tiny model (an iterative schedule, one process)."""
+    config = recipe_file(
+        tiny_dir,
+        tmp_path,
+        schedule={0: 0.1, 1: 0.3},
+        model={"lora": {"dropout": 0.0}},  # dropout draws from the global RNG, which a resume does not restore
+        eval={"data": None},
     )
     return ["--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
 

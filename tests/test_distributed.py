@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import recipe_file
 
 from llmp import load_pruned
 
@@ -24,43 +25,17 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(tiny_dir: Path, tmp_path: Path, mode: str, schedule: str = "null") -> Path:
-    config = tmp_path / "recipe.yaml"
-    config.write_text(
-        f"""
-model:
-  model: {tiny_dir}
-  mode: {mode}
-  learning_rate: 0.001
-  warmup_steps: 1
-trainer:
-  default_root_dir: {tmp_path}
-  max_epochs: 2
-  limit_train_batches: 2
-  limit_val_batches: 1
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: llmp.callbacks.StructuredPruning
-      init_args:
-        config: {{ratio: 0.3, attention: kv, layers: "0:4"}}
-        schedule: {schedule}
-        num_samples: 2
-        seq_len: 16
-data:
-  path: alpaca-1k
-  max_samples: 24
-  val_size: 4
-  cutoff_len: 192
-  batch_size: 2
-output: {tmp_path / "out"}
-eval:
-  max_tokens: 1024
-"""
+def tiny_recipe(tiny_dir: Path, tmp_path: Path, mode: str, schedule: dict | None = None) -> Path:
+    return recipe_file(
+        tiny_dir,
+        tmp_path,
+        mode,
+        schedule,
+        single_device=False,  # fabric run chooses the devices
+        trainer={"enable_checkpointing": False},
+        output=tmp_path / "out",
+        eval={"max_tokens": 1024},
     )
-    return config
 
 
 def fabric_run(
@@ -105,7 +80,7 @@ def check_output(tmp_path: Path, world_size: int, steps: int) -> dict:
 def test_ddp_two_processes_prune_identically(tiny_dir, tmp_path, mode):
     """An iterative schedule under DDP: every rank removes the same structures at every step, and
     training goes on in the new DDP wrapper (full mode: the kept parameters are the old wrapper's)."""
-    output = fabric_run("ddp", tiny_recipe(tiny_dir, tmp_path, mode, schedule="{0: 0.1, 1: 0.3}"))
+    output = fabric_run("ddp", tiny_recipe(tiny_dir, tmp_path, mode, schedule={0: 0.1, 1: 0.3}))
     plans = plans_by_rank(output)
     assert set(plans) == {0, 1} and len(plans[0]) == 2 and plans[0] == plans[1]
     assert "fabric run settings mapped onto the Trainer" in output

@@ -13,7 +13,8 @@ from conftest import DATA
 from conftest import run_cli as run
 
 from llmp.errors import LlmpError
-from llmp.eval.tasks import evaluate_tasks, find_task_file, load_local_task
+from llmp.eval.task_files import find_task_file, load_local_task
+from llmp.eval.tasks import evaluate_tasks
 from llmp.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
