@@ -49,12 +49,15 @@ def logits(model, ids):
         return model(ids).logits
 
 
-def recipe_file(tiny_dir, tmp_path, mode="lora", schedule=None, single_device=True, **sections) -> Path:
+def recipe_file(
+    tiny_dir, tmp_path, mode="lora", schedule=None, single_device=True, callbacks=(), name="recipe.yaml", **sections
+) -> Path:
     """A `llmp fit` recipe for the tiny model: 2 epochs of 2 batches, KV groups and MLP channels
     pruned to 30% of layers 0-3 (``schedule``: at fit start, or ``{epoch: ratio}``).
 
     ``sections`` merge into the recipe's sections (``model={...}``, ``eval={...}``) or set a
-    top-level key (``output=...``). ``single_device``: one CPU process (no launcher)."""
+    top-level key (``output=...``). ``single_device``: one CPU process (no launcher).
+    ``callbacks``: more Trainer callbacks (``{"class_path": ..., "init_args": ...}``), before the pruning."""
     pruning = {"config": {"ratio": 0.3, "attention": "kv", "layers": "0:4"}, "num_samples": 2, "seq_len": 16}
     trainer = {
         "default_root_dir": str(tmp_path),
@@ -65,7 +68,8 @@ def recipe_file(tiny_dir, tmp_path, mode="lora", schedule=None, single_device=Tr
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "callbacks": [
-            {"class_path": "llmp.callbacks.StructuredPruning", "init_args": {**pruning, "schedule": schedule}}
+            *callbacks,
+            {"class_path": "llmp.callbacks.StructuredPruning", "init_args": {**pruning, "schedule": schedule}},
         ],
     }
     if single_device:
@@ -75,12 +79,12 @@ def recipe_file(tiny_dir, tmp_path, mode="lora", schedule=None, single_device=Tr
         "trainer": trainer,
         "data": {"path": "alpaca-1k", "max_samples": 24, "val_size": 4, "cutoff_len": 192, "batch_size": 2},
     }
-    for name, value in sections.items():
+    for key, value in sections.items():
         if isinstance(value, dict):
-            recipe.setdefault(name, {}).update(value)
+            recipe.setdefault(key, {}).update(value)
         else:
-            recipe[name] = str(value) if isinstance(value, Path) else value
-    path = Path(tmp_path) / "recipe.yaml"
+            recipe[key] = str(value) if isinstance(value, Path) else value
+    path = Path(tmp_path) / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 

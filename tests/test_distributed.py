@@ -25,17 +25,14 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(tiny_dir: Path, tmp_path: Path, mode: str, schedule: dict | None = None) -> Path:
-    return recipe_file(
-        tiny_dir,
-        tmp_path,
-        mode,
-        schedule,
-        single_device=False,  # fabric run chooses the devices
-        trainer={"enable_checkpointing": False},
-        output=tmp_path / "out",
-        eval={"max_tokens": 1024},
-    )
+def tiny_recipe(tiny_dir: Path, tmp_path: Path, mode: str, schedule: dict | None = None, **sections) -> Path:
+    settings = {
+        "trainer": {"enable_checkpointing": False},
+        "output": tmp_path / "out",
+        "eval": {"max_tokens": 1024},
+        **sections,
+    }
+    return recipe_file(tiny_dir, tmp_path, mode, schedule, single_device=False, **settings)  # fabric run: devices
 
 
 def fabric_run(
@@ -103,15 +100,15 @@ def test_deepspeed_zero_on_cpu(tiny_dir, tmp_path, stage, mode):
 def test_deepspeed_resume_rebuilds_the_pruned_shapes(tiny_dir, tmp_path):
     """A ZeRO-2 fit stopped after epoch 0 resumes from its sharded checkpoint folder."""
     pytest.importorskip("deepspeed")
+    stop = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts")},
+        },
+        {"class_path": "helpers.StopAfterEpoch"},
+    ]
+    first = tiny_recipe(tiny_dir, tmp_path, "lora", callbacks=stop, name="first.yaml", trainer={}, output=None)
     config = tiny_recipe(tiny_dir, tmp_path, "lora")
-    text = config.read_text().replace("  enable_checkpointing: false\n", "")
-    stop = f"""  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp_path / "ckpts"}}}
-    - class_path: helpers.StopAfterEpoch
-"""
-    first = tmp_path / "first.yaml"
-    first.write_text(text.replace("  callbacks:\n", stop, 1).replace(f"output: {tmp_path / 'out'}\n", ""))
     env = {"PYTHONPATH": str(Path(__file__).parent)}  # StopAfterEpoch lives in helpers
     fabric_run("deepspeed_stage_2", first, extra_env=env)
     (stopped,) = (tmp_path / "ckpts").glob("*.ckpt")
@@ -127,7 +124,6 @@ def test_deepspeed_resume_rebuilds_the_pruned_shapes(tiny_dir, tmp_path):
 def test_deepspeed_zero_on_cuda(tiny_dir, tmp_path, stage):
     """The stock Lightning DeepSpeed path on GPUs, bf16."""
     pytest.importorskip("deepspeed")
-    config = tiny_recipe(tiny_dir, tmp_path, "lora")
-    config.write_text(config.read_text().replace("trainer:\n", "trainer:\n  precision: bf16-mixed\n"))
+    config = tiny_recipe(tiny_dir, tmp_path, "lora", trainer={"enable_checkpointing": False, "precision": "bf16-mixed"})
     fabric_run(f"deepspeed_stage_{stage}", config, accelerator="cuda")
     check_output(tmp_path, world_size=2, steps=1)
