@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llmp import LlmpError, PruneConfig, load_model, prune
-from llmp.cli import add_prune_args
+from llmp.cli import add_dtype_arg, add_prune_args, return_freed_memory
 from llmp.data import calibration_samples, read_text
 from llmp.eval import perplexity
 
@@ -34,17 +34,20 @@ def main() -> None:
     parser.add_argument("--eval", default="wikitext2", help="perplexity text (built-in wikitext2, or a file)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (timing and memory only)")
+    add_dtype_arg(parser)
     add_prune_args(parser)  # every option of `llmp prune`, with its help
     args = parser.parse_args()
+    return_freed_memory()  # as `llmp prune` does
     try:
         config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
     except LlmpError as err:
         parser.error(str(err))
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype)
     t1 = time.perf_counter()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_dtypes = {p.dtype for p in model.parameters()}
     t2 = time.perf_counter()
     calib = calibration_samples(args.calibration, tokenizer, args.num_samples, args.seq_len, config.seed)
     t3 = time.perf_counter()
@@ -55,11 +58,14 @@ def main() -> None:
     text = None if args.no_ppl else read_text(args.eval)
     pruned = None if args.no_ppl else perplexity(model, tokenizer, text, 128, args.eval_tokens)
     del model
-    dense = None if args.no_ppl else perplexity(load_model(args.model)[0], tokenizer, text, 128, args.eval_tokens)
+    dense = None
+    if not args.no_ppl:
+        dense = perplexity(load_model(args.model, args.dtype)[0], tokenizer, text, 128, args.eval_tokens)
     result = {
         "model": args.model,
         "settings": record.settings,
         "threads": torch.get_num_threads(),
+        "dtype": str(next(iter(model_dtypes))) if len(model_dtypes) == 1 else sorted(map(str, model_dtypes)),
         "load_s": round(t1 - t0, 3),
         "calibration_data_s": round(t3 - t2, 3),
         **record.timings,

@@ -30,11 +30,12 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
-from llmp.structure import Group, Kind, Structure
+from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "l1", "l2", "random"]
 Reduction = Literal["sum", "mean", "max", "prod", "first"]
@@ -57,8 +58,9 @@ def score(
     calibration: torch.Tensor | None = None,
     criterion: Criterion = "taylor",
     reduction: Reduction = "sum",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     seed: int = 0,
+    checkpointing: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Score every element of every group (higher = more important).
 
@@ -68,8 +70,11 @@ def score(
         calibration: ``[N, L]`` token ids; required by the gradient criteria.
         criterion: see the module docstring.
         reduction: how an element's per-slice scores combine.
-        batch_size: calibration samples per forward/backward (per-sample criteria use 1).
+        batch_size: calibration samples per forward/backward (``None``: all in one; per-sample
+            criteria use 1).
         seed: for ``random``.
+        checkpointing: keep only each decoder layer's input for the backward pass and recompute
+            the rest there (activation memory of one layer instead of all, for one more forward).
 
     Returns:
         Group name → float64 tensor of ``group.size`` scores.
@@ -93,7 +98,9 @@ def score(
     tracked = _tracked(structure, params)
     keys = _slice_keys(structure)
     if needs_calibration(criterion):
-        sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
+        layers = adapter_for(model).layers(model) if checkpointing else []
+        with _checkpointed(layers):
+            sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
     else:
         sums, totals = _magnitude_scores(params, tracked, keys, criterion)
     return {g.name: _group_scores(g, sums, totals, params, reduction) for g in structure.groups}
@@ -153,11 +160,29 @@ def _grad_only_for(model: nn.Module, names: list[str]) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def _checkpointed(layers: nn.ModuleList | list) -> Iterator[None]:
+    """Run every layer of ``layers`` under activation checkpointing (in eval mode too, unlike
+    transformers' own switch, so dropout stays off)."""
+    for layer in layers:
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
 def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size):
     n = calibration.shape[0]
     device = next(model.parameters()).device
     per_sample = criterion in _PER_SAMPLE
-    step = 1 if per_sample else max(1, batch_size)
+    step = 1 if per_sample else (n if batch_size is None else max(1, batch_size))
     sums: dict[tuple[str, int], torch.Tensor] = {}
     totals: dict[str, float] = defaultdict(float)
     fisher: dict[str, torch.Tensor] = {}
@@ -165,9 +190,9 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
 
     def consume(name: str, p: torch.Tensor) -> None:
         # Called as soon as p's gradient for this sample is complete; frees it (second order).
-        g = p.grad.detach()
+        g = p.grad.detach().float()  # scores in float32 whatever the weights' dtype
         if criterion == "taylor2":
-            contribution = (p.detach() * g).pow_(2).div_(n)
+            contribution = (p.detach().float() * g).pow_(2).div_(n)
             for dim in keys.get(name, ()):
                 part = _reduce_to(contribution, dim).double()
                 sums[(name, dim)] = sums[(name, dim)] + part if (name, dim) in sums else part
@@ -180,8 +205,8 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
 
     def finish(name: str, p: torch.Tensor, g: torch.Tensor | None) -> None:
         # Final scores of one parameter from its summed gradient (first order, mix).
-        w = p.detach()
-        g = torch.zeros_like(w) if g is None else g.detach()  # None: unused by the forward
+        w = p.detach().float()  # scores in float32 whatever the weights' dtype (a copy of one weight at most)
+        g = torch.zeros_like(w) if g is None else g.detach().float()  # None: unused by the forward
         if criterion == "vectorwise":
             prod = w * g
             for dim in keys.get(name, ()):
@@ -212,7 +237,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                         for k in tracked
                     ]
                 batch = calibration[start : start + step].to(device)
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
                 (loss if per_sample else loss * (batch.shape[0] / n)).backward()
@@ -231,7 +256,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
 def _magnitude_scores(params, tracked, keys, criterion):
     sums, totals = {}, {}
     for name in tracked:
-        sal = _salience(params[name].detach(), None, None, criterion)
+        sal = _salience(params[name].detach().float(), None, None, criterion)
         for dim in keys.get(name, ()):
             sums[(name, dim)] = _reduce_to(sal, dim).double()
         totals[name] = float(sal.sum())

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -56,7 +55,8 @@ def save_pruned(
         plain = adapter.apply_uniform_config(model)
         setattr(model.config, SHAPES_KEY, shapes)
         if record is not None:
-            record = dataclasses.replace(record, loads_with_plain_transformers=plain)
+            dtype = str(model.dtype).removeprefix("torch.")
+            record = dataclasses.replace(record, loads_with_plain_transformers=plain, dtype=dtype)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -70,7 +70,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
 
     Args:
         path: the folder.
-        dtype: convert the weights to it (default: as saved).
+        dtype: convert the floating weights to it as they are read (default: as saved); buffers
+            made by the model itself (rotary frequencies) keep their own dtype.
         trust_remote_code: let the folder's own Python code (config.json ``auto_map``) run.
 
     Raises:
@@ -92,8 +93,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         state: dict[str, torch.Tensor] = {}
         for file in weight_files:
-            state.update(load_file(file))
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as err:
+            state.update(read_safetensors(file, dtype))
+    except (OSError, ValueError, json.JSONDecodeError) as err:
         from llmp.models import remote_code_error
 
         raise remote_code_error(path, err) or LlmpError(
@@ -107,9 +108,70 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
     model.tie_weights()
     _materialize_buffers(model)
     adapter_for(model).sync(model)
-    if dtype is not None:
-        model.to(dtype)
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(floating) == 1:  # what save_pretrained writes into config.json
+        model.config.dtype = next(iter(floating))
     return model.eval()
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, read into the process's own memory (floating ones
+    converted to ``dtype`` one at a time, if given).
+
+    Not memory-mapped: a mapped file's pages stay counted in the process's memory for as long as
+    any tensor of it lives, so pruning a mapped model would hold the original weights and the
+    pruned copies at once. Read this way, a sliced-away weight's memory is freed at once.
+
+    Raises:
+        ValueError: the file is not a valid safetensors file (header, dtypes or offsets).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    tensors = {}
+    with path.open("rb", buffering=0) as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 * 1024**2):
+            raise ValueError(f"{path}: header length {length} does not fit the file")
+        header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the header is not a JSON object")
+        base = 8 + length
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            kind = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+            if kind is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+            start, end = offsets
+            tensor = torch.empty(shape, dtype=kind)
+            nbytes = tensor.numel() * tensor.element_size()
+            if not 0 <= start <= end <= size - base or end - start != nbytes:
+                raise ValueError(f"{path}: tensor {name!r} has offsets {offsets} that do not fit its shape or the file")
+            f.seek(base + start)
+            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise ValueError(f"{path}: tensor {name!r} is cut short")
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor
+    return tensors
 
 
 def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -100,25 +100,44 @@ def _hub_kwargs(spec: str) -> dict:
     )
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype argument as a ``torch.dtype``; ``auto`` (or ``None``) is ``None``: as stored.
+
+    Raises:
+        LlmpError: not one of :data:`DTYPES`.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmpError(f"`dtype` must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return None if dtype == "auto" else getattr(torch, dtype)
+
+
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool | None = None
+    spec: str, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
     Args:
         spec: a built-in name (``smollm2-135m``), a model folder (pruned or not), a ``.gguf``
             file, or a Hugging Face hub id.
-        dtype: weights' dtype (GGUF weights are de-quantized to it).
+        dtype: the weights' dtype; ``auto`` keeps the checkpoint's (a bf16 folder stays bf16;
+            GGUF weights are de-quantized to float32). On a CPU without bf16 units, bf16
+            matmuls are several times slower than float32 ones: the price of half the memory.
         trust_remote_code: let a model's own Python code run (``None``: see :func:`allow_remote_code`).
 
     Raises:
         LlmpError: nothing loadable at ``spec``, its files are corrupt, or it needs code that may not run.
     """
     spec, trust = str(spec), allow_remote_code(trust_remote_code)
+    wanted = resolve_dtype(dtype)
     if spec in BUILTINS:
         folder = _builtin_folder(spec)
         try:
-            return load_pruned(folder, dtype), _tokenizer(folder)
+            return load_pruned(folder, wanted), _tokenizer(folder)
         except LlmpError as err:
             raise LlmpError(
                 f"the cached copy of built-in {spec!r} is damaged ({err}); delete the folder {folder} "
@@ -128,9 +147,9 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LlmpError(f"model file {path} does not exist")
-        return _load_gguf(path.parent, path.name, dtype)
+        return _load_gguf(path.parent, path.name, wanted or torch.float32)
     if path.is_dir():
-        return load_pruned(path, dtype, trust_remote_code=trust), _tokenizer(path, trust)
+        return load_pruned(path, wanted, trust_remote_code=trust), _tokenizer(path, trust)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise LlmpError(
             f"no model at {spec!r}: give a model folder, a .gguf file, a hub id (owner/name) or a "
@@ -138,7 +157,7 @@ def load_model(
         )
     kwargs = {**_hub_kwargs(spec), "trust_remote_code": trust}
     try:  # a hub id: needs network access (or a filled HF cache)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=wanted or "auto", **kwargs)
         return model.eval(), AutoTokenizer.from_pretrained(spec, **kwargs)
     except (OSError, ValueError) as err:
         raise remote_code_error(spec, err) or LlmpError(

@@ -65,8 +65,12 @@ class PruneConfig:
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     steps: int = 1
     """prune in this many steps, re-scoring between them"""
-    batch_size: int = 1
-    """calibration samples per forward/backward"""
+    batch_size: int | None = None
+    """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
+    gradient of every weight is kept between batches (first-order criteria)"""
+    checkpointing: bool = True
+    """keep only each layer's input for the calibration backward and recompute the rest there:
+    activations of one layer instead of all (off: faster, more memory)"""
     seed: int = 0
     """for sampling and the random criterion"""
 
@@ -96,7 +100,7 @@ class PruneConfig:
             problems.append(f"`min_keep` must be in [0, 1) (a fraction of every group); got {self.min_keep}")
         if self.round_to < 1:
             problems.append(f"`round_to` must be >= 1 (1: no rounding; e.g. 8, 64, 128); got {self.round_to}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"`batch_size` must be >= 1 (calibration samples per forward); got {self.batch_size}")
         if self.seed < 0:
             problems.append(f"`seed` must be >= 0; got {self.seed}")
@@ -213,7 +217,14 @@ def prune(
                 "`attention='query'` (query heads) or `attention='none'`"
             )
         scores = importance.score(
-            model, structure, calibration, config.criterion, config.reduction, config.batch_size, config.seed
+            model,
+            structure,
+            calibration,
+            config.criterion,
+            config.reduction,
+            config.batch_size,
+            config.seed,
+            config.checkpointing,
         )
         t1 = time.perf_counter()
         params = {g.name: importance.element_parameters(g, model) for g in groups}

@@ -35,7 +35,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from llmp.errors import LlmpError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: `dtype`
 REPORT = "pruning_report.json"
 Shape = dict[str, int]  # {"heads", "kv_heads", "mlp"} of one layer
 _STRICT = ConfigDict(extra="forbid")
@@ -126,6 +126,7 @@ class PruningRecord:
         recovery: settings and results of the recovery run (shown as a table).
         generations: side-by-side greedy continuations.
         loads_with_plain_transformers: the folder's config holds the pruned counts.
+        dtype: the saved weights' dtype (``float32``, ``bfloat16`` ...).
         schema: the version of this layout.
     """
 
@@ -146,6 +147,7 @@ class PruningRecord:
     recovery: dict[str, Any] | None = None
     generations: Generations | None = None
     loads_with_plain_transformers: bool | None = None
+    dtype: str | None = None
     schema: int = SCHEMA
 
     @property

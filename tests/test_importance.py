@@ -49,3 +49,26 @@ def test_second_order_is_the_fisher_term(calib):
             f += w.grad**2 / len(calib)
     expected = sum((w.detach() ** 2 * f).sum(dim) for f, (w, dim) in zip(fisher, parts, strict=True))
     torch.testing.assert_close(scores["layers.0.mlp"], expected.double(), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "taylor2"])
+def test_checkpointing_does_not_change_scores(calib, criterion):
+    model = tiny_model("llama-gqa")
+    structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
+    plain = importance.score(model, structure, calib, criterion, checkpointing=False)
+    kept = importance.score(model, structure, calib, criterion, checkpointing=True)
+    for name in plain:
+        torch.testing.assert_close(plain[name], kept[name], rtol=1e-5, atol=1e-12)
+    assert "forward" not in vars(model.model.layers[0])  # the layers' own forward again
+
+
+def test_bf16_weights_are_scored_in_float32(calib):
+    model = tiny_model("llama-gqa")
+    structure = adapter_for(model).discover(model, (Kind.MLP,))
+    half = tiny_model("llama-gqa").to(torch.bfloat16)
+    exact = importance.score(model, structure, calib, "l2")
+    rounded = importance.score(half, adapter_for(half).discover(half, (Kind.MLP,)), calib, "l2")
+    assert all(s.dtype == torch.float64 for s in rounded.values())
+    for name in exact:  # only the bf16 rounding of the weights themselves differs
+        torch.testing.assert_close(exact[name], rounded[name], rtol=2e-2, atol=0)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # no float32 copy kept

@@ -75,3 +75,45 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_pruned(out)
     with pytest.raises(LlmpError, match="config.json is missing"):
         load_pruned(tmp_path)
+
+
+def test_bf16_checkpoint_stays_bf16(calib, inputs, tmp_path):
+    source = tmp_path / "bf16"
+    tiny_model("llama-gqa").to(torch.bfloat16).save_pretrained(source)
+    model = load_pruned(source)  # dtype unset: as stored
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    record = prune(model, PruneConfig(ratio=0.2, attention="kv"), calib)
+    out = save_pruned(model, tmp_path / "pruned", record=record)
+    assert json.loads((out / REPORT).read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < 0.85 * sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    loaded = load_pruned(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+    widened = load_pruned(out, torch.float32)
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    torch.testing.assert_close(
+        widened.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight.float()
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:4], "too short"),
+        (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header length"),
+        (lambda b: b[: len(b) - 8], "offsets"),
+    ],
+    ids=["short", "header-length", "truncated"],
+)
+def test_damaged_safetensors_is_named(tmp_path, damage, message):
+    from llmp.io import read_safetensors
+
+    out = save_pruned(tiny_model("llama-mha"), tmp_path / "m")
+    weights = next(out.glob("*.safetensors"))
+    intact = read_safetensors(weights)
+    assert intact.keys() and all(not t.is_shared() for t in intact.values())
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        read_safetensors(weights)
