@@ -27,7 +27,6 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
-from llmp.importance import needs_calibration
 from llmp.pruner import PruneConfig, count_parameters, prune
 from llmp.record import Calibration, PruningRecord, checkpoint_record
 
@@ -216,7 +215,7 @@ class StructuredPruning(L.Callback):
             return
         config = dataclasses.replace(self.config, ratio=self.targets[epoch], steps=1)  # of the original
         model.to(trainer.strategy.root_device)
-        calibration = self._calibration(trainer, pl_module) if needs_calibration(config.criterion) else None
+        calibration = self._calibration(trainer, pl_module) if config.needs_calibration else None
         log.info(
             "epoch %d: pruning to %.1f%% of the original parameters removed (%s criterion%s)",
             epoch,

@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384, help="token budget of that perplexity")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--samples", type=int, default=4, help="greedy generations before/after shown in report.md")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the whole model: read, prune and write one decoder layer at a time (a local folder; "
+        "criterion flap or wanda; implies --layerwise; no --eval-data, no samples: evaluate the output after)",
+    )
     add_dtype_arg(p)
     add_prune_args(p)
 
@@ -225,6 +231,18 @@ def _prune(args) -> int:
     problems = _positive(args, "num_samples", "eval_tokens")
     if args.samples < 0:
         problems.append(f"`--samples` must be 0 (none) or more; got {args.samples}")
+    if args.stream and args.eval_data:
+        problems.append(
+            "`--stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
+            f"`--eval-data {args.eval_data}` and run `llmp eval ppl --model OUTPUT --data {args.eval_data}` afterwards"
+        )
+    if args.stream and args.criterion not in ("flap", "wanda"):
+        problems.append(
+            f"`--stream` scores each layer from its activations, without gradients: use `--criterion flap` "
+            f"(or wanda); got `--criterion {args.criterion}`"
+        )
+    if args.stream:
+        args.layerwise = True
     if args.seq_len < 2:
         problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
     raise_all(problems)
@@ -244,7 +262,6 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     from llmp.data import calibration_samples, read_text
     from llmp.data.text import read_documents
     from llmp.eval import perplexity
-    from llmp.importance import needs_calibration
     from llmp.io import save_pruned
     from llmp.models import load_model, resolve_dtype
     from llmp.pruner import prune
@@ -253,8 +270,10 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
 
     # Local data is read (and refused if unreadable) before the model loads.
     text = read_text(eval_source) if eval_source else None
-    if needs_calibration(config.criterion) and Path(calibration_source).is_file():
+    if config.needs_calibration and Path(calibration_source).is_file():
         calibration_source = read_documents(calibration_source)
+    if args.stream:
+        return _prune_streamed(args, config, calibration_source)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
     load_s = time.perf_counter() - t0
@@ -262,7 +281,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=args.samples)
     t1 = time.perf_counter()
     calib = None
-    if needs_calibration(config.criterion):
+    if config.needs_calibration:
         calib = calibration_samples(calibration_source, tokenizer, args.num_samples, args.seq_len, config.seed)
     record = prune(model, config, calib)
     prune_s = time.perf_counter() - t1
@@ -282,6 +301,28 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
         print(f"perplexity on {args.eval_data}: {dense.ppl:.2f} -> {pruned.ppl:.2f} ({dense.protocol})")
     out = save_pruned(model, args.output, tokenizer, record, overwrite=args.overwrite, inputs=inputs)
     print(f"saved to {out}; summary in {write_report(out)[0]}")
+    return 0
+
+
+def _prune_streamed(args, config, calibration_source) -> int:
+    from llmp.data import calibration_samples
+    from llmp.models import model_folder, resolve_dtype
+    from llmp.outdir import real_path
+    from llmp.record import Calibration
+    from llmp.report import write_report
+    from llmp.streamed import prune_streamed
+
+    folder, tokenizer = model_folder(args.model)
+    t0 = time.perf_counter()
+    calib = calibration_samples(calibration_source, tokenizer, args.num_samples, args.seq_len, config.seed)
+    fields = {"model": args.model, "calibration": Calibration(str(args.calibration), args.num_samples, args.seq_len)}
+    dtype = resolve_dtype(args.dtype)
+    record = prune_streamed(folder, args.output, config, calib, tokenizer, fields, args.overwrite, dtype)
+    print(
+        f"parameters: {record.params_before:,} -> {record.params_after:,} ({record.achieved_ratio:.2%} removed, "
+        f"asked {config.ratio:.2%}) in {time.perf_counter() - t0:.1f} s, streamed layer by layer"
+    )
+    print(f"saved to {real_path(args.output)}; summary in {write_report(real_path(args.output))[0]}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Importance: one score per group element, from weights and calibration gradients.
+"""Importance: one score per group element, from weights and calibration gradients or activations.
 
 Criteria (``w`` a weight, ``g`` the gradient of the mean calibration loss, ``F`` the mean of
 per-sample squared gradients, the Fisher approximation of the Hessian diagonal):
@@ -10,6 +10,8 @@ criterion      per weight, summed over an element      needs
 ``taylor2``    ``w²·F`` (second-order Taylor term)     per-sample gradients
 ``taylor_mix`` ``|w·g − ½·w²·F|``                       both
 ``vectorwise`` ``|Σ_row w·g|`` (signs cancel in a row)  gradients
+``flap``       ``Var(x)·‖w‖²`` of the output projection    activations (llmp.activations)
+``wanda``      ``‖x‖·|w|`` of the output projection        activations (llmp.activations)
 ``l1``/``l2``  ``|w|`` / ``w²``                          nothing
 ``random``     uniform noise                            nothing
 =============  =====================================  ===========================
@@ -37,7 +39,9 @@ from tqdm.auto import tqdm
 from llmp.errors import LlmpError
 from llmp.structure import Group, Kind, Structure, adapter_for
 
-Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "l1", "l2", "random"]
+Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
+ACTIVATION = ("flap", "wanda")
+"""Criteria from calibration activations, without gradients (:mod:`llmp.activations`)."""
 Reduction = Literal["sum", "mean", "max", "prod", "first"]
 CRITERIA: tuple[str, ...] = Criterion.__args__
 REDUCTIONS: tuple[str, ...] = Reduction.__args__
@@ -45,8 +49,8 @@ GRADIENT_CRITERIA = ("taylor", "taylor2", "taylor_mix", "vectorwise")
 
 
 def needs_calibration(criterion: str) -> bool:
-    """Whether ``criterion`` scores from calibration text (the gradient criteria) or from weights alone."""
-    return criterion in GRADIENT_CRITERIA
+    """Whether ``criterion`` scores from calibration text (gradients or activations) or from weights alone."""
+    return criterion in GRADIENT_CRITERIA or criterion in ACTIVATION
 
 
 _PER_SAMPLE = {"taylor2", "taylor_mix"}
@@ -94,10 +98,17 @@ def score(
             f"`criterion` {criterion!r} needs calibration tokens and `calibration` is empty: pass token ids "
             "(e.g. from llmp.data.calibration_samples), or use a data-free criterion (l1, l2, random)"
         )
+    if criterion in ACTIVATION:
+        from llmp import activations
+
+        modules = list(activations.projections(structure).values())
+        return activations.score(
+            model, structure, activations.collect(model, modules, calibration, batch_size), criterion
+        )
     params = dict(model.named_parameters())
     tracked = _tracked(structure, params)
     keys = _slice_keys(structure)
-    if needs_calibration(criterion):
+    if criterion in GRADIENT_CRITERIA:
         layers = adapter_for(model).layers(model) if checkpointing else []
         with _checkpointed(layers):
             sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)

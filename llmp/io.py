@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ from llmp.errors import LlmpError
 from llmp.outdir import check_output_dir, real_path, write_folder, write_json_atomic
 from llmp.record import REPORT, PruningRecord
 from llmp.structure import adapter_for
-from llmp.structure.adapters.base import module_name
+from llmp.structure.adapters.base import BIASES_KEY, module_name
 from llmp.surgery import sync_module_sizes
 
 SHAPES_KEY = "llmp_layer_shapes"
@@ -48,21 +49,28 @@ def save_pruned(
         LlmpError: ``output`` may not be written (see :func:`llmp.outdir.check_output_dir`).
     """
     with write_folder(output, overwrite, inputs) as tmp:
-        adapter = adapter_for(model)
-        shapes = adapter.layer_shapes(model)
-        # Equal counts in every layer go into the config itself, so plain transformers loads it
-        # (unless transformers' own config checks refuse the counts).
-        plain = adapter.apply_uniform_config(model)
-        setattr(model.config, SHAPES_KEY, shapes)
-        if record is not None:
-            dtype = str(model.dtype).removeprefix("torch.")
-            record = dataclasses.replace(record, loads_with_plain_transformers=plain, dtype=dtype)
+        record = finish_config(model, record)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if record is not None:
             write_json_atomic(tmp / REPORT, record.to_json(), record=False)
     return real_path(output)
+
+
+def finish_config(model: PreTrainedModel, record: PruningRecord | None) -> PruningRecord | None:
+    """Put the per-layer counts into ``model.config`` (:data:`SHAPES_KEY`; equal counts in every
+    layer also into the config's own fields, so plain transformers loads the folder unless its
+    config checks refuse them) and return ``record`` with what that allows and the weights' dtype."""
+    adapter = adapter_for(model)
+    shapes = adapter.layer_shapes(model)
+    plain = adapter.apply_uniform_config(model) and adapter.plain_biases(model, add=False)
+    setattr(model.config, SHAPES_KEY, shapes)
+    if record is None:
+        return None
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype = str(next(iter(floating))).removeprefix("torch.") if len(floating) == 1 else None
+    return dataclasses.replace(record, loads_with_plain_transformers=plain, dtype=dtype)
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -103,6 +111,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     state = _current_names(model, state)
+    _add_biases(model, state)
     check_shapes(model, state, path)
     _place(model, state, path)
     model.tie_weights()
@@ -128,9 +137,46 @@ _DTYPES = {
 }
 
 
-def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file, read into the process's own memory (floating ones
-    converted to ``dtype`` one at a time, if given).
+def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a ``.safetensors`` file's header (name → dtype, shape, offsets,
+    checked against the file's size) and where the data starts.
+
+    Raises:
+        ValueError: the file is not a valid safetensors file (header, dtypes or offsets).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb", buffering=0) as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 * 1024**2):
+            raise ValueError(f"{path}: header length {length} does not fit the file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    base, entries = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        kind = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if kind is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+        start, end = offsets
+        nbytes = math.prod(shape) * kind.itemsize
+        if not 0 <= start <= end <= size - base or end - start != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} has offsets {offsets} that do not fit its shape or the file")
+        entries[name] = {"dtype": kind, "shape": shape, "start": base + start, "nbytes": nbytes}
+    return entries, base
+
+
+def read_safetensors(
+    path: str | Path, dtype: torch.dtype | None = None, names: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (only ``names``, if given), read into the process's
+    own memory, floating ones converted to ``dtype`` one at a time if given.
 
     Not memory-mapped: a mapped file's pages stay counted in the process's memory for as long as
     any tensor of it lives, so pruning a mapped model would hold the original weights and the
@@ -140,38 +186,34 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
         ValueError: the file is not a valid safetensors file (header, dtypes or offsets).
     """
     path = Path(path)
-    size = path.stat().st_size
+    entries, _ = read_header(path)
+    wanted = entries if names is None else {n: entries[n] for n in names}
     tensors = {}
     with path.open("rb", buffering=0) as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path} is too short for a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, 100 * 1024**2):
-            raise ValueError(f"{path}: header length {length} does not fit the file")
-        header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: the header is not a JSON object")
-        base = 8 + length
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            kind = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-            shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
-            if kind is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-                raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
-            start, end = offsets
-            tensor = torch.empty(shape, dtype=kind)
-            nbytes = tensor.numel() * tensor.element_size()
-            if not 0 <= start <= end <= size - base or end - start != nbytes:
-                raise ValueError(f"{path}: tensor {name!r} has offsets {offsets} that do not fit its shape or the file")
-            f.seek(base + start)
-            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+        for name, info in wanted.items():
+            tensor = torch.empty(info["shape"], dtype=info["dtype"])
+            f.seek(info["start"])
+            if info["nbytes"] and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != info["nbytes"]:
                 raise ValueError(f"{path}: tensor {name!r} is cut short")
             if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             tensors[name] = tensor
     return tensors
+
+
+def _add_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """Give the layer modules that compensation gave a bias (config ``llmp_biases``) the bias the
+    config alone does not create, where the weights hold one."""
+    added = getattr(model.config, BIASES_KEY, None) or ()
+    if not added:
+        return
+    adapter = adapter_for(model)
+    for i, layer in enumerate(adapter.layers(model)):
+        for name in added:
+            module = layer.get_submodule(name)
+            key = f"{adapter.layers_path}.{i}.{name}.bias"
+            if key in state and isinstance(module, nn.Linear) and module.bias is None:
+                module.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))
 
 
 def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -188,6 +230,12 @@ def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None
             f"the weights in {path} do not fit its config.json (missing: {missing[:5]}, unexpected: "
             f"{unexpected[:5]}); the folder is corrupt or from another model"
         )
+    put_tensors(model, state)
+    sync_module_sizes(model)
+
+
+def put_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make each of ``state`` the parameter (or buffer) of that name, whatever its old shape or device."""
     for name, tensor in state.items():
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
@@ -195,7 +243,6 @@ def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         else:
             module._buffers[attr] = tensor
-    sync_module_sizes(model)
 
 
 def check_shapes(twin: PreTrainedModel, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -276,8 +323,9 @@ def _non_persistent(model: nn.Module, name: str) -> bool:
     return attr in model.get_submodule(module_name)._non_persistent_buffers_set
 
 
-def _materialize_buffers(model: PreTrainedModel) -> None:
-    """Compute the buffers no checkpoint holds (rotary frequencies) with the model's own init."""
+def _materialize_buffers(model: PreTrainedModel, skip: str | None = None) -> None:
+    """Compute the buffers no checkpoint holds (rotary frequencies) with the model's own init;
+    then every tensor (but those under ``skip``, a name prefix) must be real."""
     for module in model.modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if not meta:
@@ -292,5 +340,6 @@ def _materialize_buffers(model: PreTrainedModel) -> None:
                 tensor._is_hf_initialized = True
         model._init_weights(module)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    leftover = [n for n in leftover if skip is None or not n.startswith(skip)]
     if leftover:
         raise LlmpError(f"these tensors were not restored: {leftover[:5]}; the folder is incomplete")

@@ -165,6 +165,23 @@ def load_model(
         ) from err
 
 
+def model_folder(spec: str | Path) -> tuple[Path, PreTrainedTokenizerBase]:
+    """The local safetensors folder of ``spec`` (a built-in name or a folder) and its tokenizer,
+    without loading the weights: what :mod:`llmp.streamed` reads.
+
+    Raises:
+        LlmpError: ``spec`` is a GGUF file, a hub id, or no model folder.
+    """
+    spec = str(spec)
+    folder = _builtin_folder(spec) if spec in BUILTINS else Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        raise LlmpError(
+            f"`--stream` reads a local model folder (config.json + *.safetensors); {spec!r} is not one: download "
+            "a hub model first (huggingface-cli download ID --local-dir DIR) or convert a .gguf with `llmp prune` in memory"
+        )
+    return folder, _tokenizer(folder)
+
+
 def input_paths(spec: str | Path) -> list[Path]:
     """The local files or folders that loading ``spec`` reads (none for a hub id)."""
     spec = str(spec)

@@ -182,3 +182,27 @@ def _global_counts(candidates: list[_Candidate], counts: dict[int, int]) -> dict
         for c in members:
             result[id(c)] = c.rounded(result[id(c)])
     return result
+
+
+def layer_counts(
+    groups: list[Group], element_params: dict[str, torch.Tensor], target: int, settings: PlanSettings
+) -> dict[str, int]:
+    """Elements each group loses per block under ``layer`` ranking: they follow from the sizes
+    and the target alone, so a layer-by-layer pruner knows them before any layer is scored.
+
+    Raises:
+        LlmpError: as :func:`make_plan`.
+    """
+    zeros = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    plan = make_plan(groups, zeros, element_params, target, PlanSettings("layer", settings.min_keep, settings.round_to))
+    blocks = {g.name: g.blocks for g in groups}
+    return {name: len(elements) // blocks[name] for name, elements in plan.items()}
+
+
+def choose(group: Group, scores: torch.Tensor, per_block: int) -> list[int]:
+    """The ``per_block`` lowest-scored elements of every block of ``group``."""
+    if per_block <= 0:
+        return []
+    order = scores.double().view(group.blocks, group.block_size).argsort(dim=1, stable=True)
+    order = order + torch.arange(group.blocks)[:, None] * group.block_size
+    return sorted(order[:, :per_block].flatten().tolist())

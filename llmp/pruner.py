@@ -19,11 +19,12 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from llmp import importance, surgery
+from llmp import activations, importance, surgery
 from llmp.errors import LlmpError, raise_all
 from llmp.plan import PlanSettings, make_plan
 from llmp.record import PruningRecord, Step
 from llmp.structure import Group, Kind, adapter_for
+from llmp.structure.adapters.base import BIASES_KEY
 from llmp.verify import verify
 
 Scope = Literal["block", "channel", "layer"]
@@ -52,7 +53,8 @@ class PruneConfig:
     mlp_layers: str | None = None
     """range for MLP channels alone (overrides layers)"""
     criterion: importance.Criterion = "taylor"
-    """importance criterion (see llmp.importance)"""
+    """importance criterion: taylor, taylor2, taylor_mix, vectorwise (calibration gradients), flap,
+    wanda (calibration activations, no gradients), l1, l2, random (weights only); see llmp.importance"""
     reduction: importance.Reduction = "sum"
     """how one element's slice scores combine"""
     ranking: Literal["layer", "global"] = "layer"
@@ -61,10 +63,18 @@ class PruneConfig:
     """fraction of every group always kept (at least one head per KV group)"""
     round_to: int = 1
     """kept MLP / hidden channels are a multiple of this"""
+    compensate: Literal["none", "bias", "lstsq"] = "none"
+    """after removing heads / MLP channels, keep their mean output as a bias of the output
+    projection (bias, FLAP's), or also refit the kept columns by ridge least squares on the
+    calibration inputs (lstsq); see llmp.activations"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     steps: int = 1
     """prune in this many steps, re-scoring between them"""
+    layerwise: bool = False
+    """activation criteria: score, prune and compensate one decoder layer at a time, each on the
+    outputs of the layers already pruned (SparseGPT/FLAP order; what --stream does); off: every
+    layer scored on the dense model in one forward"""
     batch_size: int | None = None
     """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
     gradient of every weight is kept between batches (first-order criteria)"""
@@ -89,7 +99,7 @@ class PruneConfig:
         hints = typing.get_type_hints(PruneConfig)
         choices = {
             name: typing.get_args(hints[name])
-            for name in ("scope", "attention", "criterion", "reduction", "ranking", "layout")
+            for name in ("scope", "attention", "criterion", "reduction", "ranking", "compensate", "layout")
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -108,6 +118,23 @@ class PruneConfig:
             self.ranking == "global" or self.layers or self.attn_layers or self.mlp_layers
         ):
             problems.append("`layout` uniform prunes every layer alike: it takes no layer ranges and no global ranking")
+        if self.scope != "block" and self.criterion in importance.ACTIVATION:
+            problems.append(
+                f"`criterion` {self.criterion} scores heads and MLP channels only: use it with `scope` block "
+                f"(got {self.scope!r}), or a criterion such as taylor"
+            )
+        if self.scope != "block" and self.compensate != "none":
+            problems.append(
+                f"`compensate` {self.compensate} works on heads and MLP channels only: use it with `scope` block "
+                f"(got {self.scope!r}), or `compensate` none"
+            )
+        if self.layerwise and self.criterion not in importance.ACTIVATION:
+            problems.append(
+                f"`layerwise` scores each layer from its activations: `criterion` must be one of "
+                f"{', '.join(importance.ACTIVATION)}; got {self.criterion!r}"
+            )
+        if self.layerwise and self.steps != 1:
+            problems.append(f"`layerwise` prunes in one pass; `steps` must be 1, got {self.steps}")
         if self.scope == "block" and self.attention == "none" and not self.mlp:
             problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
         for name in ("layers", "attn_layers", "mlp_layers"):
@@ -117,6 +144,11 @@ class PruneConfig:
                 except LlmpError as err:
                     problems.append(str(err))
         raise_all(problems)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration text (the criterion's gradients or activations, or compensation)."""
+        return importance.needs_calibration(self.criterion) or self.compensate != "none"
 
     @property
     def kinds(self) -> tuple[Kind, ...]:
@@ -147,7 +179,7 @@ def parse_range(text: str, n_layers: int | None, name: str = "layers") -> range:
     return range(a, b if b is not None else a + 1)
 
 
-def _ranges(config: PruneConfig, n: int) -> dict[Kind, range]:
+def layer_ranges(config: PruneConfig, n: int) -> dict[Kind, range]:
     default_attn = f"1:{n - 1}" if n > 2 else f"0:{n}"
     attn = config.attn_layers or config.layers or default_attn
     mlp = config.mlp_layers or config.layers or default_attn
@@ -192,9 +224,13 @@ def prune(
         LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
     """
     config.check()
+    if config.layerwise:
+        from llmp.sequential import prune_layerwise
+
+        return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params)
     adapter = adapter_for(model)
     n_layers = len(adapter.layers(model))
-    _ranges(config, n_layers)  # validates the ranges against the model before any work
+    layer_ranges(config, n_layers)  # validates the ranges against the model before any work
     if adapter.automatic:  # a family llmp has not seen: check its map first
         verify(model, adapter.discover(model, config.kinds), adapter)
     total = count_parameters(model)
@@ -206,7 +242,7 @@ def prune(
         target = cumulative - (reference - count_parameters(model))
         t0 = time.perf_counter()
         structure = adapter.discover(model, config.kinds)
-        ranges = _ranges(config, len(adapter.layers(model)))
+        ranges = layer_ranges(config, len(adapter.layers(model)))
         groups = [g for g in structure.groups if g.layer is None or g.layer in ranges[g.kind]]
         structure.groups = groups
         kv_groups = [g for g in groups if g.kind is Kind.KV_GROUPS]
@@ -216,16 +252,20 @@ def prune(
                 "key/value head (MQA), and removing it would remove all of the layer's attention; use "
                 "`attention='query'` (query heads) or `attention='none'`"
             )
-        scores = importance.score(
-            model,
-            structure,
-            calibration,
-            config.criterion,
-            config.reduction,
-            config.batch_size,
-            config.seed,
-            config.checkpointing,
-        )
+        stats = _activation_stats(model, structure, calibration, config)
+        if config.criterion in importance.ACTIVATION:
+            scores = activations.score(model, structure, stats, config.criterion)
+        else:
+            scores = importance.score(
+                model,
+                structure,
+                calibration,
+                config.criterion,
+                config.reduction,
+                config.batch_size,
+                config.seed,
+                config.checkpointing,
+            )
         t1 = time.perf_counter()
         params = {g.name: importance.element_parameters(g, model) for g in groups}
         allowed = {g.name: _layer_mask(g, ranges[Kind.LAYERS]) for g in groups if g.kind is Kind.LAYERS}
@@ -235,7 +275,9 @@ def prune(
             plan = agree(plan)
         t2 = time.perf_counter()
         before = count_parameters(model)
+        refits = activations.compensation(model, structure, plan, stats, config.compensate)
         surgery.apply(model, structure, plan, adapter)
+        note_biases(model, adapter, activations.install(model, refits), config)
         t3 = time.perf_counter()
         seconds = {"scoring_s": t1 - t0, "planning_s": t2 - t1, "surgery_s": t3 - t2}
         for key, value in seconds.items():
@@ -263,6 +305,26 @@ def prune(
         steps=steps,
         timings={k: round(v, 4) for k, v in timings.items()},
     )
+
+
+def _activation_stats(model, structure, calibration, config: PruneConfig) -> dict:
+    """The output projections' input statistics, when the criterion or the compensation needs them."""
+    if config.criterion not in importance.ACTIVATION and config.compensate == "none":
+        return {}
+    modules = list(activations.projections(structure).values())
+    return activations.collect(model, modules, calibration, config.batch_size, gram=config.compensate == "lstsq")
+
+
+def note_biases(model: PreTrainedModel, adapter, gained: list[str], config: PruneConfig) -> None:
+    """Record in the config which layer modules compensation gave a bias (the loader rebuilds
+    them); a uniform model gets them declared the plain-transformers way."""
+    if not gained:
+        return
+    prefix = adapter.layers_path + "."
+    names = {name.removeprefix(prefix).partition(".")[2] for name in gained}
+    setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
+    if config.layout == "uniform":
+        adapter.plain_biases(model)
 
 
 def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:

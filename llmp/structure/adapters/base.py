@@ -22,6 +22,9 @@ from transformers import PreTrainedModel
 from llmp.errors import LlmpError
 from llmp.structure.groups import Group, Kind, Slice, Structure
 
+BIASES_KEY = "llmp_biases"
+"""Config key: the layer modules (``mlp.down_proj``) to which compensation gave a bias."""
+
 
 class Unsupported(LlmpError, NotImplementedError):
     """A structure kind this family cannot remove exactly (the message says why and what to use)."""
@@ -110,6 +113,9 @@ class Adapter(ABC):
     """A layer's linear modules that read the residual stream (their input columns)."""
     hidden_writers: ClassVar[tuple[str, ...]] = ()
     """A layer's linear modules that write into it (their output rows and biases)."""
+    bias_flags: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Config flags that give a set of a layer's linear modules biases in plain transformers
+    (Llama's ``attention_bias``, ``mlp_bias``): how a compensated uniform model stays loadable."""
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         """The decoder layers, in order."""
@@ -215,6 +221,32 @@ class Adapter(ABC):
 
         Returns whether the config accepted them (see :func:`set_config_fields`).
         """
+
+    def plain_biases(self, model: PreTrainedModel, add: bool = True) -> bool:
+        """Declare the biases that compensation added (``config.llmp_biases``, see
+        :mod:`llmp.activations`) the way the family's config can: each :attr:`bias_flags` set that
+        holds one of them gets a bias in every module of every layer (zeros where there was none)
+        and its flag is set.
+
+        Returns whether every added bias is now declared, so that plain transformers loads them
+        (``add`` off: only whether they are, changing nothing).
+        """
+        added = set(getattr(model.config, BIASES_KEY, None) or ())
+        declared = set()
+        for flag, names in self.bias_flags.items():
+            if not added & set(names) or not hasattr(model.config, flag):
+                continue
+            if not add:
+                complete = all(layer.get_submodule(n).bias is not None for layer in self.layers(model) for n in names)
+                declared |= set(names) if complete and getattr(model.config, flag) else set()
+                continue
+            for layer in self.layers(model):
+                for m in (layer.get_submodule(n) for n in names):
+                    if m.bias is None:
+                        m.bias = nn.Parameter(m.weight.new_zeros(m.out_features))
+            setattr(model.config, flag, True)
+            declared |= set(names)
+        return added <= declared
 
     def rescale_hidden(self, model: PreTrainedModel, old: int, new: int) -> None:
         """Compensate normalisations for the hidden channels removed (``old`` → ``new``):

@@ -13,6 +13,8 @@ attention kernel (which derives the grouping from ``num_key_value_groups``) pair
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from transformers import PreTrainedModel
 
 from llmp.structure.adapters.base import Adapter, set_config_fields, uniform_shape
@@ -26,6 +28,10 @@ class LlamaAdapter(Adapter):
     hidden_norms = ("input_layernorm", "post_attention_layernorm")
     hidden_readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
     hidden_writers = ("self_attn.o_proj", "mlp.down_proj")
+    bias_flags: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        "mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    }
 
     def attention_group(self, model: PreTrainedModel, i: int, kinds: tuple[Kind, ...]) -> Group:
         attn, p = self.layers(model)[i].self_attn, f"model.layers.{i}.self_attn"

@@ -1,0 +1,181 @@
+"""Prune a model folder bigger than memory: layer by layer, read from and written to disk.
+
+The model is a skeleton on the ``meta`` device, shaped from the safetensors headers (so a folder
+llmp pruned before, with its own per-layer counts, streams too). The embeddings, final norm and
+head are read first; then each decoder layer's tensors are read when :mod:`llmp.sequential`
+reaches it, pruned there in float32 on CPU (the model's dtype on CUDA), and written, in the
+input's dtype, as their own shard of the output folder before the next layer is read::
+
+    out/model-00001-of-00031.safetensors   layer 0
+    ...
+    out/model-00031-of-00031.safetensors   embeddings, final norm, head
+    out/model.safetensors.index.json       tensor → shard, as transformers writes it
+
+Peak memory is one layer's weights (in float32 while it is pruned), the embeddings and head,
+and the calibration activations: it does not grow with depth. The folder is written atomically
+(:func:`llmp.outdir.write_folder`) and loads with :func:`llmp.load_pruned` like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from llmp.errors import LlmpError
+from llmp.io import (
+    _add_biases,
+    _current_names,
+    _materialize_buffers,
+    finish_config,
+    put_tensors,
+    read_header,
+    read_safetensors,
+)
+from llmp.outdir import write_folder, write_json_atomic
+from llmp.record import REPORT, PruningRecord
+from llmp.sequential import Layers, prune_layerwise
+from llmp.structure import adapter_for
+from llmp.structure.adapters.base import module_name
+from llmp.surgery import sync_module_sizes
+
+INDEX = "model.safetensors.index.json"
+
+
+class StreamedLayers(Layers):
+    """Layer ``i``'s weights: read from ``path`` on :meth:`load`; on :meth:`release`, written to
+    ``out`` as shard ``i + 1`` (final pass) and dropped back to ``meta``."""
+
+    def __init__(self, model: PreTrainedModel, where: dict[str, tuple[Path, str]], dtype, out: Path):
+        self.model, self.where, self.dtype, self.out = model, where, dtype, out
+        self.adapter = adapter_for(model)
+        self.n = len(self.adapter.layers(model))
+        self.shards = self.n + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def prefix(self, i: int) -> str:
+        return f"{self.adapter.layers_path}.{i}."
+
+    def load(self, i: int) -> None:
+        read_tensors(self.model, self.where, [n for n in self.where if n.startswith(self.prefix(i))], self.dtype)
+        sync_module_sizes(self.adapter.layers(self.model)[i])
+
+    def release(self, i: int, final: bool = True) -> None:
+        layer = self.adapter.layers(self.model)[i]
+        prefix = self.prefix(i)
+        if final:
+            state = {prefix + n: t.detach().contiguous() for n, t in layer.state_dict().items()}
+            self.write(i + 1, state)
+        put_tensors(self.model, {prefix + n: torch.empty_like(t, device="meta") for n, t in layer.state_dict().items()})
+
+    def write(self, shard: int, state: dict[str, torch.Tensor]) -> None:
+        name = f"model-{shard:05d}-of-{self.shards:05d}.safetensors"
+        save_file(state, self.out / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(state, name))
+        self.total_size += sum(t.numel() * t.element_size() for t in state.values())
+
+
+def read_tensors(model: PreTrainedModel, where: dict[str, tuple[Path, str]], names: list[str], dtype) -> None:
+    """Read tensors ``names`` (current names; ``where`` says in which file, under which name) into ``model``."""
+    by_file = defaultdict(list)
+    for name in names:
+        by_file[where[name][0]].append(name)
+    for file, wanted in by_file.items():
+        tensors = read_safetensors(file, dtype, [where[n][1] for n in wanted])
+        put_tensors(model, {n: tensors[where[n][1]] for n in wanted})
+
+
+def open_skeleton(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, dict[str, tuple[Path, str]]]:
+    """The model of folder ``path`` on ``meta``, shaped by its weights' headers, with every tensor
+    outside the decoder layers read; and where each tensor is stored.
+
+    Raises:
+        LlmpError: no config or weights, a damaged file, or weights that do not fit the config.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LlmpError(f"{path} is not a model folder: config.json is missing (--stream reads a local folder)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        headers = {file: read_header(file)[0] for file in files}
+    except (OSError, ValueError) as err:
+        raise LlmpError(f"cannot read the model in {path}: {err}") from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    stored = {name: (file, name) for file, entries in headers.items() for name in entries}
+    where = _current_names(model, stored)  # current name → (file, name in the file)
+    shapes = {}
+    for name, (file, key) in where.items():
+        info = headers[file][key]
+        shapes[name] = torch.empty(info["shape"], dtype=dtype or info["dtype"], device="meta")
+    _add_biases(model, shapes)
+    expected = set(model.state_dict())
+    unexpected = sorted(set(shapes) - expected)
+    if unexpected:
+        raise LlmpError(f"the weights in {path} do not fit its config.json (unexpected: {unexpected[:5]})")
+    put_tensors(model, shapes)
+    sync_module_sizes(model)
+    adapter = adapter_for(model)
+    adapter.sync(model)
+    prefix = adapter.layers_path + "."
+    read_tensors(model, where, [n for n in where if not n.startswith(prefix)], dtype)
+    model.tie_weights()
+    _materialize_buffers(model, skip=prefix)  # the layers stay on meta until their turn
+    return model.eval(), where
+
+
+def prune_streamed(
+    path: str | Path,
+    output: str | Path,
+    config,
+    calibration: torch.Tensor,
+    tokenizer=None,
+    record_fields: dict | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PruningRecord:
+    """Prune the model folder ``path`` into ``output`` one layer at a time (module docstring).
+
+    ``config`` takes an activation criterion (see :func:`llmp.sequential.prune_layerwise`);
+    ``record_fields`` are set on the record before it is written (model name, calibration).
+
+    Raises:
+        LlmpError: as :func:`open_skeleton`, :func:`llmp.sequential.prune_layerwise`, or the output
+            may not be written (see :func:`llmp.outdir.check_output_dir`).
+    """
+    import dataclasses
+
+    path = Path(path)
+    config = dataclasses.replace(config, layerwise=True)
+    model, where = open_skeleton(path, dtype)
+    with write_folder(output, overwrite, inputs=[path]) as tmp:
+        layers = StreamedLayers(model, where, dtype, tmp)
+        record = prune_layerwise(model, config, calibration, layers)
+        for key, value in (record_fields or {}).items():
+            setattr(record, key, value)
+        prefix = layers.adapter.layers_path + "."
+        rest = {n: t.detach().contiguous() for n, t in model.state_dict().items() if not n.startswith(prefix)}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is model.get_input_embeddings().weight:
+            rest.pop(f"{module_name(model, head)}.weight", None)  # tied: stored once, as the embedding
+        layers.write(layers.shards, rest)
+        record = finish_config(model, record)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        index = {"metadata": {"total_size": layers.total_size}, "weight_map": dict(sorted(layers.weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / REPORT, record.to_json(), record=False)
+    return record
