@@ -2,8 +2,9 @@
 
     python bench/criteria.py --model smollm2-135m --runs taylor:none,flap:bias,flap:lstsq:1.0
 
-Each run is ``criterion:compensate[:ridge]`` (ridge: the lstsq λ as a fraction of the mean input
-variance, default :data:`llmp.activations.RIDGE`); gradient criteria get ``--taylor-samples``
+Each run is ``criterion:compensate[:ridge][:layerwise]`` (ridge: the lstsq λ as a fraction of the
+mean input variance, default :data:`llmp.activations.RIDGE`; layerwise: ``PruneConfig.layerwise``,
+each layer scored on the pruned model's activations); gradient criteria get ``--taylor-samples``
 calibration windows (llmp's default 16), activation criteria ``--samples`` (one forward, so more
 is cheap). Prints one JSON line per run (and one for the dense model): perplexity per text with
 the protocol, removed fraction, pruning seconds, threads.
@@ -46,12 +47,16 @@ def main() -> None:
     protocol = next(iter(ppl.values())).protocol
     default_ridge = activations.RIDGE
     for run in args.runs.split(","):
-        criterion, compensate, *ridge = run.split(":")
-        activations.RIDGE = float(ridge[0]) if ridge else default_ridge
+        criterion, compensate, *more = run.split(":")
+        layerwise = "layerwise" in more
+        ridge = [float(m) for m in more if m != "layerwise"]
+        activations.RIDGE = ridge[0] if ridge else default_ridge
         n = args.samples if criterion in ACTIVATION else args.taylor_samples
         calib = calibration_samples(args.calibration, tokenizer, n, args.seq_len, 0)
         model = copy.deepcopy(dense)
-        config = PruneConfig(ratio=args.ratio, attention=args.attention, criterion=criterion, compensate=compensate)
+        config = PruneConfig(
+            ratio=args.ratio, attention=args.attention, criterion=criterion, compensate=compensate, layerwise=layerwise
+        )
         t0 = time.perf_counter()
         record = prune(model, config, calib)
         seconds = time.perf_counter() - t0

@@ -3,8 +3,9 @@
     python bench/prune.py --model smollm2-135m --ratio 0.2 [--attention kv --layers 4:26 ...]
 
 Prints one JSON object. Model loading is timed apart from pruning (calibration + scoring +
-planning + surgery). Peak RSS is the process's high-water mark right after pruning (loading
-included, perplexity excluded: it is measured afterwards).
+planning + surgery). Peak RSS is the process's high-water mark after loading and right after
+pruning (perplexity excluded: it is measured afterwards), next to the weights' bytes; on CUDA also
+the peak of allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eval", default="wikitext2", help="perplexity text (built-in wikitext2, or a file)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (timing and memory only)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: also the GPU's peak memory)")
     add_dtype_arg(parser)
     add_prune_args(parser)  # every option of `llmp prune`, with its help
     args = parser.parse_args()
@@ -46,6 +48,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype)
     t1 = time.perf_counter()
+    model.to(args.device)
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     model_dtypes = {p.dtype for p in model.parameters()}
     t2 = time.perf_counter()
@@ -70,7 +74,9 @@ def main() -> None:
         "calibration_data_s": round(t3 - t2, 3),
         **record.timings,
         "prune_total_s": round(t4 - t2, 3),
+        "peak_rss_gb_after_load": round(rss_load, 3),
         "peak_rss_gb_after_prune": round(rss_prune, 3),
+        "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if torch.cuda.is_available() else None,
         "weights_gb": round(weights / 1024**3, 3),
         "peak_rss_over_weights": round(rss_prune * 1024**3 / weights, 2),
         "params_before": record.params_before,

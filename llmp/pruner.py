@@ -277,7 +277,7 @@ def prune(
         before = count_parameters(model)
         refits = activations.compensation(model, structure, plan, stats, config.compensate)
         surgery.apply(model, structure, plan, adapter)
-        note_biases(model, adapter, activations.install(model, refits), config)
+        gained = note_biases(model, adapter, activations.install(model, refits), config)
         t3 = time.perf_counter()
         seconds = {"scoring_s": t1 - t0, "planning_s": t2 - t1, "surgery_s": t3 - t2}
         for key, value in seconds.items():
@@ -292,6 +292,7 @@ def prune(
                 removed={name: len(v) for name, v in plan.items()},
                 layer_shapes=adapter.layer_shapes(model),
                 timings={k: round(v, 4) for k, v in seconds.items()},
+                biases=gained or None,
             )
         )
     return PruningRecord(
@@ -315,16 +316,23 @@ def _activation_stats(model, structure, calibration, config: PruneConfig) -> dic
     return activations.collect(model, modules, calibration, config.batch_size, gram=config.compensate == "lstsq")
 
 
-def note_biases(model: PreTrainedModel, adapter, gained: list[str], config: PruneConfig) -> None:
+def note_biases(model: PreTrainedModel, adapter, gained: list[str], config: PruneConfig) -> list[str]:
     """Record in the config which layer modules compensation gave a bias (the loader rebuilds
-    them); a uniform model gets them declared the plain-transformers way."""
+    them); a uniform model gets them declared the plain-transformers way (zero biases beside).
+
+    Returns every module that gained a bias, those zeros included (what :func:`replay` re-adds).
+    """
     if not gained:
-        return
+        return []
     prefix = adapter.layers_path + "."
     names = {name.removeprefix(prefix).partition(".")[2] for name in gained}
     setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
-    if config.layout == "uniform":
-        adapter.plain_biases(model)
+    if config.layout != "uniform":
+        return list(gained)
+    before = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    adapter.plain_biases(model)
+    after = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    return sorted(set(gained) | (after - before))
 
 
 def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
@@ -341,6 +349,10 @@ def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
         structure = adapter.discover(model, tuple(Kind(k) for k in step.kinds))
         plan = {name: list(v) for name, v in step.plan.items()}
         surgery.apply(model, structure, plan, adapter)
+        for name in step.biases or ():  # compensation's biases: their values come with the weights
+            module = model.get_submodule(name)
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(module.weight.new_zeros(module.out_features))
 
 
 def _layer_mask(group: Group, allowed: range) -> torch.Tensor:

@@ -35,7 +35,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from llmp.errors import LlmpError
 
-SCHEMA = 2  # 2: `dtype`
+SCHEMA = 3  # 2: `dtype`; 3: `Step.biases`
 REPORT = "pruning_report.json"
 Shape = dict[str, int]  # {"heads", "kv_heads", "mlp"} of one layer
 _STRICT = ConfigDict(extra="forbid")
@@ -57,6 +57,7 @@ class Step:
         timings: seconds spent scoring, planning and in surgery.
         epoch: the epoch whose start ran the step (pruning inside a fit).
         target_ratio: the cumulative fraction of the original parameters asked by then.
+        biases: the modules to which compensation gave a bias in this step (``replay`` adds them).
     """
 
     kinds: list[str]
@@ -69,6 +70,7 @@ class Step:
     timings: dict[str, float] = field(default_factory=dict)
     epoch: int | None = None
     target_ratio: float | None = None
+    biases: list[str] | None = None
 
 
 @with_config(_STRICT)

@@ -163,6 +163,7 @@ def prune_layerwise(
 
     inputs = layer_inputs(model, calibration, config.batch_size, compute)
     applied: dict[str, list[int]] = {}
+    biases: list[str] = []
     for i, layer in enumerate(layers):
         layers_io.load(i)
         mine = [g for g in groups if g.layer == i]
@@ -185,8 +186,7 @@ def prune_layerwise(
                 t2 = time.perf_counter()
                 refits = activations.compensation(model, part, mine_plan, stats, config.compensate)
                 surgery.apply(model, part, mine_plan, adapter)
-                gained = activations.install(model, refits)
-                note_biases(model, adapter, gained, config)
+                biases += note_biases(model, adapter, activations.install(model, refits), config)
                 applied.update(mine_plan)
                 t3 = time.perf_counter()
                 timings["scoring_s"] += t2 - t1
@@ -204,6 +204,7 @@ def prune_layerwise(
         removed={name: len(v) for name, v in applied.items()},
         layer_shapes=adapter.layer_shapes(model),
         timings={k: round(v, 4) for k, v in timings.items()},
+        biases=biases or None,
     )
     return PruningRecord(
         family=adapter.family,

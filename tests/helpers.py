@@ -50,15 +50,25 @@ def logits(model, ids):
 
 
 def recipe_file(
-    tiny_dir, tmp_path, mode="lora", schedule=None, single_device=True, callbacks=(), name="recipe.yaml", **sections
+    tiny_dir,
+    tmp_path,
+    mode="lora",
+    schedule=None,
+    single_device=True,
+    callbacks=(),
+    name="recipe.yaml",
+    pruning=None,
+    **sections,
 ) -> Path:
     """A `llmp fit` recipe for the tiny model: 2 epochs of 2 batches, KV groups and MLP channels
     pruned to 30% of layers 0-3 (``schedule``: at fit start, or ``{epoch: ratio}``).
 
     ``sections`` merge into the recipe's sections (``model={...}``, ``eval={...}``) or set a
     top-level key (``output=...``). ``single_device``: one CPU process (no launcher).
-    ``callbacks``: more Trainer callbacks (``{"class_path": ..., "init_args": ...}``), before the pruning."""
-    pruning = {"config": {"ratio": 0.3, "attention": "kv", "layers": "0:4"}, "num_samples": 2, "seq_len": 16}
+    ``callbacks``: more Trainer callbacks (``{"class_path": ..., "init_args": ...}``), before the pruning.
+    ``pruning``: more PruneConfig settings (``{"criterion": "flap"}``)."""
+    config = {"ratio": 0.3, "attention": "kv", "layers": "0:4", **(pruning or {})}
+    pruning = {"config": config, "num_samples": 2, "seq_len": 16}
     trainer = {
         "default_root_dir": str(tmp_path),
         "max_epochs": 2,

@@ -177,3 +177,18 @@ def test_stats_cover_every_token(calib):
     x = _inputs_of(model, model.get_submodule(name), calib)
     assert stats[name].count == calib.numel()
     torch.testing.assert_close(stats[name].mean, x.mean(0))
+
+
+@pytest.mark.parametrize("layout", ["heterogeneous", "uniform"])
+def test_replay_rebuilds_the_biases(calib, inputs, layout):
+    """A checkpoint's shapes are rebuilt by replay: compensation's biases (and a uniform model's
+    declared zeros) must be there for its weights to load."""
+    original = tiny_model("llama-gqa")
+    model = copy.deepcopy(original)
+    record = prune(model, PruneConfig(ratio=0.2, criterion="flap", compensate="bias", layout=layout), calib)
+    assert record.steps[0].biases
+    from llmp.pruner import replay
+
+    replay(original, record.steps)
+    original.load_state_dict(model.state_dict())  # strict: the same parameters, biases included
+    torch.testing.assert_close(logits(original, inputs), logits(model, inputs), rtol=0, atol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import run_cli as run
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -123,3 +124,19 @@ def test_bench_prune_takes_the_prune_options(tiny_dir):
     assert result["peak_rss_over_weights"] > 1 and result["threads"] >= 1
     helps = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, check=True).stdout
     assert all(f"--{f.name.replace('_', '-')}" in helps for f in dataclasses.fields(PruneConfig))
+
+
+def test_prune_streamed_then_again_in_memory(model_dir, tmp_path, capsys):
+    """`llmp prune --stream` writes a sharded folder equal to `--layerwise` in memory."""
+    common = ("--ratio", 0.2, "--criterion", "flap", "--compensate", "bias", "--num-samples", 4, "--seq-len", 32)
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--stream", "--output", tmp_path / "s", *common)
+    assert code == 0, err
+    assert "streamed layer by layer" in out and (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--layerwise", "--output", tmp_path / "m", *common)
+    assert code == 0, err
+    from llmp import load_pruned
+
+    streamed, in_memory = load_pruned(tmp_path / "s").state_dict(), load_pruned(tmp_path / "m").state_dict()
+    assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    report = json.loads((tmp_path / "s" / "pruning_report.json").read_text())
+    assert report["settings"]["layerwise"] and report["model"] == str(model_dir)

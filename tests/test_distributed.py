@@ -25,14 +25,18 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(tiny_dir: Path, tmp_path: Path, mode: str, schedule: dict | None = None, **sections) -> Path:
+def tiny_recipe(
+    tiny_dir: Path, tmp_path: Path, mode: str, schedule: dict | None = None, pruning: dict | None = None, **sections
+) -> Path:
     settings = {
         "trainer": {"enable_checkpointing": False},
         "output": tmp_path / "out",
         "eval": {"max_tokens": 1024},
         **sections,
     }
-    return recipe_file(tiny_dir, tmp_path, mode, schedule, single_device=False, **settings)  # fabric run: devices
+    return recipe_file(
+        tiny_dir, tmp_path, mode, schedule, single_device=False, pruning=pruning, **settings
+    )  # fabric run
 
 
 def fabric_run(
@@ -82,6 +86,17 @@ def test_ddp_two_processes_prune_identically(tiny_dir, tmp_path, mode):
     assert set(plans) == {0, 1} and len(plans[0]) == 2 and plans[0] == plans[1]
     assert "fabric run settings mapped onto the Trainer" in output
     check_output(tmp_path, world_size=2, steps=2)
+
+
+def test_ddp_layerwise_flap_prunes_identically(tiny_dir, tmp_path):
+    """flap + bias, layer by layer, under DDP: rank 0's plan of every layer is broadcast, so both
+    ranks remove the same structures and train the same compensated model."""
+    settings = {"criterion": "flap", "compensate": "bias", "layerwise": True}
+    output = fabric_run("ddp", tiny_recipe(tiny_dir, tmp_path, "full", schedule={0: 0.1, 1: 0.3}, pruning=settings))
+    plans = plans_by_rank(output)
+    assert set(plans) == {0, 1} and len(plans[0]) == 2 and plans[0] == plans[1]
+    report = check_output(tmp_path, world_size=2, steps=2)
+    assert report["settings"]["criterion"] == "flap" and report["steps"][0]["biases"]
 
 
 @pytest.mark.parametrize(("stage", "mode"), [(2, "lora"), (2, "full"), (3, "lora"), (3, "full")], ids=lambda v: str(v))

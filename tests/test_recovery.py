@@ -340,3 +340,23 @@ def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
     assert "`--ckpt_path` " in capsys.readouterr().err
     assert fit_main(recipe(tiny_dir, tmp_path, ckpt_path="hpc")) == 2
     assert "`--ckpt_path hpc`: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fit_prunes_with_activation_criteria_between_epochs(tiny_dir, tmp_path, mode):
+    """flap + bias compensation, layer by layer, at fit start and between epochs: no gradients
+    needed, calibration from the datamodule; the biases (trained in full mode, frozen under LoRA)
+    export with the model."""
+    module = RecoveryModule(str(tiny_dir), mode=mode, learning_rate=1e-3, warmup_steps=1)
+    config = PruneConfig(ratio=0.3, layers="0:4", criterion="flap", compensate="bias", layerwise=True)
+    callback = StructuredPruning(config, schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16)
+    fit = trainer(callbacks=[callback], max_epochs=2)
+    fit.fit(module, datamodule=data(tiny_dir))
+    assert callback.done == [0, 1] and module.record.steps[0].biases  # the second step reuses them
+    assert 0.25 < module.record.achieved_ratio < 0.35
+    out = module.export(tmp_path / "out")
+    model = load_pruned(out)
+    assert model.model.layers[1].mlp.down_proj.bias is not None
+    assert count_parameters(model) == module.record.params_after
+    ids = torch.randint(0, 200, (1, 8))
+    torch.testing.assert_close(logits(model, ids), logits(module.model, ids), rtol=0, atol=1e-5)  # merged by export

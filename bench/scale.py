@@ -1,0 +1,91 @@
+"""Benchmark: prune a random-initialised model of a real shape streamed from disk (``--stream``).
+
+    python bench/scale.py --shape llama-7b --dtype bfloat16 --folder /tmp/llama7b-bf16
+
+Writes the model with ``bench/make_model.py`` first (in a child process, so its memory does not
+count) when ``--folder`` holds none, then prunes it layer by layer (``llmp.streamed``) into
+``--output`` and prints one JSON object: time, peak RSS of this process against the weights'
+bytes, shards written. The weights are random: this measures memory and time, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmp import PruneConfig
+from llmp.cli import return_freed_memory
+from llmp.data import calibration_samples
+from llmp.models import model_folder
+from llmp.streamed import prune_streamed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tinyllama-1.1b", help="a bench/make_model.py shape")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--folder", required=True, help="the model folder (written first if missing)")
+    parser.add_argument("--output", help="the pruned folder (default: FOLDER-pruned)")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--attention", default="none")
+    parser.add_argument("--criterion", default="flap")
+    parser.add_argument("--compensate", default="bias")
+    parser.add_argument("--ranking", default="layer")
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    made = None
+    if not (folder / "config.json").is_file():
+        make = Path(__file__).with_name("make_model.py")
+        cmd = [sys.executable, str(make), "--shape", args.shape, "--dtype", args.dtype, "--output", str(folder)]
+        made = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return_freed_memory()
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    config = PruneConfig(
+        ratio=args.ratio,
+        attention=args.attention,
+        criterion=args.criterion,
+        compensate=args.compensate,
+        ranking=args.ranking,
+        layerwise=True,
+    )
+    t0 = time.perf_counter()
+    path, tokenizer = model_folder(folder)
+    calib = calibration_samples("c4", tokenizer, args.num_samples, args.seq_len, config.seed)
+    t1 = time.perf_counter()
+    output = Path(args.output or f"{folder}-pruned")
+    record = prune_streamed(path, output, config, calib, tokenizer, overwrite=True)
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "weights_gb": round(weights / 1024**3, 3),
+        "calibration": f"c4: {args.num_samples} x {args.seq_len} tokens",
+        "settings": {k: getattr(config, k) for k in ("ratio", "attention", "criterion", "compensate", "ranking")},
+        "prune_s": round(t2 - t1, 1),
+        "total_s": round(t2 - t0, 1),
+        "peak_rss_gb": round(peak / 1024**3, 3),
+        "peak_rss_over_weights": round(peak / weights, 3),
+        "params_before": record.params_before,
+        "params_after": record.params_after,
+        "achieved_ratio": record.achieved_ratio,
+        "output_gb": round(sum(f.stat().st_size for f in output.glob("*.safetensors")) / 1024**3, 3),
+        "shards": len(list(output.glob("*.safetensors"))),
+        "made": made,
+    }
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
