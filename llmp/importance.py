@@ -248,7 +248,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                         for k in tracked
                     ]
                 batch = calibration[start : start + step].to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                loss = calibration_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
                 (loss if per_sample else loss * (batch.shape[0] / n)).backward()
@@ -261,6 +261,53 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
             elif criterion != "taylor2" and name not in totals:
                 finish(name, params[name], None)
     return sums, totals
+
+
+LOSS_CHUNK = 1024
+"""Tokens whose logits exist at once in :func:`calibration_loss`."""
+
+
+def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of ``batch`` (``[B, L]`` ids), as ``model(..., labels=...).loss``
+    but without all of its logits at once.
+
+    The head runs on :data:`LOSS_CHUNK` tokens at a time under activation checkpointing, so the
+    backward recomputes each chunk's logits instead of keeping ``B·L × vocab`` floats (three
+    copies: logits, log-softmax, their gradient; 0.4 GB for 10 × 64 tokens of SmolLM2's 49k vocab,
+    12 GB for 64 × 128 tokens of Llama 3's 128k). Models whose forward changes the logits after
+    the head (Gemma 2's soft-capping, a logit scale) take the plain path.
+    """
+    head = model.get_output_embeddings()
+    config = model.config
+    plain = type(head) is nn.Linear and not any(
+        getattr(config, key, None) not in (None, 1, 1.0) for key in ("final_logit_softcapping", "logit_scale")
+    )
+    if not plain:
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    seen = {}
+
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
+        seen["hidden"] = hidden
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)  # no memory
+
+    head.forward = capture
+    try:
+        model(input_ids=batch, use_cache=False)
+    finally:
+        del head.forward  # the class's forward again
+    hidden = seen["hidden"][:, :-1].reshape(-1, seen["hidden"].shape[-1])
+    labels = batch[:, 1:].reshape(-1).to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), LOSS_CHUNK):
+        part = slice(start, start + LOSS_CHUNK)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, head, hidden[part], labels[part], use_reentrant=False
+        )
+    return total / labels.numel()
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
 @torch.no_grad()

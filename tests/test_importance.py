@@ -72,3 +72,19 @@ def test_bf16_weights_are_scored_in_float32(calib):
     for name in exact:  # only the bf16 rounding of the weights themselves differs
         torch.testing.assert_close(exact[name], rounded[name], rtol=2e-2, atol=0)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # no float32 copy kept
+
+
+def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
+    """The head runs on a few tokens at a time; the loss and every gradient are the model's own."""
+    model = tiny_model("llama-gqa")
+    monkeypatch.setattr(importance, "LOSS_CHUNK", 7)  # several chunks, one partial
+    plain = model(input_ids=calib, labels=calib, use_cache=False).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = importance.calibration_loss(model, calib)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7)
+    assert "forward" not in vars(model.lm_head)  # the head's own forward again
