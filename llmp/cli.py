@@ -46,10 +46,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         flags = ["--" + field.name.replace("_", "-"), *ALIASES.get(field.name, ())]
         default, text = field.default, helps[field.name]
         choices = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else None
-        if isinstance(default, bool):
+        kinds = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None)]
+        if isinstance(default, bool) or kinds == [bool]:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            kinds = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None)]
             kind = kinds[0] if kinds and kinds[0] in (int, float, str) else str
             shown = f"{text} (default: {default})"
             metavar = "{" + ",".join(choices) + "}" if choices else None  # checked by PruneConfig, with its message

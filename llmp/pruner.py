@@ -71,10 +71,10 @@ class PruneConfig:
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     steps: int = 1
     """prune in this many steps, re-scoring between them"""
-    layerwise: bool = False
+    layerwise: bool | None = None
     """activation criteria: score, prune and compensate one decoder layer at a time, each on the
     outputs of the layers already pruned (SparseGPT/FLAP order; what --stream does); off: every
-    layer scored on the dense model in one forward"""
+    layer scored on the dense model in one forward; unset: on for flap and wanda in one step"""
     batch_size: int | None = None
     """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
     gradient of every weight is kept between batches (first-order criteria)"""
@@ -128,12 +128,12 @@ class PruneConfig:
                 f"`compensate` {self.compensate} works on heads and MLP channels only: use it with `scope` block "
                 f"(got {self.scope!r}), or `compensate` none"
             )
-        if self.layerwise and self.criterion not in importance.ACTIVATION:
+        if self.layerwise is True and self.criterion not in importance.ACTIVATION:
             problems.append(
                 f"`layerwise` scores each layer from its activations: `criterion` must be one of "
                 f"{', '.join(importance.ACTIVATION)}; got {self.criterion!r}"
             )
-        if self.layerwise and self.steps != 1:
+        if self.layerwise is True and self.steps != 1:
             problems.append(f"`layerwise` prunes in one pass; `steps` must be 1, got {self.steps}")
         if self.scope == "block" and self.attention == "none" and not self.mlp:
             problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
@@ -144,6 +144,13 @@ class PruneConfig:
                 except LlmpError as err:
                     problems.append(str(err))
         raise_all(problems)
+
+    @property
+    def is_layerwise(self) -> bool:
+        """Whether pruning runs layer by layer (``layerwise``, or unset: an activation criterion in one step)."""
+        if self.layerwise is not None:
+            return self.layerwise
+        return self.criterion in importance.ACTIVATION and self.steps == 1 and self.scope == "block"
 
     @property
     def needs_calibration(self) -> bool:
@@ -224,7 +231,7 @@ def prune(
         LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
     """
     config.check()
-    if config.layerwise:
+    if config.is_layerwise:
         from llmp.sequential import prune_layerwise
 
         return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params)
@@ -316,23 +323,31 @@ def _activation_stats(model, structure, calibration, config: PruneConfig) -> dic
     return activations.collect(model, modules, calibration, config.batch_size, gram=config.compensate == "lstsq")
 
 
-def note_biases(model: PreTrainedModel, adapter, gained: list[str], config: PruneConfig) -> list[str]:
+def note_biases(
+    model: PreTrainedModel, adapter, gained: list[str], config: PruneConfig, declare: bool = True
+) -> list[str]:
     """Record in the config which layer modules compensation gave a bias (the loader rebuilds
-    them); a uniform model gets them declared the plain-transformers way (zero biases beside).
+    them); with ``declare``, a uniform model also gets them declared (:func:`declare_biases`).
 
-    Returns every module that gained a bias, those zeros included (what :func:`replay` re-adds).
+    Returns every module that gained a bias, declared zeros included (what :func:`replay` re-adds).
     """
     if not gained:
         return []
     prefix = adapter.layers_path + "."
     names = {name.removeprefix(prefix).partition(".")[2] for name in gained}
     setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
-    if config.layout != "uniform":
-        return list(gained)
+    return sorted(set(gained) | set(declare_biases(model, adapter, config) if declare else ()))
+
+
+def declare_biases(model: PreTrainedModel, adapter, config: PruneConfig) -> list[str]:
+    """A uniform model's compensation biases, declared the plain-transformers way (zero biases
+    beside them, see :meth:`Adapter.plain_biases`); returns the modules given a zero bias."""
+    if config.layout != "uniform" or not getattr(model.config, BIASES_KEY, None):
+        return []
     before = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
     adapter.plain_biases(model)
     after = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
-    return sorted(set(gained) | (after - before))
+    return sorted(after - before)
 
 
 def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:

@@ -28,7 +28,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmp import activations, surgery
-from llmp.errors import LlmpError
 from llmp.importance import element_parameters
 from llmp.plan import PlanSettings, choose, layer_counts, make_plan
 from llmp.record import PruningRecord, Step
@@ -119,13 +118,12 @@ def prune_layerwise(
     ``reference_params`` as in :func:`llmp.prune`.
 
     Raises:
-        LlmpError: a setting layer-by-layer pruning does not take, or no calibration tokens.
+        LlmpError: no calibration tokens (the settings are checked by ``config.check``).
     """
-    from llmp.pruner import count_parameters, layer_ranges, note_biases
+    from llmp.pruner import count_parameters, declare_biases, layer_ranges, note_biases
 
     config.check()
-    if calibration is None or calibration.numel() == 0:
-        raise LlmpError("layer-by-layer pruning needs calibration tokens and `calibration` is empty")
+    activations.require_calibration(calibration)
     layers_io = layers_io or Layers()
     adapter = adapter_for(model)
     layers = adapter.layers(model)
@@ -186,7 +184,7 @@ def prune_layerwise(
                 t2 = time.perf_counter()
                 refits = activations.compensation(model, part, mine_plan, stats, config.compensate)
                 surgery.apply(model, part, mine_plan, adapter)
-                biases += note_biases(model, adapter, activations.install(model, refits), config)
+                biases += note_biases(model, adapter, activations.install(model, refits), config, declare=False)
                 applied.update(mine_plan)
                 t3 = time.perf_counter()
                 timings["scoring_s"] += t2 - t1
@@ -194,6 +192,7 @@ def prune_layerwise(
             inputs = _run(layer, inputs)
         layers_io.release(i)
 
+    biases += declare_biases(model, adapter, config)  # after the last layer: its groups knew no such biases
     after = count_parameters(model)
     step = Step(
         kinds=[str(k) for k in config.kinds],

@@ -54,7 +54,9 @@ def test_bias_compensation_equals_mean_replacement(calib, inputs):
     model = tiny_model("llama-gqa")
     dense = copy.deepcopy(model)
     record = prune(
-        model, PruneConfig(ratio=0.25, attention="kv", criterion="flap", compensate="bias", layers="0:4"), calib
+        model,
+        PruneConfig(ratio=0.25, attention="kv", criterion="flap", compensate="bias", layers="0:4", layerwise=False),
+        calib,
     )
     (step,) = record.steps
     groups = adapter_for(dense).discover(dense, (Kind.KV_GROUPS, Kind.MLP))
@@ -89,7 +91,7 @@ def test_lstsq_reconstructs_the_dense_output_best(calib):
     targets = {}
     for mode in ("none", "bias", "lstsq"):
         model = copy.deepcopy(dense)
-        config = PruneConfig(ratio=0.3, criterion="flap", compensate=mode, mlp_layers="0:4")
+        config = PruneConfig(ratio=0.3, criterion="flap", compensate=mode, mlp_layers="0:4", layerwise=False)
         # inputs to down_proj of the dense model (the pruned one sees them minus the removed channels)
         xs = {i: _inputs_of(dense, layer.mlp.down_proj, calib) for i, layer in enumerate(dense.model.layers)}
         targets = {
