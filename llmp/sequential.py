@@ -141,11 +141,12 @@ def prune_layerwise(
     gram = config.compensate == "lstsq"
     timings = {"scoring_s": 0.0, "planning_s": 0.0, "surgery_s": 0.0}
 
+    last = max((g.layer for g in groups), default=-1)
     t0 = time.perf_counter()
     plan: dict[str, list[int]] | None = None
     if config.ranking == "global":  # pass 1: scores of every layer on the dense activations
         scores, inputs = {}, layer_inputs(model, calibration, config.batch_size, compute)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layers[: last + 1]):
             layers_io.load(i)
             mine = [g for g in groups if g.layer == i]
             with _computing(layer, compute), activations.recording(model, [owners[g.name] for g in mine]) as stats:
@@ -163,6 +164,8 @@ def prune_layerwise(
     applied: dict[str, list[int]] = {}
     biases: list[str] = []
     for i, layer in enumerate(layers):
+        if i > last and type(layers_io) is Layers:
+            break  # in memory, the layers after the last pruned one need nothing
         layers_io.load(i)
         mine = [g for g in groups if g.layer == i]
         with _computing(layer, compute):
@@ -189,7 +192,8 @@ def prune_layerwise(
                 t3 = time.perf_counter()
                 timings["scoring_s"] += t2 - t1
                 timings["surgery_s"] += t3 - t2
-            inputs = _run(layer, inputs)
+            if i < last:
+                inputs = _run(layer, inputs)  # the next layer's inputs, from this pruned layer
         layers_io.release(i)
 
     biases += declare_biases(model, adapter, config)  # after the last layer: its groups knew no such biases
