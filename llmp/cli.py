@@ -16,7 +16,6 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Literal
 
 from llmp.errors import LlmpError, raise_all
 
@@ -24,7 +23,8 @@ TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"
 ALIASES = {"criterion": ("--importance",)}  # DESIGN.md's name for the option  # read by llmp.models.allow_remote_code
 
 _DEFAULTS_NOTE = (
-    "defaults: MLP channels of every layer but the first and last, first-order Taylor on 16 x 128 C4 tokens"
+    "defaults: MLP channels of every layer but the first and last, scored by FLAP's fluctuation on 16 x 128 C4 "
+    "tokens layer by layer, the kept columns refit by least squares (docs/pruning.md)"
 )
 
 
@@ -38,20 +38,20 @@ def field_help(cls) -> dict[str, str]:
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`~llmp.PruneConfig` field, its help from the field's docstring
     (``llmp prune`` and ``bench/prune.py`` take the same options)."""
-    from llmp.pruner import PruneConfig
+    from llmp.pruner import PruneConfig, literal_choices
 
     helps = field_help(PruneConfig)
     hints = typing.get_type_hints(PruneConfig)
     for field in dataclasses.fields(PruneConfig):
         flags = ["--" + field.name.replace("_", "-"), *ALIASES.get(field.name, ())]
         default, text = field.default, helps[field.name]
-        choices = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else None
+        choices = literal_choices(hints[field.name]) or None
         kinds = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None)]
         if isinstance(default, bool) or kinds == [bool]:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = kinds[0] if kinds and kinds[0] in (int, float, str) else str
-            shown = f"{text} (default: {default})"
+            shown = f"{text} (default: {'unset' if default is None else default})"
             metavar = "{" + ",".join(choices) + "}" if choices else None  # checked by PruneConfig, with its message
             parser.add_argument(*flags, type=kind, default=default, metavar=metavar, help=shown)
 
@@ -236,13 +236,13 @@ def _prune(args) -> int:
             "`--stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
             f"`--eval-data {args.eval_data}` and run `llmp eval ppl --model OUTPUT --data {args.eval_data}` afterwards"
         )
-    if args.stream and args.criterion not in ("flap", "wanda"):
+    if args.stream and args.criterion not in (None, "flap", "wanda"):
         problems.append(
             f"`--stream` scores each layer from its activations, without gradients: use `--criterion flap` "
             f"(or wanda); got `--criterion {args.criterion}`"
         )
     if args.stream:
-        args.layerwise = True
+        args.layerwise = True  # and an unset criterion is flap
     if args.seq_len < 2:
         problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
     raise_all(problems)

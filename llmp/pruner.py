@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -52,9 +53,10 @@ class PruneConfig:
     """range for heads alone (overrides layers)"""
     mlp_layers: str | None = None
     """range for MLP channels alone (overrides layers)"""
-    criterion: importance.Criterion = "taylor"
+    criterion: importance.Criterion | None = None
     """importance criterion: taylor, taylor2, taylor_mix, vectorwise (calibration gradients), flap,
-    wanda (calibration activations, no gradients), l1, l2, random (weights only); see llmp.importance"""
+    wanda (calibration activations, no gradients), l1, l2, random (weights only); see
+    llmp.importance; unset: flap for heads and MLP channels, taylor for hidden channels and layers"""
     reduction: importance.Reduction = "sum"
     """how one element's slice scores combine"""
     ranking: Literal["layer", "global"] = "layer"
@@ -63,10 +65,10 @@ class PruneConfig:
     """fraction of every group always kept (at least one head per KV group)"""
     round_to: int = 1
     """kept MLP / hidden channels are a multiple of this"""
-    compensate: Literal["none", "bias", "lstsq"] = "none"
+    compensate: Literal["none", "bias", "lstsq"] | None = None
     """after removing heads / MLP channels, keep their mean output as a bias of the output
     projection (bias, FLAP's), or also refit the kept columns by ridge least squares on the
-    calibration inputs (lstsq); see llmp.activations"""
+    calibration inputs (lstsq); see llmp.activations; unset: lstsq with flap and wanda, else none"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     steps: int = 1
@@ -75,6 +77,9 @@ class PruneConfig:
     """activation criteria: score, prune and compensate one decoder layer at a time, each on the
     outputs of the layers already pruned (SparseGPT/FLAP order; what --stream does); off: every
     layer scored on the dense model in one forward; unset: on for flap and wanda in one step"""
+
+    # Unset fields take the defaults measured best (docs/pruning.md): flap with a least-squares
+    # refit, layer by layer, where it applies (heads, MLP channels); LLM-Pruner's Taylor elsewhere.
     batch_size: int | None = None
     """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
     gradient of every weight is kept between batches (first-order criteria)"""
@@ -87,6 +92,28 @@ class PruneConfig:
     def __post_init__(self) -> None:
         self.check()
 
+    def resolved(self, model: PreTrainedModel) -> PruneConfig:
+        """This config with its unset fields decided for ``model`` (what the record keeps):
+
+        - ``criterion``: flap where every pruned group writes through the input columns of one
+          linear layer (heads and MLP channels of the families with ``nn.Linear`` projections),
+          else taylor (hidden channels, layers, GPT-2's ``Conv1D``);
+        - ``compensate``: lstsq with flap or wanda, unless a uniform layout could then not declare
+          its biases to plain transformers (a family without ``bias_flags``); else none;
+        - ``layerwise``: on for flap and wanda in one step.
+        """
+        adapter = adapter_for(model)
+        criterion, compensate, layerwise = self.criterion, self.compensate, self.layerwise
+        if criterion is None:
+            criterion = "flap" if self.scope == "block" and _activation_ready(model, self) else "taylor"
+        if compensate is None:
+            flags = adapter.bias_flags
+            declarable = self.layout == "heterogeneous" or (flags and all(hasattr(model.config, f) for f in flags))
+            compensate = "lstsq" if criterion in importance.ACTIVATION and declarable else "none"
+        if layerwise is None:
+            layerwise = criterion in importance.ACTIVATION and self.steps == 1
+        return dataclasses.replace(self, criterion=criterion, compensate=compensate, layerwise=layerwise)
+
     def check(self) -> None:
         """Validate what can be checked without a model (done on construction; again after a change).
 
@@ -98,11 +125,11 @@ class PruneConfig:
             problems.append(f"`ratio` must be in [0, 1) (a fraction of all parameters); got {self.ratio}")
         hints = typing.get_type_hints(PruneConfig)
         choices = {
-            name: typing.get_args(hints[name])
+            name: literal_choices(hints[name])
             for name in ("scope", "attention", "criterion", "reduction", "ranking", "compensate", "layout")
         }
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (getattr(self, name) is None and name in _UNSET_OK):
                 problems.append(f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.steps < 1:
             problems.append(f"`steps` must be >= 1; got {self.steps}")
@@ -123,12 +150,12 @@ class PruneConfig:
                 f"`criterion` {self.criterion} scores heads and MLP channels only: use it with `scope` block "
                 f"(got {self.scope!r}), or a criterion such as taylor"
             )
-        if self.scope != "block" and self.compensate != "none":
+        if self.scope != "block" and self.compensate not in (None, "none"):
             problems.append(
                 f"`compensate` {self.compensate} works on heads and MLP channels only: use it with `scope` block "
                 f"(got {self.scope!r}), or `compensate` none"
             )
-        if self.layerwise is True and self.criterion not in importance.ACTIVATION:
+        if self.layerwise is True and self.criterion not in (None, *importance.ACTIVATION):
             problems.append(
                 f"`layerwise` scores each layer from its activations: `criterion` must be one of "
                 f"{', '.join(importance.ACTIVATION)}; got {self.criterion!r}"
@@ -146,16 +173,12 @@ class PruneConfig:
         raise_all(problems)
 
     @property
-    def is_layerwise(self) -> bool:
-        """Whether pruning runs layer by layer (``layerwise``, or unset: an activation criterion in one step)."""
-        if self.layerwise is not None:
-            return self.layerwise
-        return self.criterion in importance.ACTIVATION and self.steps == 1 and self.scope == "block"
-
-    @property
     def needs_calibration(self) -> bool:
-        """Whether pruning reads calibration text (the criterion's gradients or activations, or compensation)."""
-        return importance.needs_calibration(self.criterion) or self.compensate != "none"
+        """Whether pruning reads calibration text (the criterion's gradients or activations, or
+        compensation; an unset criterion is flap or taylor, which both do)."""
+        if self.criterion is None:
+            return True
+        return importance.needs_calibration(self.criterion) or self.compensate not in (None, "none")
 
     @property
     def kinds(self) -> tuple[Kind, ...]:
@@ -165,6 +188,25 @@ class PruneConfig:
             return (Kind.LAYERS,)
         kinds = {"query": (Kind.QUERY_HEADS,), "kv": (Kind.KV_GROUPS,), "none": ()}[self.attention]
         return kinds + ((Kind.MLP,) if self.mlp else ())
+
+
+_UNSET_OK = ("criterion", "compensate")  # decided per model by PruneConfig.resolved
+
+
+def _activation_ready(model: PreTrainedModel, config: PruneConfig) -> bool:
+    """Whether the activation criteria can score this model's groups of ``config``'s kinds."""
+    try:
+        activations.projections(adapter_for(model).discover(model, config.kinds))
+    except LlmpError:
+        return False
+    return True
+
+
+def literal_choices(hint) -> tuple:
+    """The values a ``Literal[...]`` (or ``Literal[...] | None``) type hint allows."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return next((literal_choices(arg) for arg in typing.get_args(hint) if typing.get_origin(arg) is Literal), ())
 
 
 def parse_range(text: str, n_layers: int | None, name: str = "layers") -> range:
@@ -231,7 +273,10 @@ def prune(
         LlmpError: invalid settings, unsupported family, or a target the structures cannot meet.
     """
     config.check()
-    if config.is_layerwise:
+    config = config.resolved(model)
+    config.check()
+    _refuse_mqa_kv(model, config)
+    if config.layerwise:
         from llmp.sequential import prune_layerwise
 
         return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params)
@@ -252,13 +297,6 @@ def prune(
         ranges = layer_ranges(config, len(adapter.layers(model)))
         groups = [g for g in structure.groups if g.layer is None or g.layer in ranges[g.kind]]
         structure.groups = groups
-        kv_groups = [g for g in groups if g.kind is Kind.KV_GROUPS]
-        if kv_groups and all(g.size <= 1 for g in kv_groups):
-            raise LlmpError(
-                f"`attention='kv'` cannot prune this {adapter.family} model: every layer in range has a single "
-                "key/value head (MQA), and removing it would remove all of the layer's attention; use "
-                "`attention='query'` (query heads) or `attention='none'`"
-            )
         stats = _activation_stats(model, structure, calibration, config)
         if config.criterion in importance.ACTIVATION:
             scores = activations.score(model, structure, stats, config.criterion)
@@ -315,6 +353,22 @@ def prune(
     )
 
 
+def _refuse_mqa_kv(model: PreTrainedModel, config: PruneConfig) -> None:
+    """Raises:
+    LlmpError: KV groups asked of a model whose every layer in range has a single key/value head."""
+    if Kind.KV_GROUPS not in config.kinds:
+        return
+    adapter = adapter_for(model)
+    ranges = layer_ranges(config, len(adapter.layers(model)))
+    groups = [g for g in adapter.discover(model, config.kinds).of_kind(Kind.KV_GROUPS) if g.layer in ranges[g.kind]]
+    if groups and all(g.size <= 1 for g in groups):
+        raise LlmpError(
+            f"`attention='kv'` cannot prune this {adapter.family} model: every layer in range has a single "
+            "key/value head (MQA), and removing it would remove all of the layer's attention; use "
+            "`attention='query'` (query heads) or `attention='none'`"
+        )
+
+
 def _activation_stats(model, structure, calibration, config: PruneConfig) -> dict:
     """The output projections' input statistics, when the criterion or the compensation needs them."""
     if config.criterion not in importance.ACTIVATION and config.compensate == "none":
@@ -368,6 +422,10 @@ def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
             module = model.get_submodule(name)
             if module.bias is None:
                 module.bias = torch.nn.Parameter(module.weight.new_zeros(module.out_features))
+        if step.biases:
+            prefix = adapter.layers_path + "."
+            names = {n.removeprefix(prefix).partition(".")[2] for n in step.biases}
+            setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
 
 
 def _layer_mask(group: Group, allowed: range) -> torch.Tensor:

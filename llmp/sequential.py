@@ -122,6 +122,7 @@ def prune_layerwise(
     """
     from llmp.pruner import count_parameters, declare_biases, layer_ranges, note_biases
 
+    config = config.resolved(model)
     config.check()
     activations.require_calibration(calibration)
     layers_io = layers_io or Layers()

@@ -139,8 +139,8 @@ def test_uniform_compensated_model_loads_in_plain_transformers(calib, inputs, tm
 def test_taylor_plan_with_bias_compensation(calib):
     model = tiny_model("llama-mha")
     plain = copy.deepcopy(model)
-    with_bias = prune(model, PruneConfig(ratio=0.2, compensate="bias"), calib)
-    without = prune(plain, PruneConfig(ratio=0.2), calib)
+    with_bias = prune(model, PruneConfig(ratio=0.2, criterion="taylor", compensate="bias"), calib)
+    without = prune(plain, PruneConfig(ratio=0.2, criterion="taylor"), calib)
     assert with_bias.steps[0].plan == without.steps[0].plan  # same plan, then the bias
     assert model.model.layers[1].mlp.down_proj.bias is not None and plain.model.layers[1].mlp.down_proj.bias is None
 

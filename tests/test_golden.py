@@ -19,11 +19,12 @@ from llmp import LlmpError, PruneConfig, prune
 
 GOLDEN = Path(__file__).parent / "golden" / "prune.json"
 SETTINGS = {
-    "mlp-taylor": dict(ratio=0.2),
-    "query-taylor": dict(ratio=0.08, attention="query", mlp=False, layers="0:4"),
+    "mlp-taylor": dict(ratio=0.2, criterion="taylor"),
+    "query-taylor": dict(ratio=0.08, attention="query", mlp=False, layers="0:4", criterion="taylor"),
     "kv-l2": dict(ratio=0.25, attention="kv", criterion="l2", layers="0:4"),
-    "channel-taylor": dict(ratio=0.1, scope="channel"),
-    "layer-taylor": dict(ratio=0.2, scope="layer", layers="0:4"),
+    "channel-taylor": dict(ratio=0.1, scope="channel", criterion="taylor"),
+    "layer-taylor": dict(ratio=0.2, scope="layer", layers="0:4", criterion="taylor"),
+    "mlp-flap-lstsq": dict(ratio=0.2),  # the defaults: flap, lstsq refit, layer by layer
     "global-vectorwise": dict(ratio=0.2, attention="kv", ranking="global", criterion="vectorwise", round_to=4),
 }
 

@@ -66,8 +66,9 @@ def test_bad_settings_are_clear_errors(kwargs, message):
 
 
 def test_missing_calibration_is_a_clear_error():
-    with pytest.raises(LlmpError, match="needs calibration tokens and `calibration` is empty"):
-        prune(medium_model(), PruneConfig(ratio=0.2), None)
+    for criterion in ("taylor", None):  # None: the default, flap here
+        with pytest.raises(LlmpError, match="calibration tokens and `calibration` is empty"):
+            prune(medium_model(), PruneConfig(ratio=0.2, criterion=criterion), None)
 
 
 def test_unsupported_architecture():
