@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--ranking", default="layer")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="where the layers run (cuda: one layer on the GPU at a time)")
     args = parser.parse_args()
     folder = Path(args.folder)
     made = None
@@ -62,7 +63,7 @@ def main() -> None:
     calib = calibration_samples("c4", tokenizer, args.num_samples, args.seq_len, config.seed)
     t1 = time.perf_counter()
     output = Path(args.output or f"{folder}-pruned")
-    record = prune_streamed(path, output, config, calib, tokenizer, overwrite=True)
+    record = prune_streamed(path, output, config, calib, tokenizer, overwrite=True, device=args.device)
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {
@@ -76,6 +77,9 @@ def main() -> None:
         "total_s": round(t2 - t0, 1),
         "peak_rss_gb": round(peak / 1024**3, 3),
         "peak_rss_over_weights": round(peak / weights, 3),
+        "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        if args.device.startswith("cuda")
+        else None,
         "params_before": record.params_before,
         "params_after": record.params_after,
         "achieved_ratio": record.achieved_ratio,

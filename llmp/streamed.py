@@ -50,8 +50,8 @@ class StreamedLayers(Layers):
     """Layer ``i``'s weights: read from ``path`` on :meth:`load`; on :meth:`release`, written to
     ``out`` as shard ``i + 1`` (final pass) and dropped back to ``meta``."""
 
-    def __init__(self, model: PreTrainedModel, where: dict[str, tuple[Path, str]], dtype, out: Path):
-        self.model, self.where, self.dtype, self.out = model, where, dtype, out
+    def __init__(self, model: PreTrainedModel, where: dict[str, tuple[Path, str]], dtype, out: Path, device="cpu"):
+        self.model, self.where, self.dtype, self.out, self.device = model, where, dtype, out, torch.device(device)
         self.adapter = adapter_for(model)
         self.n = len(self.adapter.layers(model))
         self.shards = self.n + 1
@@ -63,13 +63,16 @@ class StreamedLayers(Layers):
 
     def load(self, i: int) -> None:
         read_tensors(self.model, self.where, [n for n in self.where if n.startswith(self.prefix(i))], self.dtype)
-        sync_module_sizes(self.adapter.layers(self.model)[i])
+        layer = self.adapter.layers(self.model)[i]
+        sync_module_sizes(layer)
+        if self.device.type != "cpu":
+            layer.to(self.device)  # one layer on the accelerator at a time
 
     def release(self, i: int, final: bool = True) -> None:
         layer = self.adapter.layers(self.model)[i]
         prefix = self.prefix(i)
         if final:
-            state = {prefix + n: t.detach().contiguous() for n, t in layer.state_dict().items()}
+            state = {prefix + n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
             self.write(i + 1, state)
         put_tensors(self.model, {prefix + n: torch.empty_like(t, device="meta") for n, t in layer.state_dict().items()})
 
@@ -143,11 +146,13 @@ def prune_streamed(
     record_fields: dict | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> PruningRecord:
     """Prune the model folder ``path`` into ``output`` one layer at a time (module docstring).
 
     ``config`` takes an activation criterion (see :func:`llmp.sequential.prune_layerwise`);
-    ``record_fields`` are set on the record before it is written (model name, calibration).
+    ``record_fields`` are set on the record before it is written (model name, calibration);
+    ``device``: where the layers run (``cuda``: the embeddings, head and one layer at a time on the GPU).
 
     Raises:
         LlmpError: as :func:`open_skeleton`, :func:`llmp.sequential.prune_layerwise`, or the output
@@ -158,13 +163,14 @@ def prune_streamed(
     path = Path(path)
     config = dataclasses.replace(config, layerwise=True)
     model, where = open_skeleton(path, dtype)
+    _outside_to(model, device)
     with write_folder(output, overwrite, inputs=[path]) as tmp:
-        layers = StreamedLayers(model, where, dtype, tmp)
+        layers = StreamedLayers(model, where, dtype, tmp, device)
         record = prune_layerwise(model, config, calibration, layers)
         for key, value in (record_fields or {}).items():
             setattr(record, key, value)
         prefix = layers.adapter.layers_path + "."
-        rest = {n: t.detach().contiguous() for n, t in model.state_dict().items() if not n.startswith(prefix)}
+        rest = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if not n.startswith(prefix)}
         head = model.get_output_embeddings()
         if head is not None and head.weight is model.get_input_embeddings().weight:
             rest.pop(f"{module_name(model, head)}.weight", None)  # tied: stored once, as the embedding
@@ -179,3 +185,13 @@ def prune_streamed(
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / REPORT, record.to_json(), record=False)
     return record
+
+
+def _outside_to(model: PreTrainedModel, device) -> None:
+    """Move everything outside the decoder layers (embeddings, norm, head, rotary buffers) to ``device``."""
+    if torch.device(device).type == "cpu":
+        return
+    prefix = adapter_for(model).layers_path + "."
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    put_tensors(model, {n: t.to(device) for n, t in tensors if not n.startswith(prefix)})
+    model.tie_weights()

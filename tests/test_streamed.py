@@ -103,3 +103,16 @@ def test_layerwise_settings_are_checked(settings, message):
 def test_streaming_refuses_what_is_not_a_folder(tmp_path, calib):
     with pytest.raises(LlmpError, match="config.json is missing"):
         prune_streamed(tmp_path, tmp_path / "out", _config(), calib)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_on_cuda_equals_cpu(calib, tmp_path):
+    """One layer on the GPU at a time, computed in the model's dtype there: the same plan as on CPU."""
+    source = tmp_path / "source"
+    tiny_model("llama-gqa").save_pretrained(source)
+    on_cpu = prune_streamed(source, tmp_path / "cpu", _config(compensate="bias"), calib)
+    on_gpu = prune_streamed(source, tmp_path / "gpu", _config(compensate="bias"), calib, device="cuda")
+    assert on_gpu.steps[0].plan == on_cpu.steps[0].plan
+    a, b = load_pruned(tmp_path / "cpu").state_dict(), load_pruned(tmp_path / "gpu").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
