@@ -47,7 +47,8 @@ def main() -> None:
     if not (folder / "config.json").is_file():
         make = Path(__file__).with_name("make_model.py")
         cmd = [sys.executable, str(make), "--shape", args.shape, "--dtype", args.dtype, "--output", str(folder)]
-        made = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+        made = json.loads(lines[-1])  # its JSON line, after the tokenizer trainer's progress
     return_freed_memory()
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     config = PruneConfig(

@@ -126,8 +126,6 @@ def collect(
 ) -> dict[str, InputStats]:
     """Input statistics of ``modules`` over a forward of ``calibration`` (``[N, L]`` token ids)."""
     require_calibration(calibration)
-    device = next(model.parameters()).device
-    step = calibration.shape[0] if batch_size is None else max(1, batch_size)
     was_training = model.training
     model.eval()
     # Nothing after the last recorded layer is needed: stop there (no logits for every token).
@@ -136,11 +134,7 @@ def collect(
     stop = layers[max(owners)].register_forward_hook(_stop) if owners else None
     try:
         with recording(model, modules, gram) as stats:
-            for start in range(0, calibration.shape[0], step):
-                try:
-                    model(input_ids=calibration[start : start + step].to(device), use_cache=False)
-                except _Done:
-                    pass
+            run_batches(model, calibration, batch_size)
     finally:
         model.train(was_training)
         if stop is not None:
@@ -148,12 +142,24 @@ def collect(
     return stats
 
 
-class _Done(Exception):
-    """Raised after the last layer whose inputs are recorded: the rest of the forward is skipped."""
+class Stop(Exception):
+    """Raised by a hook once the forward has given what is needed: :func:`run_batches` ends it there."""
 
 
 def _stop(*_args) -> None:
-    raise _Done
+    raise Stop
+
+
+def run_batches(model: nn.Module, calibration: torch.Tensor, batch_size: int | None) -> None:
+    """Forward ``calibration`` in batches of ``batch_size`` (``None``: one), each ended early by a
+    hook raising :class:`Stop`."""
+    device = model.get_input_embeddings().weight.device
+    step = calibration.shape[0] if batch_size is None else max(1, batch_size)
+    for start in range(0, calibration.shape[0], step):
+        try:
+            model(input_ids=calibration[start : start + step].to(device), use_cache=False)
+        except Stop:
+            pass
 
 
 def _inside(model: nn.Module, name: str, layer: nn.Module) -> bool:

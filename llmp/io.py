@@ -58,6 +58,20 @@ def save_pruned(
     return real_path(output)
 
 
+def model_files(path: Path) -> list[Path]:
+    """The ``*.safetensors`` files of model folder ``path``.
+
+    Raises:
+        LlmpError: no config.json, or no safetensors weights.
+    """
+    if not (path / "config.json").is_file():
+        raise LlmpError(f"{path} is not a model folder: config.json is missing")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    return files
+
+
 def finish_config(model: PreTrainedModel, record: PruningRecord | None) -> PruningRecord | None:
     """Put the per-layer counts into ``model.config`` (:data:`SHAPES_KEY`; equal counts in every
     layer also into the config's own fields, so plain transformers loads the folder unless its
@@ -92,11 +106,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
         model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=8)
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LlmpError(f"{path} is not a model folder: config.json is missing")
-    weight_files = sorted(path.glob("*.safetensors"))
-    if not weight_files:
-        raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    weight_files = model_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         state: dict[str, torch.Tensor] = {}

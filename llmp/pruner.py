@@ -327,19 +327,28 @@ def prune(
         seconds = {"scoring_s": t1 - t0, "planning_s": t2 - t1, "surgery_s": t3 - t2}
         for key, value in seconds.items():
             timings[key] += value
-        steps.append(
-            Step(
-                kinds=[str(k) for k in config.kinds],
-                plan={name: [int(e) for e in v] for name, v in plan.items() if len(v)},
-                params_before=before,
-                params_after=count_parameters(model),
-                step=step,
-                removed={name: len(v) for name, v in plan.items()},
-                layer_shapes=adapter.layer_shapes(model),
-                timings={k: round(v, 4) for k, v in seconds.items()},
-                biases=gained or None,
-            )
-        )
+        steps.append(step_record(model, config, plan, before, step, seconds, gained))
+    return run_record(model, config, total, steps, timings)
+
+
+def step_record(model, config: PruneConfig, plan, before: int, step: int, seconds: dict, biases: list[str]) -> Step:
+    """The :class:`Step` of ``plan`` just applied to ``model`` (``before``: its parameters before)."""
+    return Step(
+        kinds=[str(k) for k in config.kinds],
+        plan={name: [int(e) for e in v] for name, v in plan.items() if len(v)},
+        params_before=before,
+        params_after=count_parameters(model),
+        step=step,
+        removed={name: len(v) for name, v in plan.items()},
+        layer_shapes=adapter_for(model).layer_shapes(model),
+        timings={k: round(v, 4) for k, v in seconds.items()},
+        biases=biases or None,
+    )
+
+
+def run_record(model, config: PruneConfig, total: int, steps: list[Step], timings: dict) -> PruningRecord:
+    """The :class:`PruningRecord` of ``steps`` taking ``model`` from ``total`` parameters to its size now."""
+    adapter = adapter_for(model)
     return PruningRecord(
         family=adapter.family,
         params_before=total,

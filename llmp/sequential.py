@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -30,12 +29,8 @@ from transformers import PreTrainedModel
 from llmp import activations, surgery
 from llmp.importance import element_parameters
 from llmp.plan import PlanSettings, choose, layer_counts, make_plan
-from llmp.record import PruningRecord, Step
+from llmp.record import PruningRecord
 from llmp.structure import Structure, adapter_for
-
-
-class _Captured(Exception):
-    """Raised by the hook on layer 0 once its inputs are seen: nothing after it needs to run."""
 
 
 def layer_inputs(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int | None, dtype: torch.dtype) -> list:
@@ -48,18 +43,12 @@ def layer_inputs(model: PreTrainedModel, calibration: torch.Tensor, batch_size: 
 
     def grab(_module, args, kwargs):
         seen.append((args, kwargs))
-        raise _Captured
+        raise activations.Stop  # nothing after layer 0's inputs is needed
 
-    device = model.get_input_embeddings().weight.device
-    step = calibration.shape[0] if batch_size is None else max(1, batch_size)
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            for start in range(0, calibration.shape[0], step):
-                try:
-                    model(input_ids=calibration[start : start + step].to(device), use_cache=False)
-                except _Captured:
-                    pass
+            activations.run_batches(model, calibration, batch_size)
     finally:
         handle.remove()
     inputs = []
@@ -120,7 +109,7 @@ def prune_layerwise(
     Raises:
         LlmpError: no calibration tokens (the settings are checked by ``config.check``).
     """
-    from llmp.pruner import count_parameters, declare_biases, layer_ranges, note_biases
+    from llmp.pruner import count_parameters, declare_biases, layer_ranges, note_biases, run_record, step_record
 
     config = config.resolved(model)
     config.check()
@@ -198,29 +187,8 @@ def prune_layerwise(
         layers_io.release(i)
 
     biases += declare_biases(model, adapter, config)  # after the last layer: its groups knew no such biases
-    after = count_parameters(model)
-    step = Step(
-        kinds=[str(k) for k in config.kinds],
-        plan={name: [int(e) for e in v] for name, v in applied.items()},
-        params_before=total,
-        params_after=after,
-        step=1,
-        removed={name: len(v) for name, v in applied.items()},
-        layer_shapes=adapter.layer_shapes(model),
-        timings={k: round(v, 4) for k, v in timings.items()},
-        biases=biases or None,
-    )
-    return PruningRecord(
-        family=adapter.family,
-        params_before=total,
-        params_after=after,
-        layer_shapes=adapter.layer_shapes(model),
-        settings=asdict(config),
-        hidden_size=model.config.hidden_size,
-        num_layers=len(layers),
-        steps=[step],
-        timings={k: round(v, 4) for k, v in timings.items()},
-    )
+    step = step_record(model, config, applied, total, 1, timings, biases)
+    return run_record(model, config, total, [step], timings)
 
 
 class _computing:

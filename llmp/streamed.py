@@ -32,6 +32,7 @@ from llmp.io import (
     _current_names,
     _materialize_buffers,
     finish_config,
+    model_files,
     put_tensors,
     read_header,
     read_safetensors,
@@ -103,11 +104,7 @@ def open_skeleton(
         LlmpError: no config or weights, a damaged file, or weights that do not fit the config.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LlmpError(f"{path} is not a model folder: config.json is missing (--stream reads a local folder)")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    files = model_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         headers = {file: read_header(file)[0] for file in files}
