@@ -263,15 +263,16 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
     return sums, totals
 
 
-LOSS_CHUNK = 1024
-"""Tokens whose logits exist at once in :func:`calibration_loss`."""
+LOSS_CHUNK_BYTES = 16 << 20
+"""Float32 logits that exist at once in :func:`calibration_loss` (16 MiB: 85 tokens of SmolLM2's
+49k vocabulary, 131 of Llama 2's 32k); at least 16 tokens."""
 
 
 def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The mean next-token loss of ``batch`` (``[B, L]`` ids), as ``model(..., labels=...).loss``
     but without all of its logits at once.
 
-    The head runs on :data:`LOSS_CHUNK` tokens at a time under activation checkpointing, so the
+    The head runs on a few tokens at a time (:data:`LOSS_CHUNK_BYTES`) under activation checkpointing, so the
     backward recomputes each chunk's logits instead of keeping ``B·L × vocab`` floats (three
     copies: logits, log-softmax, their gradient; 0.4 GB for 10 × 64 tokens of SmolLM2's 49k vocab,
     12 GB for 64 × 128 tokens of Llama 3's 128k). Models whose forward changes the logits after
@@ -298,8 +299,9 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     hidden = seen["hidden"][:, :-1].reshape(-1, seen["hidden"].shape[-1])
     labels = batch[:, 1:].reshape(-1).to(hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.numel(), LOSS_CHUNK):
-        part = slice(start, start + LOSS_CHUNK)
+    chunk = max(16, LOSS_CHUNK_BYTES // (4 * head.out_features))
+    for start in range(0, labels.numel(), chunk):
+        part = slice(start, start + chunk)
         total = total + torch.utils.checkpoint.checkpoint(
             _chunk_loss, head, hidden[part], labels[part], use_reentrant=False
         )

@@ -77,7 +77,7 @@ def test_bf16_weights_are_scored_in_float32(calib):
 def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
     """The head runs on a few tokens at a time; the loss and every gradient are the model's own."""
     model = tiny_model("llama-gqa")
-    monkeypatch.setattr(importance, "LOSS_CHUNK", 7)  # several chunks, one partial
+    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # 16-token chunks: several, one partial
     plain = model(input_ids=calib, labels=calib, use_cache=False).loss
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
