@@ -253,7 +253,9 @@ def compensation(
         c_kk = cov[kept][:, kept]
         c_kk.diagonal().add_(RIDGE * float(c_kk.diagonal().mean()) + 1e-12)
         # W_K' = W_K + W_R Σ_RK Σ_KK⁻¹ (solve Σ_KK Xᵀ = Σ_KR W_Rᵀ, Σ symmetric)
-        correction = torch.linalg.solve(c_kk, cov[kept][:, removed] @ w[:, removed].T).T
+        rhs = cov[kept][:, removed] @ w[:, removed].T
+        factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work
+        correction = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(c_kk, rhs)).T
         new_w = w[:, kept] + correction
         refits.append(Refit(name, bias + w @ mean - new_w @ mean[kept], new_w))
     return refits
