@@ -129,9 +129,10 @@ def collect(
     was_training = model.training
     model.eval()
     # Nothing after the last recorded layer is needed: stop there (no logits for every token).
-    layers = adapter_for(model).layers(model)
-    owners = [i for i, layer in enumerate(layers) if any(_inside(model, name, layer) for name in modules)]
-    stop = layers[max(owners)].register_forward_hook(_stop) if owners else None
+    adapter = adapter_for(model)
+    prefix = adapter.layers_path + "."
+    owners = [int(name.removeprefix(prefix).partition(".")[0]) for name in modules if name.startswith(prefix)]
+    stop = adapter.layers(model)[max(owners)].register_forward_hook(_stop) if owners else None
     try:
         with recording(model, modules, gram) as stats:
             run_batches(model, calibration, batch_size)
@@ -160,11 +161,6 @@ def run_batches(model: nn.Module, calibration: torch.Tensor, batch_size: int | N
             model(input_ids=calibration[start : start + step].to(device), use_cache=False)
         except Stop:
             pass
-
-
-def _inside(model: nn.Module, name: str, layer: nn.Module) -> bool:
-    module = model.get_submodule(name)
-    return any(m is module for m in layer.modules())
 
 
 def require_calibration(calibration: torch.Tensor | None) -> None:

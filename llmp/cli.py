@@ -263,7 +263,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     from llmp.data.text import read_documents
     from llmp.eval import perplexity
     from llmp.io import save_pruned
-    from llmp.models import load_model, resolve_dtype
+    from llmp.models import load_model
     from llmp.pruner import prune
     from llmp.record import Calibration, Perplexity
     from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
@@ -275,7 +275,7 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
     if args.stream:
         return _prune_streamed(args, config, calibration_source)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     load_s = time.perf_counter() - t0
     dense = perplexity(model, tokenizer, text, 128, args.eval_tokens) if text else None
     dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=args.samples)
@@ -329,7 +329,7 @@ def _prune_streamed(args, config, calibration_source) -> int:
 def _eval_ppl(args) -> int:
     from llmp.data import read_text
     from llmp.eval import perplexity
-    from llmp.models import load_model, resolve_dtype
+    from llmp.models import load_model
 
     problems = _positive(args, "max_tokens", allow_none=True)
     if args.seq_len < 2:
@@ -338,7 +338,7 @@ def _eval_ppl(args) -> int:
     source = _check_data("--data", args.data)
     _check_seq_len("--seq-len", args.seq_len, args.model)
     text = read_text(source)
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     result = perplexity(model, tokenizer, text, args.seq_len, args.max_tokens)
     if args.json:
         print(json.dumps({**result.as_dict(), "model": args.model, "data": args.data}))
@@ -350,7 +350,7 @@ def _eval_ppl(args) -> int:
 def _eval_tasks(args) -> int:
     from llmp.eval.task_files import find_task_file
     from llmp.eval.tasks import evaluate_tasks
-    from llmp.models import load_model, resolve_dtype
+    from llmp.models import load_model
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
@@ -370,7 +370,7 @@ def _eval_tasks(args) -> int:
     if args.data_dir is not None:
         for name in names:  # every file found before the model loads
             find_task_file(name, args.data_dir)
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     results = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size, str(args.model))
     if args.output:
         from llmp.io import write_json_atomic
@@ -420,13 +420,13 @@ def _report(args) -> int:
 def _generate(args) -> int:
     import torch
 
-    from llmp.models import load_model, resolve_dtype
+    from llmp.models import load_model
 
     if not args.prompt.strip():
         raise LlmpError("`--prompt` is empty; give the text to continue, e.g. --prompt 'The capital of France is'")
     if args.max_new_tokens < 1:
         raise LlmpError(f"`--max-new-tokens` must be at least 1; got {args.max_new_tokens}")
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     prompt = args.prompt
     if args.chat and tokenizer.chat_template:
         prompt = tokenizer.apply_chat_template(

@@ -34,7 +34,11 @@ Attention = Literal["query", "kv", "none"]
 
 @dataclass
 class PruneConfig:
-    """What to remove and how to choose it (each field's docstring is its ``--help`` text)."""
+    """What to remove and how to choose it (each field's docstring is its ``--help`` text).
+
+    Unset ``criterion``, ``compensate`` and ``layerwise`` take the defaults measured best
+    (docs/pruning.md), decided per model by :meth:`resolved`.
+    """
 
     ratio: float = 0.2
     """fraction of all model parameters to remove, in [0, 1)"""
@@ -77,9 +81,6 @@ class PruneConfig:
     """activation criteria: score, prune and compensate one decoder layer at a time, each on the
     outputs of the layers already pruned (SparseGPT/FLAP order; what --stream does); off: every
     layer scored on the dense model in one forward; unset: on for flap and wanda in one step"""
-
-    # Unset fields take the defaults measured best (docs/pruning.md): flap with a least-squares
-    # refit, layer by layer, where it applies (heads, MLP channels); LLM-Pruner's Taylor elsewhere.
     batch_size: int | None = None
     """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
     gradient of every weight is kept between batches (first-order criteria)"""
@@ -196,10 +197,10 @@ _UNSET_OK = ("criterion", "compensate")  # decided per model by PruneConfig.reso
 def _activation_ready(model: PreTrainedModel, config: PruneConfig) -> bool:
     """Whether the activation criteria can score this model's groups of ``config``'s kinds."""
     try:
-        activations.projections(adapter_for(model).discover(model, config.kinds))
+        modules = activations.projections(adapter_for(model).discover(model, config.kinds)).values()
     except LlmpError:
         return False
-    return True
+    return all(isinstance(model.get_submodule(name), torch.nn.Linear) for name in modules)
 
 
 def literal_choices(hint) -> tuple:
@@ -275,16 +276,15 @@ def prune(
     config.check()
     config = config.resolved(model)
     config.check()
+    adapter = adapter_for(model)
+    layer_ranges(config, len(adapter.layers(model)))  # validates the ranges against the model before any work
     _refuse_mqa_kv(model, config)
+    if adapter.automatic:  # a family llmp has not seen: check its map first
+        verify(model, adapter.discover(model, config.kinds), adapter)
     if config.layerwise:
         from llmp.sequential import prune_layerwise
 
         return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params)
-    adapter = adapter_for(model)
-    n_layers = len(adapter.layers(model))
-    layer_ranges(config, n_layers)  # validates the ranges against the model before any work
-    if adapter.automatic:  # a family llmp has not seen: check its map first
-        verify(model, adapter.discover(model, config.kinds), adapter)
     total = count_parameters(model)
     reference = total if reference_params is None else reference_params
     already, goal = reference - total, config.ratio * reference  # parameters removed before, and in the end
@@ -396,10 +396,15 @@ def note_biases(
     """
     if not gained:
         return []
-    prefix = adapter.layers_path + "."
-    names = {name.removeprefix(prefix).partition(".")[2] for name in gained}
-    setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
+    _remember_biases(model, adapter, gained)
     return sorted(set(gained) | set(declare_biases(model, adapter, config) if declare else ()))
+
+
+def _remember_biases(model: PreTrainedModel, adapter, modules: Iterable[str]) -> None:
+    """Add ``modules`` (full names) to the config's :data:`BIASES_KEY`, as names inside a layer."""
+    prefix = adapter.layers_path + "."
+    names = {name.removeprefix(prefix).partition(".")[2] for name in modules}
+    setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
 
 
 def declare_biases(model: PreTrainedModel, adapter, config: PruneConfig) -> list[str]:
@@ -431,10 +436,7 @@ def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
             module = model.get_submodule(name)
             if module.bias is None:
                 module.bias = torch.nn.Parameter(module.weight.new_zeros(module.out_features))
-        if step.biases:
-            prefix = adapter.layers_path + "."
-            names = {n.removeprefix(prefix).partition(".")[2] for n in step.biases}
-            setattr(model.config, BIASES_KEY, sorted(names | set(getattr(model.config, BIASES_KEY, None) or ())))
+        _remember_biases(model, adapter, step.biases or ())
 
 
 def _layer_mask(group: Group, allowed: range) -> torch.Tensor:

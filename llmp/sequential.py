@@ -11,7 +11,7 @@ the target alone (:func:`llmp.plan.layer_counts`). ``ranking="global"`` needs tw
 scores every layer (on the dense model's activations, nothing removed), the plan is made over all
 of them, and the second applies it layer by layer with compensation from the pruned activations.
 
-Streamed (:func:`prune_streamed`), the model is a skeleton on the ``meta`` device: the embeddings,
+Streamed (:func:`llmp.streamed.prune_streamed`), the model is a skeleton on the ``meta`` device: the embeddings,
 final norm and head are read first, each layer's weights are read from the safetensors files when
 its turn comes and written out, pruned, as their own shard before the next is read. Memory is one
 layer's weights plus the calibration activations, whatever the depth.
@@ -20,7 +20,8 @@ layer's weights plus the calibration activations, whatever the depth.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -82,7 +83,11 @@ def _run(layer: nn.Module, inputs: list) -> list:
 
 
 class Layers:
-    """Where a layer's weights live: in memory (nothing to do) or on disk (:class:`StreamedLayers`)."""
+    """Where a layer's weights live: in memory (nothing to do) or on disk
+    (:class:`llmp.streamed.StreamedLayers`)."""
+
+    visits_all = False
+    """Every layer must be loaded and released, those after the last pruned one too (to be written)."""
 
     def load(self, i: int) -> None:
         """Make layer ``i``'s weights real."""
@@ -154,8 +159,8 @@ def prune_layerwise(
     applied: dict[str, list[int]] = {}
     biases: list[str] = []
     for i, layer in enumerate(layers):
-        if i > last and type(layers_io) is Layers:
-            break  # in memory, the layers after the last pruned one need nothing
+        if i > last and not layers_io.visits_all:
+            break  # the layers after the last pruned one need nothing
         layers_io.load(i)
         mine = [g for g in groups if g.layer == i]
         with _computing(layer, compute):
@@ -191,19 +196,14 @@ def prune_layerwise(
     return run_record(model, config, total, [step], timings)
 
 
-class _computing:
+@contextmanager
+def _computing(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Run a layer in ``dtype`` (float32 on CPU) and give its weights back their own dtype after."""
-
-    def __init__(self, layer: nn.Module, dtype: torch.dtype):
-        self.layer, self.dtype = layer, dtype
-
-    def __enter__(self):
-        self.stored = {p.dtype for p in self.layer.parameters() if p.is_floating_point()}
-        if self.stored != {self.dtype}:
-            self.layer.to(self.dtype)
-        return self
-
-    def __exit__(self, *exc):
-        if len(self.stored) == 1 and self.stored != {self.dtype}:
-            self.layer.to(next(iter(self.stored)))
-        return False
+    stored = {p.dtype for p in layer.parameters() if p.is_floating_point()}
+    if stored != {dtype}:
+        layer.to(dtype)
+    try:
+        yield
+    finally:
+        if len(stored) == 1 and stored != {dtype}:
+            layer.to(next(iter(stored)))

@@ -51,6 +51,8 @@ class StreamedLayers(Layers):
     """Layer ``i``'s weights: read from ``path`` on :meth:`load`; on :meth:`release`, written to
     ``out`` as shard ``i + 1`` (final pass) and dropped back to ``meta``."""
 
+    visits_all = True  # every layer is written, pruned or not
+
     def __init__(self, model: PreTrainedModel, where: dict[str, tuple[Path, str]], dtype, out: Path, device="cpu"):
         self.model, self.where, self.dtype, self.out, self.device = model, where, dtype, out, torch.device(device)
         self.adapter = adapter_for(model)
