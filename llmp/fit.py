@@ -32,7 +32,7 @@ from llmp import (
     strategies,  # registers the llmp_deepspeed* strategy names
 )
 from llmp.data import read_text
-from llmp.data.instruct import InstructionData
+from llmp.data.recovery import RecoveryData
 from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
 from llmp.eval import perplexity
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             cli = FitCLI(
                 RecoveryModule,
-                InstructionData,
+                RecoveryData,
                 args=argv + overrides,
                 run=False,
                 seed_everything_default=42,
@@ -169,12 +169,14 @@ def _run(cli: FitCLI) -> int:
     with weights_only_loads() if trainer.ckpt_path else contextlib.nullcontext():
         trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - start
+    module.teacher = None  # its memory, before the export and the evaluation load models again
     if output is None:
         return 0
     recovery = {
         "mode": module.mode,
         "lora": asdict(module.lora) if module.mode == "lora" else None,
         "learning_rate": module.learning_rate,
+        "distill": asdict(module.distill) if module.distill is not None else None,
         "epochs": trainer.current_epoch,
         "optimizer_steps": trainer.global_step,
         "world_size": trainer.world_size,

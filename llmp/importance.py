@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
+from llmp.head import head_inputs, plain_head
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
@@ -278,25 +279,11 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     12 GB for 64 × 128 tokens of Llama 3's 128k). Models whose forward changes the logits after
     the head (Gemma 2's soft-capping, a logit scale) take the plain path.
     """
-    head = model.get_output_embeddings()
-    config = model.config
-    plain = type(head) is nn.Linear and not any(
-        getattr(config, key, None) not in (None, 1, 1.0) for key in ("final_logit_softcapping", "logit_scale")
-    )
-    if not plain:
+    head = plain_head(model)
+    if head is None:
         return model(input_ids=batch, labels=batch, use_cache=False).loss
-    seen = {}
-
-    def capture(hidden: torch.Tensor) -> torch.Tensor:
-        seen["hidden"] = hidden
-        return hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)  # no memory
-
-    head.forward = capture
-    try:
-        model(input_ids=batch, use_cache=False)
-    finally:
-        del head.forward  # the class's forward again
-    hidden = seen["hidden"][:, :-1].reshape(-1, seen["hidden"].shape[-1])
+    hidden = head_inputs(model, head, input_ids=batch)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch[:, 1:].reshape(-1).to(hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
     chunk = max(16, LOSS_CHUNK_BYTES // (4 * head.out_features))

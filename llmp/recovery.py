@@ -30,6 +30,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics.text import Perplexity
 
+from llmp.distill import DistillSettings, Teacher, recovery_loss
 from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
 from llmp.models import input_paths, load_model
@@ -62,7 +63,8 @@ class LoraSettings:
 
 
 class RecoveryModule(L.LightningModule):
-    """Recover a pruned model's quality by LoRA or full fine-tuning.
+    """Recover a pruned model's quality by LoRA or full fine-tuning, on the language-model loss or
+    by distillation from the unpruned model (``distill``).
 
     Args:
         model: the model to train: a folder (pruned by ``llmp prune`` or not), a built-in name,
@@ -78,6 +80,9 @@ class RecoveryModule(L.LightningModule):
             of ``bf16-true`` or ``bf16-mixed`` with it).
         seed: initialises the LoRA adapters (offset by the pruning steps done), so a resumed fit
             re-creates the adapters an uninterrupted one did.
+        distill: distil from a teacher (by default the model as loaded, before any pruning, which
+            stays the dense original across a pruning schedule); ``None``: the language-model loss
+            only. See :mod:`llmp.distill`.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class RecoveryModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         seed: int = 0,
+        distill: DistillSettings | None = None,
     ) -> None:
         super().__init__()
         lora = lora or LoraSettings()
@@ -106,6 +112,8 @@ class RecoveryModule(L.LightningModule):
             problems.append(f"`lora` needs r >= 1, alpha > 0, 0 <= dropout < 1; got {lora}")
         if dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"`dtype` must be float32, bfloat16 or float16; got {dtype!r}")
+        if distill is not None:
+            problems += distill.problems()
         raise_all(problems)
         self.spec, self.mode, self.lora = str(model), mode, lora
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
@@ -115,6 +123,9 @@ class RecoveryModule(L.LightningModule):
         # What was pruned so far (steps, settings, shapes before and now), made when the model loads.
         self.record: PruningRecord | None = None
         self.val_ppl = Perplexity(ignore_index=-100)
+        self.distill = distill
+        # Frozen, outside the registered children: in no optimizer, state dict, checkpoint or engine.
+        self.teacher: Teacher | None = None
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -138,6 +149,8 @@ class RecoveryModule(L.LightningModule):
             hidden_size=self.model.config.hidden_size,
             num_layers=len(adapter.layers(self.model)),
         )
+        if self.distill is not None and self.teacher is None:  # before any pruning: the dense model
+            self.teacher = Teacher.for_student(self.distill, self.model, self.spec)
 
     @property
     def base_model(self):
@@ -191,8 +204,13 @@ class RecoveryModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self.teacher is not None:
+            self.teacher.to(self.model)
+        loss, parts = recovery_loss(self.model, batch, self.distill, self.teacher)
+        size = batch["input_ids"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        if self.distill is not None:
+            self.log_dict({f"train_{k}": v for k, v in parts.items()}, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -229,6 +247,7 @@ class RecoveryModule(L.LightningModule):
             mode=self.mode,
             lora_settings=asdict(self.lora),
             dtype=self.dtype_name,
+            distill=asdict(self.distill) if self.distill is not None else None,
             # its shapes were recorded at each pruning step: under ZeRO-3 the live weights are partitioned
             record=self.record.to_json(),
         )

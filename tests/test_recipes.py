@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from llmp.callbacks import StructuredPruning
-from llmp.data.instruct import InstructionData
+from llmp.data.recovery import RecoveryData
 from llmp.fit import LAUNCHER_ENV
 from llmp.fit import main as fit_main
 from llmp.pruner import PruneConfig
@@ -67,7 +67,7 @@ def build(config: dict) -> None:
     """The settings objects of a printed configuration (their own validation runs)."""
     model = dict(config["model"])
     RecoveryModule(**{**model, "lora": LoraSettings(**model["lora"])})
-    InstructionData(**config["data"])
+    RecoveryData(**config["data"])
     callbacks = [c for c in config["trainer"]["callbacks"] or [] if c["class_path"].endswith("StructuredPruning")]
     assert len(callbacks) == 1
     init = dict(callbacks[0]["init_args"])
