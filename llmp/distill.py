@@ -97,7 +97,7 @@ class Teacher:
         spec) before any pruning: a copy of it, or the model an llmp folder was pruned from."""
         from llmp.models import load_model
 
-        source = settings.teacher or _original_of(spec)
+        source = settings.teacher or original_of(spec)
         if source is None:
             teacher = cls(copy.deepcopy(student), settings.dtype)
         else:
@@ -115,13 +115,17 @@ class Teacher:
                 "the teacher must use the model's tokenizer"
             )
 
-    def to(self, like: nn.Module) -> None:
+    def to(self, like: nn.Module, rank: int = 0) -> None:
         """Onto ``like``'s device, in ``dtype`` (``auto``: ``like``'s parameter dtype); once."""
         reference = next(like.parameters())
         dtype = reference.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
         current = next(self.model.parameters())
         if current.device != reference.device or current.dtype != dtype:
             self.model.to(device=reference.device, dtype=dtype)
+            size = sum(p.numel() for p in self.model.parameters())
+            log.info(
+                "rank %d holds the teacher (%s, %s parameters) whole, in %s", rank, self.source, f"{size:,}", dtype
+            )
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
@@ -144,7 +148,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
-def _original_of(spec: str) -> str | None:
+def original_of(spec: str) -> str | None:
     """The model a folder written by llmp was pruned from; ``None`` for any other spec."""
     from llmp.record import REPORT, read_record
 

@@ -205,7 +205,7 @@ class RecoveryModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.teacher is not None:
-            self.teacher.to(self.model)
+            self.teacher.to(self.model, self.global_rank)
         loss, parts = recovery_loss(self.model, batch, self.distill, self.teacher)
         size = batch["input_ids"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=size)

@@ -112,6 +112,31 @@ def test_deepspeed_zero_on_cpu(tiny_dir, tmp_path, stage, mode):
     assert report["recovery"]["strategy"] == "DeepSpeedStrategy" and report["recovery"]["mode"] == mode
 
 
+@pytest.mark.parametrize(
+    ("strategy", "mode"), [("ddp", "full"), ("deepspeed_stage_2", "lora"), ("deepspeed_stage_3", "full")]
+)
+def test_distillation_under_every_strategy(tiny_dir, tmp_path, strategy, mode):
+    """KD from the dense model on 2 CPU processes: each rank holds the whole teacher (outside the
+    DDP wrapper or the ZeRO engine, so never partitioned, trained or saved) and both train."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    distill = {"weight": 0.5, "dtype": "bfloat16"}
+    config = tiny_recipe(tiny_dir, tmp_path, mode, model={"distill": distill})
+    output = fabric_run(strategy, config)
+    held = re.findall(r"rank (\d) holds the teacher .* whole, in torch.bfloat16", output)
+    assert sorted(held) == ["0", "1"], output[-3000:]
+    report = check_output(tmp_path, world_size=2, steps=1)
+    assert report["recovery"]["distill"]["weight"] == 0.5
+    if strategy.startswith("deepspeed"):
+        states = [
+            torch.load(f, weights_only=False) for f in (tmp_path / "out.zero-checkpoint").rglob("*model_states.pt")
+        ]
+        names = {n for state in states for n in (state.get("module") or {})} | {
+            n for state in states for group in state.get("param_shapes") or [] for n in group
+        }
+        assert names and not any("teacher" in n for n in names)
+
+
 def test_deepspeed_resume_rebuilds_the_pruned_shapes(tiny_dir, tmp_path):
     """A ZeRO-2 fit stopped after epoch 0 resumes from its sharded checkpoint folder."""
     pytest.importorskip("deepspeed")

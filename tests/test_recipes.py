@@ -17,6 +17,7 @@ import yaml
 
 from llmp.callbacks import StructuredPruning
 from llmp.data.recovery import RecoveryData
+from llmp.distill import DistillSettings
 from llmp.fit import LAUNCHER_ENV
 from llmp.fit import main as fit_main
 from llmp.pruner import PruneConfig
@@ -66,7 +67,8 @@ def fit_args(command: str) -> tuple[list[str], dict[str, str]]:
 def build(config: dict) -> None:
     """The settings objects of a printed configuration (their own validation runs)."""
     model = dict(config["model"])
-    RecoveryModule(**{**model, "lora": LoraSettings(**model["lora"])})
+    distill = DistillSettings(**model["distill"]) if model.get("distill") else None
+    RecoveryModule(**{**model, "lora": LoraSettings(**model["lora"]), "distill": distill})
     RecoveryData(**config["data"])
     callbacks = [c for c in config["trainer"]["callbacks"] or [] if c["class_path"].endswith("StructuredPruning")]
     assert len(callbacks) == 1
@@ -74,7 +76,10 @@ def build(config: dict) -> None:
     StructuredPruning(**{**init, "config": PruneConfig(**init["config"])})
 
 
-@pytest.mark.parametrize("recipe", [p for p in RECIPES if "strategies" not in p.parts], ids=lambda p: p.stem)
+OVERLAYS = ("strategies", "recovery")
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if not set(OVERLAYS) & set(p.parts)], ids=lambda p: p.stem)
 def test_recipe_parses_and_shows_how_to_launch(recipe, capsys, monkeypatch):
     assert recipe.read_text().startswith("# ")
     commands = header_commands(recipe)
@@ -97,6 +102,18 @@ def test_strategy_overlays(overlay, capsys, monkeypatch):
             args, _ = fit_args(command)
             config = printed_config(args, capsys, monkeypatch)
             assert config["trainer"]["strategy"] == yaml.safe_load(overlay.read_text())["trainer"]["strategy"]
+
+
+@pytest.mark.parametrize("overlay", [p for p in RECIPES if "recovery" in p.parts], ids=lambda p: p.stem)
+def test_recovery_overlays(overlay, capsys, monkeypatch):
+    """Each distillation overlay's commands parse on top of the paper recipes and build."""
+    commands = header_commands(overlay)
+    assert len(commands) >= 2 and all(overlay.name in c for c in commands)
+    for command in commands:
+        args, _ = fit_args(command)
+        config = printed_config(args, capsys, monkeypatch)
+        assert config["model"]["distill"]["loss"] == "forward_kl"
+        build(config)
 
 
 def test_paper_setting():
