@@ -1,6 +1,6 @@
 """Benchmark: recovery losses × data × modes at the same wall-clock budget, on one pruned model.
 
-    python bench/distill_grid.py --pruned DIR --step-times times.json --budget-s 300 \\
+    python bench/distill_grid.py --pruned DIR --budget-s 240 \\
         --runs ce:alpaca-1k:lora,kd:c4-train:lora,... --eval wikitext2,PTB_FILE --out OUT
 
 ``DIR`` is a folder written by ``llmp prune``; the teacher of the distillation runs is the model
@@ -12,9 +12,10 @@ it was pruned from. A run is ``loss:data:mode[:seed]``:
 * ``mode``: ``lora`` (the quickstart's r 8 on all linear layers, lr 1e-3) or ``full`` (lr 1e-4).
 
 Equal wall-clock: each run takes ``floor(budget / step_s)`` optimizer steps, ``step_s`` being
-the median step time of that loss, data and mode measured on a quiet machine by
-``bench/recover.py`` (``--step-times``: ``{"ce/alpaca-1k/lora": 9.1, ...}``; a ``mix`` uses
-``kd``'s time), so runs can be made one after another without their timings mattering. Then the
+the median step time of that loss, data and mode, measured first (on a quiet machine: the
+calibration is the only timed part) over ``--calibrate`` steps after one warm-up step, in a
+throwaway fit of the same settings, and kept in ``OUT/step_times.json`` (a ``mix`` uses ``kd``'s
+time). The runs themselves take a fixed number of steps, so their timings do not matter. Then the
 recovered model is exported and measured: perplexity on each ``--eval`` text (first 16,384
 tokens, 128-token windows, no BOS: the project's protocol) and the greedy chat answer to "What
 is the capital of France?". Each run's row is appended to ``OUT/grid.jsonl`` (a run already
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -61,11 +63,20 @@ def measure(model, tokenizer, texts: dict[str, str]) -> dict:
     return row
 
 
-def run(args, spec: str, step_times: dict, texts: dict) -> dict:
-    loss, data, mode, *rest = spec.split(":")
-    seed = int(rest[0]) if rest else 0
-    step_s = step_times[f"{'kd' if loss == 'mix' else loss}/{data}/{mode}"]
-    steps = max(1, math.floor(args.budget_s / step_s))
+class Timer(L.Callback):
+    """Seconds from each training step's start to the next's."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def fit(args, loss: str, data: str, mode: str, seed: int, steps: int, callbacks=()) -> RecoveryModule:
     L.seed_everything(seed, verbose=False)
     module = RecoveryModule(
         args.pruned, mode=mode, learning_rate=LEARNING_RATES[mode], warmup_steps=5, seed=seed, distill=LOSSES[loss]
@@ -81,11 +92,29 @@ def run(args, spec: str, step_times: dict, texts: dict) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=list(callbacks),
     )
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    fit_s = time.perf_counter() - start
     module.teacher = None
+    return module
+
+
+def step_time(args, key: str) -> float:
+    """Median step seconds of ``loss/data/mode`` after one warm-up step."""
+    timer = Timer()
+    fit(args, *key.split("/"), seed=0, steps=args.calibrate + 1, callbacks=[timer])
+    times = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)][1:]
+    return round(statistics.median(times), 3)
+
+
+def run(args, spec: str, step_times: dict, texts: dict) -> dict:
+    loss, data, mode, *rest = spec.split(":")
+    seed = int(rest[0]) if rest else 0
+    step_s = step_times[f"{'kd' if loss == 'mix' else loss}/{data}/{mode}"]
+    steps = max(1, math.floor(args.budget_s / step_s))
+    start = time.perf_counter()
+    module = fit(args, loss, data, mode, seed, steps)
+    fit_s = time.perf_counter() - start
     folder = Path(args.out) / spec.replace(":", "-")
     module.export(folder, {"grid": spec, "steps": steps}, overwrite=True)
     model, tokenizer = load_model(str(folder))
@@ -98,8 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pruned", required=True, help="a folder written by `llmp prune`")
     parser.add_argument("--runs", required=True, help="comma-separated loss:data:mode[:seed]")
-    parser.add_argument("--step-times", required=True, help="JSON: {'loss/data/mode': median step seconds}")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="training seconds per run")
+    parser.add_argument("--calibrate", type=int, default=3, help="timed steps per loss/data/mode")
     parser.add_argument("--eval", default="wikitext2", help="comma-separated perplexity texts")
     parser.add_argument("--baselines", action="store_true", help="also measure the dense and the pruned model")
     parser.add_argument("--out", required=True)
@@ -108,7 +137,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "grid.jsonl"
     done = {json.loads(line)["run"] for line in table.read_text().splitlines()} if table.exists() else set()
-    step_times = json.loads(Path(args.step_times).read_text())
+    times_file = out / "step_times.json"
+    step_times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    for spec in args.runs.split(","):
+        loss, data, mode, *_ = spec.split(":")
+        key = f"{'kd' if loss == 'mix' else loss}/{data}/{mode}"
+        if key not in step_times:
+            step_times[key] = step_time(args, key)
+            times_file.write_text(json.dumps(step_times, indent=1))
+            print(json.dumps({"calibrated": key, "step_s": step_times[key], "threads": torch.get_num_threads()}))
     texts = {Path(name).stem: read_text(name) for name in args.eval.split(",")}
     jobs = [s for s in args.runs.split(",") if s not in done]
     if args.baselines:
