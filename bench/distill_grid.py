@@ -123,6 +123,18 @@ def run(args, spec: str, step_times: dict, texts: dict) -> dict:
     return row
 
 
+def table(rows: list[dict], texts: list[str]) -> str:
+    """The rows as a Markdown table (baselines first, then the runs by their first text's perplexity)."""
+    head = ["run", "steps", "step s", *texts, "France answer"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    runs = sorted((r for r in rows if "steps" in r), key=lambda r: r[texts[0]])
+    for r in [r for r in rows if "steps" not in r] + runs:
+        answer = r["france"].strip().replace("\n", " ").replace("|", "/")[:60]
+        cells = [r["run"], str(r.get("steps", "")), str(r.get("step_s", "")), *(f"{r[t]:.2f}" for t in texts)]
+        lines.append("| " + " | ".join([*cells, ("**Paris** " if r["paris"] else "") + answer]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pruned", required=True, help="a folder written by `llmp prune`")
@@ -132,11 +144,16 @@ def main() -> None:
     parser.add_argument("--eval", default="wikitext2", help="comma-separated perplexity texts")
     parser.add_argument("--baselines", action="store_true", help="also measure the dense and the pruned model")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--table", action="store_true", help="print OUT/grid.jsonl as a Markdown table and stop")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "grid.jsonl"
-    done = {json.loads(line)["run"] for line in table.read_text().splitlines()} if table.exists() else set()
+    results = out / "grid.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    if args.table:
+        print(table(rows, [Path(name).stem for name in args.eval.split(",")]))
+        return
+    done = {r["run"] for r in rows}
     times_file = out / "step_times.json"
     step_times = json.loads(times_file.read_text()) if times_file.exists() else {}
     for spec in args.runs.split(","):
@@ -153,11 +170,12 @@ def main() -> None:
             if name not in done:
                 model, tokenizer = load_model(spec)
                 row = {"run": name, **measure(model, tokenizer, texts)}
-                table.open("a").write(json.dumps(row) + "\n")
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     for spec in jobs:
         row = run(args, spec, step_times, texts)
-        with table.open("a") as f:
+        with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 

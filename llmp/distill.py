@@ -52,6 +52,9 @@ class DistillSettings:
         tokens: ``labels`` (positions whose next token has a label: the response of instruction
             records, all of packed text) or ``all`` (every next token that is not padding).
         dtype: the teacher's weights: ``auto`` (the model's), ``float32``, ``bfloat16``, ``float16``.
+        cache: a safetensors file of the teacher's ``top_k`` logits of every training example,
+            written by the first run and read by later ones, which then hold no teacher and run
+            no teacher forward (:mod:`llmp.teacher_cache`); needs ``top_k``.
     """
 
     teacher: str | None = None
@@ -61,6 +64,7 @@ class DistillSettings:
     top_k: int | None = None
     tokens: Literal["labels", "all"] = "labels"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, each naming the key, the value and the fix."""
@@ -77,6 +81,10 @@ class DistillSettings:
             )
         if self.tokens not in ("labels", "all"):
             found.append(f"`distill.tokens` must be labels or all; got {self.tokens!r}")
+        if self.cache is not None and self.top_k is None:
+            found.append(
+                f"`distill.cache` {self.cache} keeps the teacher's top-k logits: set `distill.top_k` (e.g. 64)"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             found.append(f"`distill.dtype` must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
         return found
@@ -179,32 +187,46 @@ def original_of(spec: str) -> str | None:
     return record.model
 
 
+def select_rows(batch: dict[str, Tensor], distill: DistillSettings | None = None) -> Tensor:
+    """``[B, L-1]`` bool: the positions the loss covers (see the module docstring)."""
+    if distill is None or distill.tokens == "labels":
+        return batch["labels"][:, 1:] != -100
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+    return mask[:, :-1] & mask[:, 1:]
+
+
 def recovery_loss(
-    model: nn.Module, batch: dict[str, Tensor], distill: DistillSettings | None = None, teacher: Teacher | None = None
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    distill: DistillSettings | None = None,
+    teacher: Teacher | None = None,
+    cache=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of a batch (``input_ids``, ``attention_mask``, ``labels``) and its parts.
 
     Without ``distill`` it is the mean next-token cross-entropy over the labelled tokens, as
-    ``model(**batch).loss``. With it, see the module docstring.
+    ``model(**batch).loss``. With it, see the module docstring; the teacher's logits come from
+    ``teacher``, or from ``cache`` (a :class:`~llmp.teacher_cache.TeacherCache`, by the batch's
+    ``example`` indices).
     """
     labels = batch["labels"][:, 1:]
     labelled = labels != -100
-    if distill is None or distill.tokens == "labels":
-        rows = labelled
-    else:
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
-        rows = mask[:, :-1] & mask[:, 1:]
+    rows = select_rows(batch, distill)
     logits = position_logits(model, batch, rows).float()
     targets, has_label = labels[rows], labelled[rows]
     log_probs = logits.log_softmax(-1)
     ce = F.nll_loss(log_probs[has_label], targets[has_label]) if has_label.any() else logits.sum() * 0
     if distill is None:
         return ce, {"ce": ce.detach()}
-    teacher_logits = teacher.logits(batch, rows)
     temperature = distill.temperature
     student = log_probs if temperature == 1 else (logits / temperature).log_softmax(-1)
-    kd = divergence(student, teacher_logits / temperature, distill.loss, distill.top_k) * temperature**2
+    if cache is not None:
+        top, index = cache.lookup(batch["example"], rows)
+        kd = top_divergence(student, top / temperature, index) * temperature**2
+    else:
+        teacher_logits = teacher.logits(batch, rows)
+        kd = divergence(student, teacher_logits / temperature, distill.loss, distill.top_k) * temperature**2
     loss = distill.weight * kd + (1 - distill.weight) * ce if distill.weight < 1 else kd
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
@@ -215,9 +237,16 @@ def divergence(student_log_probs: Tensor, teacher_logits: Tensor, loss: str = "f
     rows = max(1, student_log_probs.shape[0])
     if top_k is not None:
         top, index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)
-        teacher = top.log_softmax(-1)
-        return F.kl_div(student_log_probs.gather(-1, index), teacher, log_target=True, reduction="sum") / rows
+        return top_divergence(student_log_probs, top, index)
     teacher = teacher_logits.log_softmax(-1)
     if loss == "forward_kl":
         return F.kl_div(student_log_probs, teacher, log_target=True, reduction="sum") / rows
     return (student_log_probs.exp() * (student_log_probs - teacher)).sum() / rows
+
+
+def top_divergence(student_log_probs: Tensor, top_logits: Tensor, index: Tensor) -> Tensor:
+    """Mean over rows of KL(teacher ‖ student) over the teacher's top tokens ``index`` (``[N, k]``,
+    their logits ``top_logits`` renormalised)."""
+    rows = max(1, student_log_probs.shape[0])
+    teacher = top_logits.log_softmax(-1)
+    return F.kl_div(student_log_probs.gather(-1, index), teacher, log_target=True, reduction="sum") / rows

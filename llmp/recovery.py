@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +127,7 @@ class RecoveryModule(L.LightningModule):
         self.distill = distill
         # Frozen, outside the registered children: in no optimizer, state dict, checkpoint or engine.
         self.teacher: Teacher | None = None
+        self.teacher_cache = None  # its top-k logits from disk (`distill.cache`), read at fit start
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -149,7 +151,8 @@ class RecoveryModule(L.LightningModule):
             hidden_size=self.model.config.hidden_size,
             num_layers=len(adapter.layers(self.model)),
         )
-        if self.distill is not None and self.teacher is None:  # before any pruning: the dense model
+        cached = self.distill is not None and self.distill.cache is not None and Path(self.distill.cache).is_file()
+        if self.distill is not None and self.teacher is None and not cached:  # before any pruning: the dense model
             self.teacher = Teacher.for_student(self.distill, self.model, self.spec)
 
     @property
@@ -198,15 +201,57 @@ class RecoveryModule(L.LightningModule):
         self.load_base()
         self.prepare()
 
+    def on_fit_start(self) -> None:
+        if self.distill is not None and self.distill.cache is not None:
+            self.teacher_cache = self.read_teacher_cache()
+            self.teacher = None  # the cache stands in for it
+
+    def read_teacher_cache(self):
+        """The ``distill.cache`` of this fit's training examples; rank 0 computes it first when
+        the file does not exist (the other ranks wait).
+
+        Raises:
+            LlmpError: the fit's data is not a RecoveryData, or the file was made for other data.
+        """
+        from llmp.data.recovery import RecoveryData
+        from llmp.distill import original_of, select_rows
+        from llmp.teacher_cache import TeacherCache, fingerprint
+
+        data, settings = self.trainer.datamodule, self.distill
+        if not isinstance(data, RecoveryData):
+            raise LlmpError("`distill.cache` needs the fit's data from llmp.data.RecoveryData (a datamodule)")
+        source = settings.teacher or original_of(self.spec) or self.spec
+        key = fingerprint(data.train_set, source, settings.top_k, settings.tokens)
+        path = Path(settings.cache)
+        if not path.is_file() and self.trainer.is_global_zero:
+            if self.teacher is None:  # the file was there when the model loaded, so no teacher was kept
+                raise LlmpError(f"`distill.cache` {path} disappeared after the model loaded: run the fit again")
+            teacher = self.teacher
+            teacher.to(self.model)
+            start = time.perf_counter()
+            cache = TeacherCache.build(
+                teacher, data.train_set, data.collate, lambda b: select_rows(b, settings), settings.top_k
+            )
+            cache.write(path, key)
+            log.info(
+                "wrote the teacher's top-%d logits of %d examples to %s in %.1f s",
+                settings.top_k,
+                len(data.train_set),
+                path,
+                time.perf_counter() - start,
+            )
+        self.trainer.strategy.barrier()
+        return TeacherCache.read(path, key)
+
     # -- training -------------------------------------------------------------------------------
 
     def forward(self, **batch: torch.Tensor):
-        return self.model(**batch)
+        return self.model(**{k: v for k, v in batch.items() if k != "example"})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.teacher is not None:
             self.teacher.to(self.model, self.global_rank)
-        loss, parts = recovery_loss(self.model, batch, self.distill, self.teacher)
+        loss, parts = recovery_loss(self.model, batch, self.distill, self.teacher, self.teacher_cache)
         size = batch["input_ids"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=size)
         if self.distill is not None:

@@ -39,7 +39,8 @@ def test_language_model_loss_equals_the_models_own(tiny_dir):
     model, _ = load_model(str(tiny_dir))
     batch = padded(tiny_dir)
     loss, parts = recovery_loss(model, batch)
-    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+    plain = model(**{k: v for k, v in batch.items() if k != "example"}).loss
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     assert set(parts) == {"ce"}
 
 
@@ -59,7 +60,7 @@ def test_teacher_skips_padding_with_the_same_logits(tiny_dir):
     rows = batch["labels"][:, 1:] != -100
     batched = position_logits(model, batch, rows)
     torch.testing.assert_close(Teacher(model).logits(batch, rows), batched, rtol=1e-4, atol=1e-4)
-    left = {k: v.flip(1) for k, v in batch.items()}  # left padding: the batched path
+    left = {k: v.flip(1) for k, v in batch.items() if k != "example"}  # left padding: the batched path
     rows = left["labels"][:, 1:] != -100
     torch.testing.assert_close(Teacher(model).logits(left, rows), position_logits(model, left, rows))
 
@@ -290,3 +291,34 @@ def test_kd_batches_match_log_softmax_reference():
     p = torch.randn(3, 7).log_softmax(-1)
     q = torch.randn(3, 7).log_softmax(-1)
     torch.testing.assert_close(F.kl_div(q, p, log_target=True, reduction="sum") / 3, reference_kl(p, q))
+
+
+# -- the teacher cache ----------------------------------------------------------------------------
+def test_teacher_cache_is_written_once_then_stands_in_for_the_teacher(tiny_dir, tmp_path):
+    """The first fit writes the top-k cache; a second fit reads it, holds no teacher, and its loss
+    equals the one computed from the live teacher; other data is refused."""
+    cache = tmp_path / "teacher.safetensors"
+    settings = DistillSettings(top_k=8, weight=0.5, cache=str(cache))
+    first = RecoveryModule(str(tiny_dir), warmup_steps=1, distill=settings)
+    trainer(max_steps=2).fit(first, datamodule=data(tiny_dir))
+    assert cache.is_file() and first.teacher is None and first.teacher_cache is not None
+    second = RecoveryModule(str(tiny_dir), warmup_steps=1, distill=settings)
+    second.load_base()
+    assert second.teacher is None  # the cache is there: no teacher loaded
+    dm = data(tiny_dir)
+    trainer(max_steps=1).fit(second, datamodule=dm)
+    batch = batch_of(dm)
+    live = Teacher(load_model(str(tiny_dir))[0])
+    model = second.model
+    with torch.no_grad():
+        cached_loss, _ = recovery_loss(model, batch, settings, cache=second.teacher_cache)
+        live_loss, _ = recovery_loss(model, batch, settings, live)
+    torch.testing.assert_close(cached_loss, live_loss, rtol=2e-3, atol=2e-3)  # float16 logits on disk
+    other = RecoveryModule(str(tiny_dir), warmup_steps=1, distill=settings)
+    with pytest.raises(LlmpError, match="holds the teacher's logits of other examples or settings"):
+        trainer(max_steps=1).fit(other, datamodule=data(tiny_dir, cutoff_len=128))
+
+
+def test_cache_needs_top_k():
+    with pytest.raises(LlmpError, match="`distill.cache` c.safetensors keeps the teacher's top-k logits: set"):
+        RecoveryModule("smollm2-135m", distill=DistillSettings(cache="c.safetensors"))

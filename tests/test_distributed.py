@@ -167,3 +167,29 @@ def test_deepspeed_zero_on_cuda(tiny_dir, tmp_path, stage):
     config = tiny_recipe(tiny_dir, tmp_path, "lora", trainer={"enable_checkpointing": False, "precision": "bf16-mixed"})
     fabric_run(f"deepspeed_stage_{stage}", config, accelerator="cuda")
     check_output(tmp_path, world_size=2, steps=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_distillation_under_stock_deepspeed_on_cuda(tiny_dir, tmp_path, stage):
+    """KD under Lightning's own DeepSpeed strategy on one GPU, bf16: the teacher follows the
+    student onto the GPU (bf16, whole) and training runs."""
+    pytest.importorskip("deepspeed")
+    settings = {"accelerator": "cuda", "devices": 1, "strategy": f"deepspeed_stage_{stage}", "precision": "bf16-mixed"}
+    config = recipe_file(
+        tiny_dir,
+        tmp_path,
+        "lora",
+        model={"distill": {"weight": 0.5, "dtype": "bfloat16"}},
+        trainer={**settings, "enable_checkpointing": False},
+        output=tmp_path / "out",
+        eval={"max_tokens": 1024},
+    )
+    command = [str(Path(sys.executable).with_name("llmp")), "fit", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert re.search(r"rank 0 holds the teacher .* whole, in torch.bfloat16", output), output[-3000:]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["recovery"]["distill"]["weight"] == 0.5 and report["recovery"]["strategy"] == "DeepSpeedStrategy"

@@ -28,7 +28,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from llmp.data.instruct import encode_record, load_records
 from llmp.data.resources import resolve
@@ -196,7 +196,7 @@ class RecoveryData(L.LightningDataModule):
             trains.append(train)
             vals.append(val)
         self.train_sizes = [len(t) for t in trains]
-        self.train_set, self.val_set = ConcatDataset(trains), ConcatDataset(vals)
+        self.train_set, self.val_set = Numbered(ConcatDataset(trains)), ConcatDataset(vals)
 
     def _held_out(self, count: int, path: str) -> int:
         held = int(self.val_size) if self.val_size >= 1 else max(1, round(self.val_size * count))
@@ -257,7 +257,8 @@ class RecoveryData(L.LightningDataModule):
         return kept
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad a list of encoded examples to the longest one."""
+        """Right-pad a list of encoded examples to the longest one (training examples also give
+        their ``example`` index, by which a teacher cache finds them)."""
         width = max(len(e["input_ids"]) for e in examples)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(examples), width), pad, dtype=torch.long)
@@ -268,7 +269,10 @@ class RecoveryData(L.LightningDataModule):
             ids[row, :n] = torch.tensor(e["input_ids"])
             labels[row, :n] = torch.tensor(e["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "example" in examples[0]:
+            batch["example"] = torch.tensor([e["example"] for e in examples], dtype=torch.long)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -288,6 +292,19 @@ class RecoveryData(L.LightningDataModule):
         return DataLoader(
             self.val_set, batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
         )
+
+
+class Numbered(Dataset):
+    """The examples of ``data``, each with its ``example`` index."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "example": i}
 
 
 class EpochShuffle(Sampler[int]):
