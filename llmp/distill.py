@@ -215,20 +215,57 @@ def recovery_loss(
     rows = select_rows(batch, distill)
     logits = position_logits(model, batch, rows).float()
     targets, has_label = labels[rows], labelled[rows]
-    log_probs = logits.log_softmax(-1)
-    ce = F.nll_loss(log_probs[has_label], targets[has_label]) if has_label.any() else logits.sum() * 0
     if distill is None:
-        return ce, {"ce": ce.detach()}
+        return _cross_entropy(logits, targets, has_label), {}
     temperature = distill.temperature
-    student = log_probs if temperature == 1 else (logits / temperature).log_softmax(-1)
-    if cache is not None:
-        top, index = cache.lookup(batch["example"], rows)
-        kd = top_divergence(student, top / temperature, index) * temperature**2
+    fused = cache is None and distill.loss == "forward_kl" and distill.top_k is None
+    if fused:  # the default: one pass that keeps only the gradient (see ForwardKL)
+        kd = ForwardKL.apply(logits, teacher.logits(batch, rows), temperature) * temperature**2
+        if distill.weight < 1:
+            ce = _cross_entropy(logits, targets, has_label)
+        else:  # for the log only
+            with torch.no_grad():
+                ce = _cross_entropy(logits, targets, has_label)
     else:
-        teacher_logits = teacher.logits(batch, rows)
-        kd = divergence(student, teacher_logits / temperature, distill.loss, distill.top_k) * temperature**2
+        log_probs = logits.log_softmax(-1)
+        ce = F.nll_loss(log_probs[has_label], targets[has_label]) if has_label.any() else logits.sum() * 0
+        student = log_probs if temperature == 1 else (logits / temperature).log_softmax(-1)
+        if cache is not None:
+            top, index = cache.lookup(batch["example"], rows)
+            kd = top_divergence(student, top / temperature, index) * temperature**2
+        else:
+            kd = divergence(student, teacher.logits(batch, rows) / temperature, distill.loss, distill.top_k)
+            kd = kd * temperature**2
     loss = distill.weight * kd + (1 - distill.weight) * ce if distill.weight < 1 else kd
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor, has_label: Tensor) -> Tensor:
+    if not has_label.any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits[has_label], targets[has_label])
+
+
+class ForwardKL(torch.autograd.Function):
+    """Mean over rows of KL(softmax(t/T) ‖ softmax(s/T)) for ``[N, V]`` student logits ``s`` and
+    teacher logits ``t``. Its gradient, ``(softmax(s/T) − softmax(t/T)) / (N·T)``, is formed in the
+    forward pass in the buffer of the student's log-probabilities and is all that is kept: about
+    half the vocabulary-sized passes and buffers of the same loss through autograd."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        rows = max(1, student.shape[0])
+        log_t = (teacher / temperature).log_softmax(-1) if temperature != 1 else teacher.log_softmax(-1)
+        log_s = (student / temperature).log_softmax(-1) if temperature != 1 else student.log_softmax(-1)
+        p_t = log_t.exp()
+        loss = torch.sub(log_t, log_s).mul_(p_t).sum() / rows
+        ctx.save_for_backward(log_s.exp_().sub_(p_t).div_(rows * temperature))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
 
 
 def divergence(student_log_probs: Tensor, teacher_logits: Tensor, loss: str = "forward_kl", top_k=None) -> Tensor:
