@@ -15,6 +15,7 @@ to fp32 and turned back into the pruned model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -31,14 +32,14 @@ from llmp import (
     outdir,
     strategies,  # registers the llmp_deepspeed* strategy names
 )
-from llmp.data import read_text
+from llmp.data import calibration_samples, read_text
 from llmp.data.recovery import RecoveryData
 from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
 from llmp.eval import perplexity
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
-from llmp.pruner import replay
+from llmp.pruner import PruneConfig, prune, replay
 from llmp.record import Perplexity, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
 from llmp.report import generate_samples, samples_entry, write_report
@@ -231,6 +232,35 @@ def _metric(trainer, name: str) -> float | None:
     return round(float(value), 4) if value is not None else None
 
 
+def prune_again(model, tokenizer, record):
+    """``model`` (the dense original) pruned as ``record`` did, without recovery.
+
+    The recorded removals are replayed. Compensation refits the kept weights to values no plan
+    holds, so a one-step compensated run is pruned again with its settings and calibration text.
+    Pruning is deterministic, so this gives the same model; its plan is checked against the record.
+    When that cannot be done (several steps, calibration from the datamodule), the replayed model
+    lacks the refit and a warning says so.
+    """
+    config = PruneConfig(**record.settings).resolved(model) if record.settings else None
+    compensated = config is not None and config.compensate != "none"
+    calibration = record.calibration
+    if compensated and len(record.steps) == 1 and calibration and calibration.source != "datamodule":
+        step = record.steps[0]
+        tokens = calibration_samples(
+            calibration.source, tokenizer, calibration.num_samples, calibration.seq_len, config.seed
+        )
+        config = dataclasses.replace(config, ratio=step.target_ratio or config.ratio, steps=1)
+        again = prune(model, config, tokens, reference_params=record.params_before)
+        if again.steps[0].plan == step.plan:
+            return model
+        log.warning("pruning again gave another plan than the record's; measuring the replayed removals")
+        model, _ = load_model(record.model)
+    replay(model, record.steps)
+    if compensated:
+        log.warning("the `pruned` perplexity is of the removals without the compensation's refit")
+    return model
+
+
 def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
     """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's record."""
     record = read_record(output)
@@ -249,7 +279,7 @@ def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
         model, tokenizer = load_model(record.model)
         if settings.dense:
             measure("dense", model, tokenizer)
-        replay(model, record.steps)
+        model = prune_again(model, tokenizer, record)
         measure("pruned", model, tokenizer)
         del model
         model, tokenizer = load_model(str(output))

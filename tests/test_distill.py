@@ -13,13 +13,15 @@ from helpers import recipe_file
 from test_recovery import data, trainer
 
 from llmp.callbacks import StructuredPruning
-from llmp.data import RecoveryData
+from llmp.data import RecoveryData, calibration_samples
 from llmp.data.recovery import EpochShuffle, pack, source_format
 from llmp.distill import DistillSettings, Teacher, divergence, position_logits, recovery_loss
 from llmp.errors import LlmpError
 from llmp.fit import main as fit_main
+from llmp.fit import prune_again
 from llmp.models import load_model
 from llmp.pruner import PruneConfig, count_parameters, prune
+from llmp.record import Calibration
 from llmp.recovery import RecoveryModule, read_checkpoint_state
 
 
@@ -337,3 +339,18 @@ def test_teacher_cache_is_written_once_then_stands_in_for_the_teacher(tiny_dir, 
 def test_cache_needs_top_k():
     with pytest.raises(LlmpError, match="`distill.cache` c.safetensors keeps the teacher's top-k logits: set"):
         RecoveryModule("smollm2-135m", distill=DistillSettings(cache="c.safetensors"))
+
+
+def test_fit_measures_the_compensated_pruned_model_it_trained(tiny_dir):
+    """`llmp fit`'s `pruned` perplexity is of the model the callback made: with lstsq's refit,
+    which replaying the plan alone would lose."""
+    model, tokenizer = load_model(str(tiny_dir))
+    config = PruneConfig(ratio=0.3, attention="kv", criterion="flap", compensate="lstsq", layerwise=True)
+    tokens = calibration_samples("c4", tokenizer, 4, 32, config.seed)
+    record = prune(model, config, tokens)
+    record.steps[0].target_ratio = 0.3
+    record.calibration = Calibration("c4", 4, 32)
+    again = prune_again(load_model(str(tiny_dir))[0], tokenizer, record)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
