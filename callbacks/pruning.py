@@ -137,7 +137,7 @@ class StructuredPruning(L.Callback):
         self.check_epochs(trainer)
         pl_module.load_base()
         record = pl_module.record
-        record.settings = dataclasses.asdict(self.config)
+        record.settings = dataclasses.asdict(self.config.resolved(pl_module.base_model))  # what each step runs
         record.schedule = {str(epoch): ratio for epoch, ratio in self.targets.items()}
         record.calibration = Calibration(str(self.calibration or "datamodule"), self.num_samples, self.seq_len)
         resumed = self._resumed(trainer)
@@ -220,7 +220,7 @@ class StructuredPruning(L.Callback):
             "epoch %d: pruning to %.1f%% of the original parameters removed (%s criterion%s)",
             epoch,
             100 * self.targets[epoch],
-            config.criterion,
+            config.resolved(model).criterion,
             f", {len(calibration)} x {calibration.shape[1]} calibration tokens" if calibration is not None else "",
         )
         strategy = trainer.strategy
