@@ -137,26 +137,8 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
-        """``[N, V]`` float32 logits of the positions ``rows`` (``[B, L-1]`` bool) selects.
-
-        On a CPU a right-padded batch runs one sequence at a time, each without its padding (the
-        same logits: causal attention never looks right; on 2 cores a batch of 4 Alpaca records
-        is ~30% padding, which the teacher's forward would otherwise pay for).
-        """
-        mask = batch.get("attention_mask")
-        lengths = None if mask is None else mask.sum(1)
-        if (
-            lengths is None
-            or batch["input_ids"].device.type != "cpu"
-            or int(lengths.min()) == mask.shape[1]
-            or not bool((mask.cumsum(1) == torch.arange(1, mask.shape[1] + 1).clamp(max=lengths[:, None])).all())
-        ):
-            return position_logits(self.model, batch, rows).float()
-        parts = []
-        for row, n in enumerate(lengths.tolist()):
-            one = {"input_ids": batch["input_ids"][row : row + 1, :n], "attention_mask": mask[row : row + 1, :n]}
-            parts.append(position_logits(self.model, one, rows[row : row + 1, : n - 1]).float())
-        return torch.cat(parts)
+        """``[N, V]`` float32 logits of the positions ``rows`` (``[B, L-1]`` bool) selects."""
+        return position_logits(self.model, batch, rows).float()
 
 
 def position_logits(model: nn.Module, batch: dict[str, Tensor], rows: Tensor) -> Tensor:

@@ -241,7 +241,9 @@ def prune_again(model, tokenizer, record):
     When that cannot be done (several steps, calibration from the datamodule), the replayed model
     lacks the refit and a warning says so.
     """
-    config = PruneConfig(**record.settings).resolved(model) if record.settings else None
+    known = {f.name for f in dataclasses.fields(PruneConfig)}  # an older record may hold other keys
+    settings = {k: v for k, v in record.settings.items() if k in known}
+    config = PruneConfig(**settings).resolved(model) if settings else None
     compensated = config is not None and config.compensate != "none"
     calibration = record.calibration
     if compensated and len(record.steps) == 1 and calibration and calibration.source != "datamodule":

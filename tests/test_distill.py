@@ -56,17 +56,6 @@ def test_position_logits_are_the_models_logits_at_those_positions(tiny_dir):
     torch.testing.assert_close(position_logits(model, batch, rows), full, rtol=1e-5, atol=1e-5)
 
 
-def test_teacher_skips_padding_with_the_same_logits(tiny_dir):
-    model, _ = load_model(str(tiny_dir))
-    batch = padded(tiny_dir)
-    rows = batch["labels"][:, 1:] != -100
-    batched = position_logits(model, batch, rows)
-    torch.testing.assert_close(Teacher(model).logits(batch, rows), batched, rtol=1e-4, atol=1e-4)
-    left = {k: v.flip(1) for k, v in batch.items() if k != "example"}  # left padding: the batched path
-    rows = left["labels"][:, 1:] != -100
-    torch.testing.assert_close(Teacher(model).logits(left, rows), position_logits(model, left, rows))
-
-
 def reference_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(p ‖ q), written out."""
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
