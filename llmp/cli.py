@@ -1,4 +1,4 @@
-"""The ``llmp`` command: prune, eval ppl, eval tasks, report, generate.
+"""The ``llmp`` command: prune, eval ppl, eval tasks, report, generate, export.
 
 Bad input ends with one ``error: ...`` line and exit status 2, before any model is loaded when
 the problem can be seen without one.
@@ -146,6 +146,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--prompts", help="text file, one prompt per line (default: llmp's fixed prompts)")
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt with --dense")
 
+    x = sub.add_parser(
+        "export",
+        help="write a model folder for a serving engine: GGUF (llama.cpp) or DeciLM (vLLM)",
+        description="GGUF: llama.cpp's `deci` architecture, every layer with its own head, KV-head and MLP "
+        "counts. DeciLM: a folder vLLM's DeciLMForCausalLM serves (equal query heads in every layer).",
+    )
+    x.add_argument("dir", help="folder written by `llmp prune` or `llmp fit`, a Hugging Face folder, or a built-in name")
+    x.add_argument("--format", required=True, help="gguf (llama.cpp) or decilm (vLLM)")
+    x.add_argument("--output", required=True, help="the .gguf file (gguf) or the folder (decilm) to write")
+    x.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights: auto (as stored), f32, f16, bf16, or q8_0 (gguf only; norms and biases stay f32)",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export that llmp wrote")
+
     g = sub.add_parser("generate", help="greedy text generation")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True)
@@ -180,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _eval_ppl(args) if args.what == "ppl" else _eval_tasks(args)
             if args.command == "report":
                 return _report(args)
+            if args.command == "export":
+                return _export(args)
             return _generate(args)
     except LlmpError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -414,6 +432,20 @@ def _report(args) -> int:
         generations = compare_generations(models, prompts, args.max_new_tokens)
     md, png = write_report(folder, generations)
     print(f"wrote {md} and {png}")
+    return 0
+
+
+def _export(args) -> int:
+    from llmp.export import check_export, export
+
+    check_export(args.dir, args.format, args.output, args.dtype, args.overwrite)  # before reading weights
+    t0 = time.perf_counter()
+    result = export(args.dir, args.format, args.output, args.dtype, args.overwrite)
+    size = sum(p.stat().st_size for p in ([result.path] if result.path.is_file() else result.path.rglob("*")))
+    print(f"wrote {result.path} ({args.format}, {result.details['dtype']}, {size / 2**20:,.1f} MiB) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    for note in result.details.get("notes", []):
+        print(note)
     return 0
 
 

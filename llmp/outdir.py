@@ -345,6 +345,28 @@ def write_folder(output: str | Path, overwrite: bool = False, inputs: Iterable[s
     WRITTEN.append(output)
 
 
+@contextlib.contextmanager
+def write_file(output: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``output`` to write; on success it is fsynced and renamed into place
+    (a large file, written by another library, that :func:`write_atomic` cannot take as bytes).
+    Hold ``output``'s :func:`output_lock` around it; a crash leaves a temporary that the next write removes."""
+    output = real_path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(output)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=_temp_prefix(output, "tmp"))
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync(Path(tmp))
+        _follow_umask(Path(tmp), 0o666)
+        os.replace(tmp, output)
+        _fsync(output.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    WRITTEN.append(output)
+
+
 def write_atomic(path: str | Path, data: str | bytes, record: bool = True) -> None:
     """Write a file beside ``path``, fsync it and rename it into place."""
     path = Path(path)
