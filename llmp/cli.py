@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         description="GGUF: llama.cpp's `deci` architecture, every layer with its own head, KV-head and MLP "
         "counts. DeciLM: a folder vLLM's DeciLMForCausalLM serves (equal query heads in every layer).",
     )
-    x.add_argument("dir", help="folder written by `llmp prune` or `llmp fit`, a Hugging Face folder, or a built-in name")
+    x.add_argument(
+        "dir", help="folder written by `llmp prune` or `llmp fit`, a Hugging Face folder, or a built-in name"
+    )
     x.add_argument("--format", required=True, help="gguf (llama.cpp) or decilm (vLLM)")
     x.add_argument("--output", required=True, help="the .gguf file (gguf) or the folder (decilm) to write")
     x.add_argument(
@@ -442,8 +444,10 @@ def _export(args) -> int:
     t0 = time.perf_counter()
     result = export(args.dir, args.format, args.output, args.dtype, args.overwrite)
     size = sum(p.stat().st_size for p in ([result.path] if result.path.is_file() else result.path.rglob("*")))
-    print(f"wrote {result.path} ({args.format}, {result.details['dtype']}, {size / 2**20:,.1f} MiB) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {result.path} ({args.format}, {result.details['dtype']}, {size / 2**20:,.1f} MiB) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     for note in result.details.get("notes", []):
         print(note)
     return 0

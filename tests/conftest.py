@@ -40,15 +40,15 @@ TINY = {
 }
 
 
-def tiny_model(name: str, layers: int = 4) -> torch.nn.Module:
+def tiny_model(name: str, layers: int = 4, vocab_size: int = 128, **overrides) -> torch.nn.Module:
     model_cls, config_cls, extra = TINY[name]
     config = config_cls(
         intermediate_size=96,
         num_hidden_layers=layers,
-        vocab_size=128,
+        vocab_size=vocab_size,
         head_dim=16,
         max_position_embeddings=64,
-        **{"tie_word_embeddings": True, "hidden_size": 64, **extra},
+        **{"tie_word_embeddings": True, "hidden_size": 64, **extra, **overrides},
     )
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -60,8 +60,8 @@ def tiny_model(name: str, layers: int = 4) -> torch.nn.Module:
     return model
 
 
-def make_tiny_folder(path: Path, layers: int = 4) -> Path:
-    """A tiny Llama (GQA 4/2) with a real byte-level BPE tokenizer, saved as a model folder."""
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer of 320 tokens, trained on the start of WikiText-2."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,7 +73,12 @@ def make_tiny_folder(path: Path, layers: int = 4) -> Path:
     tok.train_from_iterator(
         [text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
+
+
+def make_tiny_folder(path: Path, layers: int = 4) -> Path:
+    """A tiny Llama (GQA 4/2) with a real byte-level BPE tokenizer, saved as a model folder."""
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64,

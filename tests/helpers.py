@@ -13,7 +13,9 @@ import lightning as L
 import torch
 import yaml
 
+import llmp
 from llmp import importance, surgery
+from llmp.io import save_pruned
 from llmp.plan import PlanSettings, make_plan
 from llmp.record import PruningRecord
 from llmp.structure import adapter_for
@@ -155,3 +157,28 @@ class HangWritingCheckpoint(L.Callback):
             time.sleep(600)
 
         LocalFileOpener.write = half_then_hang
+
+
+# Llama-layout families that `llmp export` takes (tests/test_export.py, tests/test_llamacpp.py).
+FAMILIES = ("llama-gqa", "llama-mha", "llama-bias", "qwen2", "mistral")
+
+
+def pruned_folder(path, name="llama-gqa", attention="query", compensate="none", tokenizer=None, **settings):
+    """A tiny model of ``name`` pruned heterogeneously (a global ranking), saved with a tokenizer."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    model = tiny_model(name, vocab_size=len(tokenizer), sliding_window=None)
+    calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    config = llmp.PruneConfig(
+        ratio=0.3,
+        attention=attention,
+        ranking="global",
+        layers="0:4",
+        criterion="flap" if compensate != "none" else "l2",
+        compensate=compensate,
+        **settings,
+    )
+    record = llmp.prune(model, config, calib)
+    save_pruned(model, path, tokenizer, record)
+    return path, model, tokenizer

@@ -32,13 +32,16 @@ def available() -> bool:
 class LlamaCpp:
     """A GGUF loaded in llama.cpp, on the CPU, with every position's logits kept.
 
+    ``f32_cache`` keeps the attention keys and values in float32, so that an f32 file computes in
+    f32 throughout (llama.cpp's own default, an f16 cache, moves logits by ~1e-3 of their range).
+
     Example::
 
         engine = LlamaCpp("out/p.gguf", n_ctx=512)
         logits = engine.logits([504, 3575, 282])      # (3, vocab) float32
     """
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = True):
         try:
             import llama_cpp
         except ImportError as err:
@@ -56,6 +59,7 @@ class LlamaCpp:
             n_threads_batch=self.threads,
             logits_all=True,
             verbose=False,
+            **({"type_k": 0, "type_v": 0} if f32_cache else {}),  # 0: GGML_TYPE_F32
         )
 
     def close(self) -> None:
