@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         help="never hold the whole model: read, prune and write one decoder layer at a time (a local folder; "
         "criterion flap or wanda; implies --layerwise; no --eval-data, no samples: evaluate the output after)",
     )
+    p.add_argument(
+        "--export",
+        choices=("gguf", "decilm"),
+        help="also write OUTPUT.gguf (llama.cpp) or the folder OUTPUT.decilm (vLLM) after saving; "
+        "`--target` keeps the pruning inside what that engine loads",
+    )
+    p.add_argument("--export-dtype", default="auto", help="weights of that export: auto, f32, f16, bf16, q8_0 (gguf)")
     add_dtype_arg(p)
     add_prune_args(p)
 
@@ -274,6 +281,10 @@ def _prune(args) -> int:
     _check_seq_len("--seq-len", args.seq_len, args.model)
     inputs = [*input_paths(args.model), calibration, evaluation]
     output = check_output_dir(args.output, args.overwrite, inputs, flag="--output")
+    if args.export:
+        from llmp.export import beside, check_export
+
+        check_export(args.output, args.export, beside(output, args.export), args.export_dtype, args.overwrite)
     with output_lock(output):  # held from here: a second `llmp prune` to the same output stops now
         return _prune_locked(args, config, calibration, evaluation, inputs)
 
@@ -321,6 +332,20 @@ def _prune_locked(args, config, calibration_source, eval_source, inputs) -> int:
         print(f"perplexity on {args.eval_data}: {dense.ppl:.2f} -> {pruned.ppl:.2f} ({dense.protocol})")
     out = save_pruned(model, args.output, tokenizer, record, overwrite=args.overwrite, inputs=inputs)
     print(f"saved to {out}; summary in {write_report(out)[0]}")
+    del model
+    return _export_beside(args, out)
+
+
+def _export_beside(args, folder: Path) -> int:
+    """``--export``: the saved folder, exported beside it."""
+    if not args.export:
+        return 0
+    from llmp.export import beside, export
+
+    result = export(folder, args.export, beside(folder, args.export), args.export_dtype, args.overwrite)
+    print(f"exported to {result.path} ({args.export}, {result.details['dtype']})")
+    for note in result.details.get("notes", []):
+        print(note)
     return 0
 
 
@@ -343,7 +368,7 @@ def _prune_streamed(args, config, calibration_source) -> int:
         f"asked {config.ratio:.2%}) in {time.perf_counter() - t0:.1f} s, streamed layer by layer"
     )
     print(f"saved to {real_path(args.output)}; summary in {write_report(real_path(args.output))[0]}")
-    return 0
+    return _export_beside(args, real_path(args.output))
 
 
 def _eval_ppl(args) -> int:

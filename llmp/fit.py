@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 from unittest import mock
 
 import torch
@@ -37,6 +38,7 @@ from llmp.data.recovery import RecoveryData
 from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
 from llmp.eval import perplexity
+from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
 from llmp.pruner import PruneConfig, prune, replay
@@ -118,6 +120,13 @@ class FitCLI(LightningCLI):
         parser.add_argument("--output", type=str | None, default=None, help="model folder to write after the fit")
         parser.add_argument("--overwrite", type=bool, default=False, help="replace --output if it exists")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to resume from")
+        parser.add_argument(
+            "--export",
+            type=Literal["gguf", "decilm"] | None,
+            default=None,
+            help="also write OUTPUT.gguf (llama.cpp) or the folder OUTPUT.decilm (vLLM) after the fit",
+        )
+        parser.add_argument("--export_dtype", type=str, default="auto", help="auto, f32, f16, bf16 or q8_0 (gguf)")
         parser.add_dataclass_arguments(EvalSettings, "eval")
         parser.link_arguments("model.model", "data.tokenizer")
 
@@ -155,9 +164,13 @@ def _run(cli: FitCLI) -> int:
 
     config, trainer, module = cli.config, cli.trainer, cli.model
     output = Path(config.output) if config.output else None
+    if config.export and output is None:
+        raise LlmpError(f"`--export {config.export}` exports the saved model: give `--output` too")
     if output is not None:  # before hours of training, not after
         check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
         EvalSettings(**vars(config.eval)).check()
+        if config.export:
+            check_export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
     for callback in trainer.callbacks:  # a schedule the fit never reaches, before the data is tokenized
         if hasattr(callback, "check_epochs"):
             callback.check_epochs(trainer)
@@ -201,6 +214,9 @@ def _run(cli: FitCLI) -> int:
             evaluate(output, EvalSettings(**vars(config.eval)))
 
         print(f"saved {output}; summary in {write_report(output)[0]}")
+        if config.export:
+            result = export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
+            print(f"exported to {result.path} ({config.export}, {result.details['dtype']})")
     return 0
 
 

@@ -82,9 +82,12 @@ def finish_config(model: PreTrainedModel, record: PruningRecord | None) -> Pruni
     setattr(model.config, SHAPES_KEY, shapes)
     if record is None:
         return None
+    from llmp.export import engines_for
+
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     dtype = str(next(iter(floating))).removeprefix("torch.") if len(floating) == 1 else None
-    return dataclasses.replace(record, loads_with_plain_transformers=plain, dtype=dtype)
+    engines = engines_for(getattr(model.config, "model_type", None), shapes, plain)
+    return dataclasses.replace(record, loads_with_plain_transformers=plain, engines=engines, dtype=dtype)
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> PreTrainedModel:

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -30,6 +31,11 @@ from llmp.verify import verify
 
 Scope = Literal["block", "channel", "layer"]
 Attention = Literal["query", "kv", "none"]
+Target = Literal["any", "gguf", "vllm", "hf"]
+# Kept MLP / hidden channels per target: q8_0's block of 32 values; 64 keeps vLLM's shards of up
+# to 8 GPUs whole multiples of 8.
+TARGET_ALIGN = {"gguf": 32, "vllm": 64}
+EXPORT_FAMILIES = ("llama", "mistral", "qwen2")  # what llmp.export writes (llmp.export.source)
 
 
 @dataclass
@@ -75,6 +81,12 @@ class PruneConfig:
     calibration inputs (lstsq); see llmp.activations; unset: lstsq with flap and wanda, else none"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
+    target: Target = "any"
+    """where the model will run, which keeps the pruning inside what that engine loads: gguf
+    (llama.cpp via `llmp export --format gguf`: kept MLP/hidden channels a multiple of 32, so q8_0
+    takes every matrix), vllm (vLLM's DeciLM via `llmp export --format decilm`: the same query heads
+    in every layer, so attention none; channels a multiple of 64), hf (plain transformers: layout
+    uniform), any (llmp.load_pruned; llama.cpp too for Llama-layout families)"""
     steps: int = 1
     """prune in this many steps, re-scoring between them"""
     layerwise: bool | None = None
@@ -91,6 +103,10 @@ class PruneConfig:
     """for sampling and the random criterion"""
 
     def __post_init__(self) -> None:
+        if self.target == "hf":
+            self.layout = "uniform"
+        if self.target in TARGET_ALIGN and isinstance(self.round_to, int) and self.round_to >= 1:
+            self.round_to = math.lcm(self.round_to, TARGET_ALIGN[self.target])
         self.check()
 
     def resolved(self, model: PreTrainedModel) -> PruneConfig:
@@ -127,7 +143,7 @@ class PruneConfig:
         hints = typing.get_type_hints(PruneConfig)
         choices = {
             name: literal_choices(hints[name])
-            for name in ("scope", "attention", "criterion", "reduction", "ranking", "compensate", "layout")
+            for name in ("scope", "attention", "criterion", "reduction", "ranking", "compensate", "layout", "target")
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed and not (getattr(self, name) is None and name in _UNSET_OK):
@@ -163,6 +179,14 @@ class PruneConfig:
             )
         if self.layerwise is True and self.steps != 1:
             problems.append(f"`layerwise` prunes in one pass; `steps` must be 1, got {self.steps}")
+        if self.target == "vllm" and self.scope == "block" and self.attention != "none":
+            problems.append(
+                f"`target` vllm keeps the query heads of every layer (vLLM's DeciLM has one head count for all "
+                f"layers), so it prunes no heads: use `attention` none (MLP channels), `scope` channel or "
+                f"`scope` layer; got `attention` {self.attention}"
+            )
+        if self.target == "hf" and self.layout != "uniform":
+            problems.append("`target` hf needs `layout` uniform (what plain transformers loads)")
         if self.scope == "block" and self.attention == "none" and not self.mlp:
             problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
         for name in ("layers", "attn_layers", "mlp_layers"):
@@ -279,6 +303,7 @@ def prune(
     adapter = adapter_for(model)
     layer_ranges(config, len(adapter.layers(model)))  # validates the ranges against the model before any work
     _refuse_mqa_kv(model, config)
+    _refuse_target(model, config)
     if adapter.automatic:  # a family llmp has not seen: check its map first
         verify(model, adapter.discover(model, config.kinds), adapter)
     if config.layerwise:
@@ -360,6 +385,17 @@ def run_record(model, config: PruneConfig, total: int, steps: list[Step], timing
         steps=steps,
         timings={k: round(v, 4) for k, v in timings.items()},
     )
+
+
+def _refuse_target(model: PreTrainedModel, config: PruneConfig) -> None:
+    """Raises:
+    LlmpError: ``target`` gguf or vllm for a family that llmp does not export."""
+    family = getattr(model.config, "model_type", None)
+    if config.target in TARGET_ALIGN and family not in EXPORT_FAMILIES:
+        raise LlmpError(
+            f"`target` {config.target}: llmp exports the Llama layout ({', '.join(EXPORT_FAMILIES)}) to llama.cpp "
+            f"and vLLM, and this model is a {family!r}; use `target` any (llmp.load_pruned) or hf"
+        )
 
 
 def _refuse_mqa_kv(model: PreTrainedModel, config: PruneConfig) -> None:

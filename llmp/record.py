@@ -128,6 +128,7 @@ class PruningRecord:
         recovery: settings and results of the recovery run (shown as a table).
         generations: side-by-side greedy continuations.
         loads_with_plain_transformers: the folder's config holds the pruned counts.
+        engines: where the saved model runs (llmp, transformers, llama.cpp and vLLM through ``llmp export``).
         dtype: the saved weights' dtype (``float32``, ``bfloat16`` ...).
         schema: the version of this layout.
     """
@@ -149,6 +150,7 @@ class PruningRecord:
     recovery: dict[str, Any] | None = None
     generations: Generations | None = None
     loads_with_plain_transformers: bool | None = None
+    engines: list[str] | None = None
     dtype: str | None = None
     schema: int = SCHEMA
 

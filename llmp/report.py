@@ -231,6 +231,8 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
     lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items())]
     if record.dtype:
         lines.append(f"Weights saved in `{record.dtype}`.")
+    if record.engines:
+        lines.append("Loads in: " + ", ".join(record.engines) + ".")
     if (cal := record.calibration) is not None:
         lines.append(f"Calibration: {cal.num_samples} x {cal.seq_len} tokens of `{cal.source}`.")
     lines += ["", "## Where the model was cut", "", *_shape_table(record.layer_shapes, dense)]

@@ -43,12 +43,11 @@ TINY = {
 def tiny_model(name: str, layers: int = 4, vocab_size: int = 128, **overrides) -> torch.nn.Module:
     model_cls, config_cls, extra = TINY[name]
     config = config_cls(
-        intermediate_size=96,
         num_hidden_layers=layers,
         vocab_size=vocab_size,
         head_dim=16,
         max_position_embeddings=64,
-        **{"tie_word_embeddings": True, "hidden_size": 64, **extra, **overrides},
+        **{"intermediate_size": 96, "tie_word_embeddings": True, "hidden_size": 64, **extra, **overrides},
     )
     torch.manual_seed(0)
     model = model_cls(config).eval()

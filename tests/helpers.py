@@ -163,15 +163,24 @@ class HangWritingCheckpoint(L.Callback):
 FAMILIES = ("llama-gqa", "llama-mha", "llama-bias", "qwen2", "mistral")
 
 
-def pruned_folder(path, name="llama-gqa", attention="query", compensate="none", tokenizer=None, **settings):
+def pruned_folder(
+    path,
+    name="llama-gqa",
+    attention="query",
+    compensate="none",
+    tokenizer=None,
+    ratio=0.3,
+    model_kwargs=None,
+    **settings,
+):
     """A tiny model of ``name`` pruned heterogeneously (a global ranking), saved with a tokenizer."""
     from conftest import tiny_model, tiny_tokenizer
 
     tokenizer = tokenizer or tiny_tokenizer()
-    model = tiny_model(name, vocab_size=len(tokenizer), sliding_window=None)
+    model = tiny_model(name, vocab_size=len(tokenizer), sliding_window=None, **(model_kwargs or {}))
     calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
     config = llmp.PruneConfig(
-        ratio=0.3,
+        ratio=ratio,
         attention=attention,
         ranking="global",
         layers="0:4",

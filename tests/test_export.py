@@ -230,3 +230,57 @@ def test_decilm_refuses_layers_with_different_query_heads(tmp_path, tokenizer):
     with pytest.raises(LlmpError, match="different numbers of query heads .* `--target vllm`"):
         export(folder, "decilm", tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+# ---- --target: pruning inside an engine's envelope ------------------------------------------------
+
+
+def test_target_settings_and_their_refusals():
+    assert llmp.PruneConfig(target="hf").layout == "uniform"
+    assert llmp.PruneConfig(target="gguf").round_to == 32
+    assert llmp.PruneConfig(target="vllm", round_to=48).round_to == 192  # a multiple of both
+    with pytest.raises(LlmpError, match="`target` vllm keeps the query heads of every layer"):
+        llmp.PruneConfig(target="vllm", attention="query")
+    with pytest.raises(LlmpError, match="`target` must be one of any, gguf, vllm, hf; got 'onnx'"):
+        llmp.PruneConfig(target="onnx")
+
+
+def test_target_refuses_a_family_llmp_does_not_export():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(LlmpError, match="`target` gguf: llmp exports the Llama layout"):
+        llmp.prune(model, llmp.PruneConfig(target="gguf", criterion="l2"))
+
+
+def test_target_vllm_gives_a_model_decilm_serves(tmp_path, tokenizer):
+    big_mlp = {"intermediate_size": 512}
+    folder, model, _ = pruned_folder(
+        tmp_path / "p", attention="none", target="vllm", tokenizer=tokenizer, ratio=0.2, model_kwargs=big_mlp
+    )
+    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert all(w % 64 == 0 for w in widths) and max(widths) < 512
+    record = json.loads((folder / "pruning_report.json").read_text())
+    assert "vLLM (llmp export --format decilm)" in record["engines"]
+    assert (
+        "Loads in: llmp.load_pruned" in (folder / "report.md").read_text() if (folder / "report.md").exists() else True
+    )
+    export(folder, "decilm", tmp_path / "d")
+
+
+def test_heterogeneous_heads_are_not_listed_for_vllm(tmp_path, tokenizer):
+    folder, _, _ = pruned_folder(tmp_path / "p", tokenizer=tokenizer)
+    engines = json.loads((folder / "pruning_report.json").read_text())["engines"]
+    assert engines == ["llmp.load_pruned", "llama.cpp (llmp export --format gguf)"]
+
+
+def test_prune_export_in_one_step(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "p"
+    argv = ["prune", "--model", tiny_dir, "--ratio", "0.1", "--output", out, "--export", "gguf", "--target", "gguf"]
+    code, stdout, err = run_cli(capsys, *argv, "--num-samples", "2", "--seq-len", "16", "--samples", "0")
+    assert code == 0, err
+    assert f"exported to {tmp_path / 'p.gguf'}" in stdout
+    meta = dict(read_metadata(tmp_path / "p.gguf"))
+    assert json.loads(meta[REPORT_KEY])["settings"]["target"] == "gguf"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "not empty; choose another path or pass --overwrite" in err

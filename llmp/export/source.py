@@ -17,10 +17,11 @@ import torch
 
 from llmp.errors import LlmpError, raise_all
 from llmp.io import read_header, read_safetensors
+from llmp.pruner import EXPORT_FAMILIES
 from llmp.record import REPORT
 
 # The families whose checkpoints have Llama's tensor layout: what GGUF `deci` and DeciLM read.
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+LLAMA_LAYOUT = EXPORT_FAMILIES
 ROPE_TYPES = ("default", "linear", "llama3")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Per-layer tensors, by their name under `model.layers.N.`; biases are optional.
