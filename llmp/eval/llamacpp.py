@@ -34,6 +34,8 @@ class LlamaCpp:
 
     ``f32_cache`` keeps the attention keys and values in float32, so that an f32 file computes in
     f32 throughout (llama.cpp's own default, an f16 cache, moves logits by ~1e-3 of their range).
+    ``all_logits`` off computes the output head for the last position only, as a server does
+    (:meth:`speed`); :meth:`logits` and :meth:`perplexity` need it on.
 
     Example::
 
@@ -41,7 +43,14 @@ class LlamaCpp:
         logits = engine.logits([504, 3575, 282])      # (3, vocab) float32
     """
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 512,
+        threads: int | None = None,
+        f32_cache: bool = True,
+        all_logits: bool = True,
+    ):
         try:
             import llama_cpp
         except ImportError as err:
@@ -57,7 +66,7 @@ class LlamaCpp:
             n_ubatch=n_ctx,
             n_threads=self.threads,
             n_threads_batch=self.threads,
-            logits_all=True,
+            logits_all=all_logits,
             verbose=False,
             **({"type_k": 0, "type_v": 0} if f32_cache else {}),  # 0: GGML_TYPE_F32
         )
