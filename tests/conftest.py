@@ -75,6 +75,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ā", pad_token="Ā")
 
 
+def tiny_spm_tokenizer():
+    """A SentencePiece-style BPE tokenizer (Llama 2's layout: "\u2581" for spaces, byte fallback to
+    <0xNN> pieces, BOS added), of 600 pieces trained on the start of WikiText-2."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmp.data.resources import BUILTIN_DATA
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    text = BUILTIN_DATA["wikitext2"].read_text()[:20000]
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def make_tiny_folder(path: Path, layers: int = 4) -> Path:
     """A tiny Llama (GQA 4/2) with a real byte-level BPE tokenizer, saved as a model folder."""
     tokenizer = tiny_tokenizer()

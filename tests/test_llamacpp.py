@@ -114,3 +114,21 @@ def test_dense_export_agrees_with_the_gguf_it_came_from(tmp_path):
         assert (a.logits(ids[:128]).argmax(1) == b.logits(ids[:128]).argmax(1)).mean() >= 0.95
         ppl_a, ppl_b = a.perplexity(ids)[0], b.perplexity(ids)[0]
     assert abs(ppl_a - ppl_b) / ppl_b < 0.01
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_as_in_transformers(tmp_path, one_thread):
+    """Llama 2 and Mistral tokenizers (byte fallback, "▁" for spaces, BOS) become ggml's `llama`
+    tokenizer: llama.cpp splits text into the same ids, BOS included, and computes the same logits."""
+    from conftest import tiny_spm_tokenizer
+
+    tokenizer = tiny_spm_tokenizer()
+    folder, model, _ = pruned_folder(tmp_path / "p", "mistral", tokenizer=tokenizer)
+    path = export(folder, "gguf", tmp_path / "p.gguf").path
+    texts = ["The tower is 324 metres tall.", "  Odd   spacing, ünïcödé and\nnew lines 1234"]
+    with LlamaCpp(path, n_ctx=128, threads=1) as engine:
+        for text in texts:
+            ids = tokenizer(text).input_ids
+            assert ids[0] == tokenizer.bos_token_id
+            assert engine.tokenize(text, add_bos=True) == ids
+        ref, got = hf_logits(model, ids), engine.logits(ids)
+    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)

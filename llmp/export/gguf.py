@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,14 @@ def pretokenizer(tokenizer_json: dict) -> str | None:
     return None
 
 
-def _tokens(folder: Path, vocab_size: int) -> tuple[str, list[bytes | str], list[int], list[float] | None, dict]:
-    """(ggml tokenizer model, tokens by id, token types, scores or None, tokenizer.json)."""
+def _tokens(folder: Path, vocab_size: int) -> tuple[str, list[str], list[int], list[float] | None, dict]:
+    """(ggml tokenizer model, tokens by id, token types, scores or None, tokenizer.json).
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2) becomes ggml's ``gpt2`` tokenizer with the
+    merges. BPE with byte fallback (converted from SentencePiece: Llama 2, Mistral) becomes
+    ggml's ``llama`` tokenizer, which merges by score: a piece's score is minus its id, since such
+    vocabularies are numbered in merge order, and the ``<0xNN>`` pieces are its byte tokens.
+    """
     import gguf
 
     path = folder / "tokenizer.json"
@@ -240,14 +247,6 @@ def _tokens(folder: Path, vocab_size: int) -> tuple[str, list[bytes | str], list
     model = data.get("model", {})
     if model.get("type") != "BPE":
         raise LlmpError(f"{path}: a {model.get('type')!r} tokenizer; the GGUF export writes BPE tokenizers only")
-    if model.get("byte_fallback"):  # SentencePiece-style BPE (Llama 2, Mistral): ggml's `llama` tokenizer
-        vocab = gguf.LlamaHfVocab(folder)
-        tokens, scores, types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(int(kind))
-        return "llama", *_pad(tokens, types, scores, vocab_size), data
     T = gguf.TokenType
     by_id = {i: (t, T.NORMAL) for t, i in model["vocab"].items()}
     for added in data.get("added_tokens", []):
@@ -255,17 +254,21 @@ def _tokens(folder: Path, vocab_size: int) -> tuple[str, list[bytes | str], list
     size = max(vocab_size, max(by_id) + 1)
     tokens = [by_id.get(i, (f"[PAD{i}]", T.UNUSED))[0] for i in range(size)]
     types = [int(by_id.get(i, (None, T.UNUSED))[1]) for i in range(size)]
-    return "gpt2", tokens, types, None, data
+    if not model.get("byte_fallback"):
+        return "gpt2", tokens, types, None, data
+    byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    for i, token in enumerate(tokens):
+        if byte.fullmatch(token):
+            types[i] = int(T.BYTE)
+    scores = [-float(i) if types[i] == T.NORMAL else 0.0 for i in range(size)]
+    return "llama", tokens, types, scores, data
 
 
-def _pad(tokens: list, types: list[int], scores: list[float], vocab_size: int):
-    import gguf
-
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        types.append(int(gguf.TokenType.UNUSED))
-        scores.append(-1000.0)
-    return tokens, types, scores
+def _space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "\u2581" before the text (its normalizer
+    prepends it, or its Metaspace pre-tokenizer does)."""
+    text = json.dumps([tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")])
+    return '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
 
 
 def add_vocabulary(writer, source: Source) -> None:
@@ -284,6 +287,8 @@ def add_vocabulary(writer, source: Source) -> None:
                 source.folder,
             )
         writer.add_tokenizer_pre(pre or "default")
+    else:
+        writer.add_add_space_prefix(_space_prefix(data))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if scores is not None:
