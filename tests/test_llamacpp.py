@@ -104,10 +104,17 @@ def test_dense_export_agrees_with_the_gguf_it_came_from(tmp_path):
     """SmolLM2 arrives as a Q4_1 GGUF (llama architecture); llmp's f32 export of it (deci) runs the
     same weights, so only llama.cpp's Q4_1 arithmetic (activations rounded to 8 bits) differs."""
     from llmp.data import read_text
+    from llmp.export.gguf import read_metadata
     from llmp.models import load_tokenizer
 
     original = _smollm2_gguf()
     path = export("smollm2-135m", "gguf", tmp_path / "dense.gguf").path
+    theirs, ours = dict(read_metadata(original)), dict(read_metadata(path))
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token"):
+        assert ours[f"tokenizer.ggml.{key}"] == theirs[f"tokenizer.ggml.{key}"], key
+    assert ours["tokenizer.chat_template"] == theirs["tokenizer.chat_template"]
+    # transformers' GGUF reader keeps GPT-2's pre-tokenizer, not SmolLM2's digit split (docs/export.md)
+    assert (ours["tokenizer.ggml.pre"], theirs["tokenizer.ggml.pre"]) == ("gpt-2", "smollm")
     tok = load_tokenizer("smollm2-135m")
     ids = tok(read_text("wikitext2"), add_special_tokens=False).input_ids[:4096]
     with LlamaCpp(original, n_ctx=128) as a, LlamaCpp(path, n_ctx=128) as b:
