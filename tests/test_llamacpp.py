@@ -139,3 +139,23 @@ def test_sentencepiece_style_tokenizer_tokenizes_as_in_transformers(tmp_path, on
             assert engine.tokenize(text, add_bos=True) == ids
         ref, got = hf_logits(model, ids), engine.logits(ids)
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    ],
+    ids=["linear", "llama3"],
+)  # fmt: skip
+def test_rope_scaling_is_carried(tmp_path, tokenizer, rope, one_thread):
+    kwargs = {"rope_parameters": rope}
+    folder, model, _ = pruned_folder(tmp_path / "p", tokenizer=tokenizer, model_kwargs=kwargs)
+    path = export(folder, "gguf", tmp_path / "p.gguf").path
+    ids = tokenizer("It was the best of times, it was the worst of times, it was the age", add_special_tokens=False)
+    ids = ids.input_ids
+    with LlamaCpp(path, n_ctx=64, threads=1) as engine:
+        ref, got = hf_logits(model, ids), engine.logits(ids)
+    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
