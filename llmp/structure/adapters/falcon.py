@@ -82,6 +82,7 @@ class FalconAdapter(FusedQKVAdapter):
             n_q, n_kv, d = self.heads(model, i)
             attn.num_heads = layer.num_heads = n_q
             attn.num_kv_heads = n_kv
+            attn.num_key_value_groups = n_q // n_kv  # read by transformers' attention functions (>= 5.2x)
             attn.hidden_size = attn.split_size = n_q * d
             attn.layer_idx = i
         model.config.num_hidden_layers = len(layers)
