@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli, tiny_tokenizer
-from helpers import FAMILIES, logits, pruned_folder
+from helpers import FAMILIES, logits, pruned_folder, recipe
 
 import llmp
 from llmp.errors import LlmpError
@@ -284,3 +284,13 @@ def test_prune_export_in_one_step(tmp_path, tiny_dir, capsys):
     assert json.loads(meta[REPORT_KEY])["settings"]["target"] == "gguf"
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "not empty; choose another path or pass --overwrite" in err
+
+
+def test_fit_exports_the_recovered_model(tiny_dir, tmp_path):
+    from llmp.fit import main as fit_main
+
+    out = tmp_path / "fit"
+    assert fit_main([*recipe(tiny_dir, tmp_path), f"--output={out}", "--export=gguf"]) == 0
+    meta = dict(read_metadata(tmp_path / "fit.gguf"))
+    assert json.loads(meta[REPORT_KEY])["recovery"]["mode"] == "lora"
+    assert fit_main([*recipe(tiny_dir, tmp_path), "--export=gguf"]) == 2  # nothing saved to export
