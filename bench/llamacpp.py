@@ -5,8 +5,9 @@
 Per model: prefill tokens/s of a ``--prefill``-token prompt and decode tokens/s of ``--decode``
 tokens generated one at a time after it (best of ``--repeats``; dense and pruned alternate in
 every repeat, so a busy machine slows both alike). ``flops_ratio`` is dense/pruned FLOPs per
-token read from the files' own per-layer counts (2 x the matrix parameters, output head included,
-plus attention scores and values over the average causal context), and ``meets_flops`` says
+token read from the files' own per-layer counts (2 x the matrix parameters, plus attention scores
+and values over the average causal context; the output head for every decoded token, once per
+prompt), and ``meets_flops`` says
 whether the measured speed-up reached it. llama.cpp runs as a server would: its default f16
 KV cache, the output head for the last position of the prompt only. Prints a Markdown table to stderr and one JSON object
 to stdout; the thread count and load averages are part of it.
@@ -24,8 +25,9 @@ from llmp.eval.llamacpp import LlamaCpp
 from llmp.export.gguf import read_metadata
 
 
-def flops_per_token(path: Path, context: float) -> float:
-    """Forward FLOPs of one token with ``context`` earlier tokens, from the GGUF's metadata."""
+def flops_per_token(path: Path, context: float, head: float = 1.0) -> float:
+    """Forward FLOPs of one token with ``context`` earlier tokens, from the GGUF's metadata;
+    ``head``: the share of tokens the output head runs for (a prompt: only its last)."""
     meta = dict(read_metadata(path))
     arch = meta["general.architecture"]
 
@@ -42,7 +44,7 @@ def flops_per_token(path: Path, context: float) -> float:
     )
     matrices = sum(h * (q + 2 * k) * d + q * d * h + 3 * h * f for q, k, f in zip(heads, kv, ff, strict=True))
     attention = sum(2 * 2 * q * d * context for q in heads)  # q·k scores and weights·v
-    return 2 * (matrices + h * vocab) + attention
+    return 2 * (matrices + head * h * vocab) + attention
 
 
 def main() -> None:
@@ -74,7 +76,7 @@ def main() -> None:
                 "file": str(path),
                 "size_mb": round(path.stat().st_size / 2**20, 1),
                 **best[name],
-                "prefill_flops_per_token": flops_per_token(path, args.prefill / 2),
+                "prefill_flops_per_token": flops_per_token(path, args.prefill / 2, head=1 / args.prefill),
                 "decode_flops_per_token": flops_per_token(path, args.prefill + args.decode / 2),
             }
         )
