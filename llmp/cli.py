@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -132,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--seq-len", type=int, default=128)
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     ppl.add_argument("--json", action="store_true", help="print a JSON object (key `ppl`)")
+    ppl.add_argument(
+        "--engine",
+        choices=("transformers", "llama.cpp"),
+        default="transformers",
+        help="llama.cpp: run a .gguf file (e.g. from `llmp export`) in llama.cpp itself, tokenized by "
+        "llama.cpp, with the same windows (needs llama-cpp-python: bash scripts/install_llamacpp.sh)",
+    )
     add_dtype_arg(ppl)
     tasks = esub.add_parser("tasks", help="zero-shot multiple-choice accuracies (lm-evaluation-harness)")
     tasks.add_argument("--model", required=True)
@@ -381,6 +389,8 @@ def _eval_ppl(args) -> int:
         problems.append(f"`--seq-len` must be at least 2; got {args.seq_len}")
     raise_all(problems)
     source = _check_data("--data", args.data)
+    if args.engine == "llama.cpp":
+        return _eval_ppl_llamacpp(args, read_text(source))
     _check_seq_len("--seq-len", args.seq_len, args.model)
     text = read_text(source)
     model, tokenizer = load_model(args.model, args.dtype)
@@ -389,6 +399,27 @@ def _eval_ppl(args) -> int:
         print(json.dumps({**result.as_dict(), "model": args.model, "data": args.data}))
     else:
         print(f"perplexity {result.ppl:.3f} on {args.data} ({result.protocol})")
+    return 0
+
+
+def _eval_ppl_llamacpp(args, text: str) -> int:
+    from llmp.eval import PerplexityResult
+    from llmp.eval.llamacpp import LlamaCpp, available
+
+    if Path(args.model).suffix != ".gguf" or not Path(args.model).is_file():
+        raise LlmpError(f"`--engine llama.cpp` runs a .gguf file; `--model` {args.model} is not one")
+    if not available():
+        raise LlmpError("`--engine llama.cpp` needs llama-cpp-python: bash scripts/install_llamacpp.sh")
+    with LlamaCpp(args.model, n_ctx=args.seq_len) as engine:
+        ids = engine.tokenize(text)[: args.max_tokens]
+        if len(ids) < args.seq_len:
+            raise LlmpError(f"the text has {len(ids)} tokens, fewer than one window of `--seq-len` {args.seq_len}")
+        ppl, windows = engine.perplexity(ids, args.seq_len)
+    result = PerplexityResult(ppl, math.log(ppl), windows * args.seq_len, windows, args.seq_len)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "model": args.model, "data": args.data, "engine": "llama.cpp"}))
+    else:
+        print(f"perplexity {result.ppl:.3f} on {args.data} ({result.protocol}; llama.cpp)")
     return 0
 
 

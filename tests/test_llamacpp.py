@@ -159,3 +159,25 @@ def test_rope_scaling_is_carried(tmp_path, tokenizer, rope, one_thread):
     with LlamaCpp(path, n_ctx=64, threads=1) as engine:
         ref, got = hf_logits(model, ids), engine.logits(ids)
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+
+
+def test_eval_ppl_runs_a_gguf_in_llamacpp(tmp_path, tokenizer, capsys, one_thread):
+    import json
+
+    from conftest import run_cli
+
+    from llmp.data import read_text
+    from llmp.eval import perplexity
+
+    folder, model, _ = pruned_folder(tmp_path / "p", tokenizer=tokenizer)
+    export(folder, "gguf", tmp_path / "p.gguf")
+    capsys.readouterr()  # what pruning printed
+    argv = ["eval", "ppl", "--model", tmp_path / "p.gguf", "--data", "wikitext2", "--seq-len", 32]
+    code, out, err = run_cli(capsys, *argv, "--max-tokens", 512, "--engine", "llama.cpp", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    expected = perplexity(model, tokenizer, read_text("wikitext2"), 32, 512)
+    assert got["engine"] == "llama.cpp" and got["windows"] == expected.windows == 16
+    assert abs(got["ppl"] - expected.ppl) / expected.ppl < 1e-3
+    code, _, err = run_cli(capsys, "eval", "ppl", "--model", folder, "--data", "wikitext2", "--engine", "llama.cpp")
+    assert code == 2 and "runs a .gguf file" in err
