@@ -412,8 +412,6 @@ def _eval_ppl_llamacpp(args, text: str) -> int:
         raise LlmpError("`--engine llama.cpp` needs llama-cpp-python: bash scripts/install_llamacpp.sh")
     with LlamaCpp(args.model, n_ctx=args.seq_len) as engine:
         ids = engine.tokenize(text)[: args.max_tokens]
-        if len(ids) < args.seq_len:
-            raise LlmpError(f"the text has {len(ids)} tokens, fewer than one window of `--seq-len` {args.seq_len}")
         ppl, windows = engine.perplexity(ids, args.seq_len)
     result = PerplexityResult(ppl, math.log(ppl), windows * args.seq_len, windows, args.seq_len)
     if args.json:
@@ -494,9 +492,8 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from llmp.export import check_export, export
+    from llmp.export import export
 
-    check_export(args.dir, args.format, args.output, args.dtype, args.overwrite)  # before reading weights
     t0 = time.perf_counter()
     result = export(args.dir, args.format, args.output, args.dtype, args.overwrite)
     size = sum(p.stat().st_size for p in ([result.path] if result.path.is_file() else result.path.rglob("*")))

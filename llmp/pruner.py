@@ -185,8 +185,6 @@ class PruneConfig:
                 f"layers), so it prunes no heads: use `attention` none (MLP channels), `scope` channel or "
                 f"`scope` layer; got `attention` {self.attention}"
             )
-        if self.target == "hf" and self.layout != "uniform":
-            problems.append("`target` hf needs `layout` uniform (what plain transformers loads)")
         if self.scope == "block" and self.attention == "none" and not self.mlp:
             problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
         for name in ("layers", "attn_layers", "mlp_layers"):

@@ -181,3 +181,5 @@ def test_eval_ppl_runs_a_gguf_in_llamacpp(tmp_path, tokenizer, capsys, one_threa
     assert abs(got["ppl"] - expected.ppl) / expected.ppl < 1e-3
     code, _, err = run_cli(capsys, "eval", "ppl", "--model", folder, "--data", "wikitext2", "--engine", "llama.cpp")
     assert code == 2 and "runs a .gguf file" in err
+    code, _, err = run_cli(capsys, *argv, "--max-tokens", 10, "--engine", "llama.cpp")
+    assert code == 2 and "fewer than one window" in err

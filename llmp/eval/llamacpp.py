@@ -105,8 +105,14 @@ class LlamaCpp:
         return out
 
     def perplexity(self, ids: Sequence[int], seq_len: int = 128) -> tuple[float, int]:
-        """(perplexity, windows) of ``ids`` by llmp's protocol: non-overlapping windows, mean next-token NLL."""
+        """(perplexity, windows) of ``ids`` by llmp's protocol: non-overlapping windows, mean next-token NLL.
+
+        Raises:
+            LlmpError: ``ids`` is shorter than one window.
+        """
         windows = len(ids) // seq_len
+        if windows == 0:
+            raise LlmpError(f"the text has {len(ids)} tokens, fewer than one window of `seq_len` {seq_len}")
         total = 0.0
         for w in range(windows):
             window = list(ids[w * seq_len : (w + 1) * seq_len])

@@ -33,7 +33,7 @@ class Exported:
     Attributes:
         path: the file (``gguf``) or folder (``decilm``).
         format: ``gguf`` or ``decilm``.
-        details: format-specific facts (dtype, tensors, fallbacks, padding).
+        details: format-specific facts (dtype, tensors or shards, q8_0 fallbacks, notes for the user).
     """
 
     path: Path

@@ -5,9 +5,10 @@ vLLM builds each decoder layer from ``config.block_configs[i]``::
     {"attention": {"no_op": false, "n_heads_in_group": 3, ...},    KV heads = heads / 3
      "ffn":       {"no_op": false, "intermediate_size": 1187, ...}} this layer's MLP width
 
-with ``num_attention_heads`` and ``head_dim`` global: every layer keeps the same query heads, and
-a pruning that removed query heads inside KV groups cannot be served this way (pruning whole KV
-groups of a GQA model, MLP channels and whole layers can). The weights keep Llama's tensor names.
+with ``num_attention_heads`` and ``head_dim`` global: every layer keeps the same query heads, so a
+pruning that removed heads (query heads, or whole KV groups with their query heads) cannot be
+served this way; MLP channels, hidden channels and whole layers can. The weights keep Llama's
+tensor names.
 
 vLLM reads the config through ``AutoConfig`` with remote code, so the folder carries its own
 ``configuration_decilm.py`` (llmp's, a dozen lines on top of ``LlamaConfig``): the block
@@ -76,7 +77,7 @@ def check_decilm(source: Source) -> None:
         per_layer = ", ".join(f"{i}: {s.heads}" for i, s in enumerate(source.layers))
         raise LlmpError(
             f"{source.folder}: the layers keep different numbers of query heads ({per_layer}); vLLM's DeciLM has "
-            "one num_attention_heads for all layers. Prune with `--target vllm` (MLP channels, whole KV groups "
+            "one num_attention_heads for all layers. Prune with `--target vllm` (MLP channels, hidden channels "
             "and whole layers only), or export as GGUF for llama.cpp, which takes per-layer heads"
         )
 
@@ -136,8 +137,7 @@ def _tensors(source: Source, dtype: torch.dtype):
             if source.has(bias):
                 yield bias, source.tensor(bias).to(dtype)
             else:
-                rows = source.tensor(f"{prefix}{parent}.{module}.weight").shape[0]
-                yield bias, torch.zeros(rows, dtype=dtype)
+                yield bias, torch.zeros(source.shape(f"{prefix}{parent}.{module}.weight")[0], dtype=dtype)
 
 
 def write_decilm(source: Source, folder: Path, dtype: str = "auto") -> dict:

@@ -56,7 +56,7 @@ def rope_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def resolve_dtype(dtype: str, source: Source) -> str:
     if dtype not in GGUF_DTYPES:
-        raise LlmpError(f"`--dtype` {dtype!r} is not a GGUF type llmp writes; choose one of {', '.join(GGUF_DTYPES)}")
+        raise LlmpError(f"`dtype` {dtype!r} is not a GGUF type llmp writes; choose one of {', '.join(GGUF_DTYPES)}")
     return _AUTO.get(source.dtype, "f32") if dtype == "auto" else dtype
 
 

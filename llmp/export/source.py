@@ -20,8 +20,6 @@ from llmp.io import read_header, read_safetensors
 from llmp.pruner import EXPORT_FAMILIES
 from llmp.record import REPORT
 
-# The families whose checkpoints have Llama's tensor layout: what GGUF `deci` and DeciLM read.
-LLAMA_LAYOUT = EXPORT_FAMILIES
 ROPE_TYPES = ("default", "linear", "llama3")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Per-layer tensors, by their name under `model.layers.N.`; biases are optional.
@@ -56,7 +54,7 @@ class Source:
     Attributes:
         folder: the folder.
         config: its ``config.json``.
-        family: ``model_type`` (one of :data:`LLAMA_LAYOUT`).
+        family: ``model_type`` (one of :data:`EXPORT_FAMILIES`).
         hidden: hidden size (the embedding's width, which hidden-channel pruning shrinks).
         head_dim: channels per attention head.
         layers: per-layer counts, from the weights.
@@ -77,6 +75,7 @@ class Source:
     record: str | None
     dtype: torch.dtype = torch.float32
     _files: dict[str, Path] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> list[str]:
@@ -85,6 +84,10 @@ class Source:
 
     def has(self, name: str) -> bool:
         return name in self._files
+
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, from its file's header (no data read)."""
+        return self._shapes[name]
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from its file now, in float32."""
@@ -108,9 +111,9 @@ def open_source(spec: str | Path) -> Source:
     except (OSError, ValueError) as err:
         raise LlmpError(f"cannot read {folder / 'config.json'}: {err}") from err
     family = config.get("model_type")
-    if family not in LLAMA_LAYOUT:
+    if family not in EXPORT_FAMILIES:
         raise LlmpError(
-            f"{folder} is a {family!r} model; exports take the Llama layout ({', '.join(LLAMA_LAYOUT)}), "
+            f"{folder} is a {family!r} model; exports take the Llama layout ({', '.join(EXPORT_FAMILIES)}), "
             "whose tensors GGUF `deci` and DeciLM name; other families are not expressible there"
         )
     headers, dtypes = {}, set()
@@ -141,6 +144,7 @@ def open_source(spec: str | Path) -> Source:
         record=record.read_text() if record.is_file() else None,
         dtype=next(iter(dtypes)) if len(dtypes) == 1 else torch.float32,
         _files={name: file for name, (file, _) in headers.items()},
+        _shapes={name: shape for name, (_, shape) in headers.items()},
     )
 
 
