@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from llmp import LlmpError, PruneConfig, load_model, prune
-from llmp.cli import add_dtype_arg, add_prune_args, return_freed_memory
+from llmp.cli import add_dtype_arg, add_prune_args
 from llmp.data import calibration_samples, read_text
 from llmp.eval import perplexity
+from llmp.memory import return_freed_memory
 
 
 def main() -> None:

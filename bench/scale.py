@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from llmp import PruneConfig
-from llmp.cli import return_freed_memory
 from llmp.data import calibration_samples
+from llmp.memory import return_freed_memory
 from llmp.models import model_folder
 from llmp.streamed import prune_streamed
 

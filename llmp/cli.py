@@ -7,7 +7,6 @@ the problem can be seen without one.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import logging
@@ -19,6 +18,7 @@ import typing
 from pathlib import Path
 
 from llmp.errors import LlmpError, raise_all
+from llmp.memory import return_freed_memory
 
 TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"
 ALIASES = {"criterion": ("--importance",)}  # DESIGN.md's name for the option  # read by llmp.models.allow_remote_code
@@ -55,20 +55,6 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
             shown = f"{text} (default: {'unset' if default is None else default})"
             metavar = "{" + ",".join(choices) + "}" if choices else None  # checked by PruneConfig, with its message
             parser.add_argument(*flags, type=kind, default=default, metavar=metavar, help=shown)
-
-
-def return_freed_memory(threshold: int = 4 << 20) -> None:
-    """Have glibc serve every allocation of ``threshold`` bytes or more with its own mapping, so
-    that a freed activation or sliced-away weight goes back to the system at once.
-
-    By default glibc raises that threshold up to 32 MiB as large blocks are freed; the blocks
-    below it then come from the heap, whose fragments kept the peak of pruning a 1.1B model
-    0.1-0.4x its weights' size higher (``bench/prune.py``). A no-op where libc is not glibc.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ loss can run the head on the tokens it needs (and a few at a time) instead of al
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -32,3 +33,47 @@ def head_inputs(model: nn.Module, head: nn.Linear, **inputs) -> Tensor:
     finally:
         del head.forward  # the class's forward again
     return seen["hidden"]
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Summed next-token loss of ``head(hidden)``, its gradient made chunk by chunk in the forward.
+
+    Per chunk of tokens: logits ``z = hidden·Wᵀ + b``, loss ``logsumexp(z) − z[label]``, and the
+    loss's gradient with respect to ``hidden``, ``(softmax(z) − onehot(label))·W``. The backward
+    only scales that stored gradient, so the head's matmul runs twice (logits, then gradient)
+    instead of three times (logits, logits again under checkpointing, gradient), and at most one
+    chunk of logits exists at a time, in a single buffer reused for every chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int) -> Tensor:
+        grad = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
+            out = buffer[: h.shape[0]]
+            logits = torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
+            z = logits.float()  # the same tensor in float32, a copy in bf16/fp16
+            lse = torch.logsumexp(z, dim=1)
+            rows = torch.arange(h.shape[0], device=h.device)
+            total += (lse - z[rows, y]).sum()
+            z.sub_(lse[:, None]).exp_()  # softmax
+            z[rows, y] -= 1.0
+            torch.mm(z.to(weight.dtype), weight, out=grad[start : start + chunk])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, scale: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None, None, None, None
+
+
+def head_loss(head: nn.Linear, hidden: Tensor, labels: Tensor, chunk: int) -> Tensor | None:
+    """``cross_entropy(head(hidden), labels, reduction="sum")`` over ``[N, H]`` hidden states, ``chunk``
+    tokens at a time and without keeping logits for the backward; ``None`` where the head's own
+    parameters need gradients (the caller then runs the head under autograd)."""
+    if any(p.requires_grad for p in head.parameters()):
+        return None
+    return _HeadLoss.apply(hidden, head.weight, head.bias, labels, chunk)

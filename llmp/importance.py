@@ -18,9 +18,14 @@ criterion      per weight, summed over an element      needs
 
 An element's slices each give a score; ``reduction`` (sum, mean, max, prod, first) combines them.
 Second-order scores are reduced as each parameter's gradient arrives and the gradient is freed at
-once, so no copy of all gradients is ever held. First-order ones need the summed gradient: it
-accumulates in ``param.grad`` (only for parameters that belong to a group) and is scored and freed
-during the last batch's backward, so with a single batch no full set of gradients ever exists.
+once, so no copy of all gradients is ever held. First-order ones need the summed gradient and are
+scored during the last batch's backward, so with a single batch (the default) no full set of
+gradients ever exists:
+
+- an ``nn.Linear`` weight's gradient ``dyᵀ·x`` is made in its backward (:class:`_ScoreWeight`)
+  into one buffer per weight shape and scored at once; it never becomes a ``.grad`` (no
+  allocation per weight, no accumulation). Over several batches it is summed in a float32 copy;
+- any other parameter of a group (norms, embeddings, the head) accumulates in ``param.grad``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
-from llmp.head import head_inputs, plain_head
+from llmp.head import head_inputs, head_loss, plain_head
+from llmp.memory import forward_threshold
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
@@ -190,6 +196,84 @@ def _checkpointed(layers: nn.ModuleList | list) -> Iterator[None]:
             del layer.forward  # the class's forward again
 
 
+class _Tap:
+    """What the two halves of a scored ``nn.Linear`` share: its input, or the node that keeps it."""
+
+    __slots__ = ("ctx", "x")
+
+    def __init__(self):
+        self.ctx = self.x = None
+
+    def input(self) -> torch.Tensor:
+        return self.x if self.x is not None else self.ctx.saved_tensors[0]
+
+
+class _KeepInput(torch.autograd.Function):
+    """Identity on a Linear's input ``x``; keeps ``x`` for the weight's gradient. Saved before the
+    matmul runs, so a checkpointed recompute that needs nothing more stops before the matmul."""
+
+    @staticmethod
+    def forward(ctx, x, tap):
+        ctx.save_for_backward(x)
+        tap.ctx = ctx
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        return dx, None
+
+
+class _ScoreWeight(torch.autograd.Function):
+    """Identity on ``y = linear(x, weight)``; its backward hands ``(x, dy)`` to ``sink`` in place
+    of a weight gradient, so ``weight.grad`` is never allocated or accumulated."""
+
+    @staticmethod
+    def forward(ctx, y, weight, tap, name, sink):
+        ctx.weight, ctx.tap, ctx.name, ctx.sink = weight, tap, name, sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x = ctx.tap.input()
+        ctx.sink(ctx.name, ctx.weight, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+        return dy, None, None, None, None
+
+
+@contextmanager
+def _scored_linears(modules: dict[str, nn.Linear], sink) -> Iterator[None]:
+    """Run each ``modules[name]`` (an ``nn.Linear``, ``name`` its weight) so that its weight's
+    gradient goes to ``sink(name, weight, x, dy)`` instead of ``weight.grad``."""
+    for name, module in modules.items():
+
+        def run(x, _module=module, _name=name):
+            tap = _Tap()
+            if x.requires_grad:
+                x = _KeepInput.apply(x, tap)
+            else:  # nothing upstream needs a gradient (the first pruned layer): keep x as it is
+                tap.x = x
+            y = nn.functional.linear(x, _module.weight.detach(), _module.bias)
+            return _ScoreWeight.apply(y, _module.weight, tap, _name, sink)
+
+        module.forward = run
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.forward  # the class's forward again
+
+
+def _linear_weights(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules among ``names`` whose weight is the named parameter (the output head
+    aside: :func:`calibration_loss` runs it on its own)."""
+    head, found = model.get_output_embeddings(), {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else None
+        if leaf == "weight" and type(module) is nn.Linear and module is not head:
+            found[name] = module
+    return found
+
+
 def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size):
     n = calibration.shape[0]
     device = next(model.parameters()).device
@@ -199,6 +283,12 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
     totals: dict[str, float] = defaultdict(float)
     fisher: dict[str, torch.Tensor] = {}
     gsum: dict[str, torch.Tensor] = {}
+    # First-order scores of Linear weights come from (x, dy) in the backward (_ScoreWeight): one
+    # gradient buffer per weight shape, summed over batches only where there are several.
+    linears = {} if per_sample else _linear_weights(model, tracked)
+    buffers: dict[tuple, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}
+    last = [False]
 
     def consume(name: str, p: torch.Tensor) -> None:
         # Called as soon as p's gradient for this sample is complete; frees it (second order).
@@ -216,23 +306,34 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
         p.grad = None
 
     def finish(name: str, p: torch.Tensor, g: torch.Tensor | None) -> None:
-        # Final scores of one parameter from its summed gradient (first order, mix).
+        # Final scores of one parameter from its summed gradient (first order, mix). ``g`` is
+        # used up: the first-order criteria work in place on it.
         w = p.detach().float()  # scores in float32 whatever the weights' dtype (a copy of one weight at most)
         g = torch.zeros_like(w) if g is None else g.detach().float()  # None: unused by the forward
         if criterion == "vectorwise":
-            prod = w * g
+            prod = g.mul_(w)
             for dim in keys.get(name, ()):
                 sums[(name, dim)] = _reduce_to(prod, dim).abs().double()
-            totals[name] = float(prod.abs().sum())
+            totals[name] = float(prod.abs_().sum())
         else:
-            sal = _salience(w, g, fisher.pop(name, None), criterion)
+            sal = g.mul_(w).abs_() if criterion == "taylor" else _salience(w, g, fisher.pop(name, None), criterion)
             for dim in keys.get(name, ()):
                 sums[(name, dim)] = _reduce_to(sal, dim).double()
             totals[name] = float(sal.sum())
         p.grad = None
 
+    def linear_gradient(name: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
+        key = (weight.shape, weight.dtype, weight.device)
+        if key not in buffers:
+            buffers[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        g = torch.mm(dy.t(), x, out=buffers[key])  # this batch's gradient of weight
+        if not last[0]:
+            pending[name] = g.float().clone() if name not in pending else pending[name].add_(g)
+            return
+        finish(name, weight, pending.pop(name).add_(g) if name in pending else g)
+
     starts = list(range(0, n, step))
-    with _grad_only_for(model, tracked):
+    with _grad_only_for(model, tracked), _scored_linears(linears, linear_gradient):
         handles = []
         if per_sample:
             handles = [params[k].register_post_accumulate_grad_hook(lambda p, k=k: consume(k, p)) for k in tracked]
@@ -244,12 +345,15 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
             for start in bar:
                 if start == starts[-1] and not per_sample:
                     # In the last backward each p.grad completes the sum: score and free it at once.
+                    last[0] = True
                     handles = [
                         params[k].register_post_accumulate_grad_hook(lambda p, k=k: finish(k, p, p.grad))
                         for k in tracked
+                        if k not in linears
                     ]
                 batch = calibration[start : start + step].to(device)
-                loss = calibration_loss(model, batch)
+                with forward_threshold():
+                    loss = calibration_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
                 (loss if per_sample else loss * (batch.shape[0] / n)).backward()
@@ -273,11 +377,13 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The mean next-token loss of ``batch`` (``[B, L]`` ids), as ``model(..., labels=...).loss``
     but without all of its logits at once.
 
-    The head runs on a few tokens at a time (:data:`LOSS_CHUNK_BYTES`) under activation checkpointing, so the
-    backward recomputes each chunk's logits instead of keeping ``B·L × vocab`` floats (three
-    copies: logits, log-softmax, their gradient; 0.4 GB for 10 × 64 tokens of SmolLM2's 49k vocab,
-    12 GB for 64 × 128 tokens of Llama 3's 128k). Models whose forward changes the logits after
-    the head (Gemma 2's soft-capping, a logit scale) take the plain path.
+    The head runs on a few tokens at a time (:data:`LOSS_CHUNK_BYTES`) instead of keeping
+    ``B·L × vocab`` floats (three copies: logits, log-softmax, their gradient; 0.4 GB for 10 × 64
+    tokens of SmolLM2's 49k vocab, 12 GB for 64 × 128 tokens of Llama 3's 128k). Where the head's
+    own weights need no gradient (it is not pruned), each chunk's gradient is made in the forward
+    (:func:`llmp.head.head_loss`); otherwise each chunk runs under activation checkpointing.
+    Models whose forward changes the logits after the head (Gemma 2's soft-capping, a logit
+    scale) take the plain path.
     """
     head = plain_head(model)
     if head is None:
@@ -285,13 +391,15 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     hidden = head_inputs(model, head, input_ids=batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch[:, 1:].reshape(-1).to(hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
     chunk = max(16, LOSS_CHUNK_BYTES // (4 * head.out_features))
-    for start in range(0, labels.numel(), chunk):
-        part = slice(start, start + chunk)
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss, head, hidden[part], labels[part], use_reentrant=False
-        )
+    total = head_loss(head, hidden, labels, chunk)
+    if total is None:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, labels.numel(), chunk):
+            part = slice(start, start + chunk)
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_loss, head, hidden[part], labels[part], use_reentrant=False
+            )
     return total / labels.numel()
 
 

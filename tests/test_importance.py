@@ -88,3 +88,90 @@ def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7)
     assert "forward" not in vars(model.lm_head)  # the head's own forward again
+
+
+def _taylor_by_definition(model, structure, calib) -> dict[str, torch.Tensor]:
+    """Σ|w·g| per group element from ``.grad`` of the mean loss, the textbook way."""
+    model.zero_grad()
+    model(input_ids=calib, labels=calib).loss.backward()
+    params = dict(model.named_parameters())
+    out = {}
+    for group in structure.groups:
+        elements = torch.arange(group.size)
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for s in group.slices:
+            p = params[s.param]
+            sal = (p.detach().float() * p.grad.float()).abs()
+            per = sal.sum(dim=[d for d in range(sal.dim()) if d != s.dim]) if sal.dim() > 1 else sal
+            total += per[s.indices(elements)].view(group.size, s.width).sum(1).double()
+        out[group.name] = total
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-bias", "qwen2"])
+def test_linear_scores_from_the_backward_equal_the_gradient_definition(calib, name):
+    """Linear weights are scored from (x, dy) in the backward, biases and norms from ``.grad``:
+    the scores are the ones the summed gradient gives, and no Linear weight gets a ``.grad``."""
+    model = tiny_model(name)
+    structure = adapter_for(model).discover(model, (Kind.QUERY_HEADS, Kind.MLP))
+    accumulated = []
+    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
+    hooks = [w.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad)) for w in linears]
+    scores = importance.score(model, structure, calib, "taylor")
+    for hook in hooks:
+        hook.remove()
+    assert all(g is None for g in accumulated)  # no weight gradient was ever made for them
+    expected = _taylor_by_definition(model, structure, calib)
+    for group in structure.groups:
+        torch.testing.assert_close(scores[group.name], expected[group.name], rtol=1e-4, atol=1e-9)
+
+
+def test_bf16_taylor_scores_follow_the_bf16_gradients(calib):
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
+    scores = importance.score(model, structure, calib, "taylor")
+    expected = _taylor_by_definition(model, structure, calib)
+    for name in scores:
+        assert scores[name].dtype == torch.float64
+        torch.testing.assert_close(scores[name], expected[name], rtol=2e-2, atol=1e-6)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_loss_is_cross_entropy_and_its_gradient(dtype, bias):
+    """The fused head loss: the summed cross-entropy and its gradient for the hidden states, made
+    a chunk at a time (here 16 tokens: three chunks, one partial)."""
+    from llmp.head import head_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 100, bias=bias).to(dtype).requires_grad_(False)
+    hidden = torch.randn(45, 32, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 100, (45,))
+    plain = torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    (expected,) = torch.autograd.grad(plain * 0.3, hidden)
+    fused = head_loss(head, hidden, labels, chunk=16)
+    (grad,) = torch.autograd.grad(fused * 0.3, hidden)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-4)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-3)
+    torch.testing.assert_close(grad, expected, **tol)
+    head.weight.requires_grad_(True)
+    assert head_loss(head, hidden, labels, chunk=16) is None  # the head is scored: autograd runs it
+
+
+def test_fused_calibration_loss_gives_the_model_gradients(calib, monkeypatch):
+    """With the head frozen (its weights are not pruned) the loss's gradients are the model's own."""
+    model = tiny_model("llama-gqa")
+    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # 16-token chunks: several, one partial
+    model.lm_head.requires_grad_(False)
+    model.model.embed_tokens.requires_grad_(False)
+    plain = model(input_ids=calib, labels=calib, use_cache=False).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    fused = importance.calibration_loss(model, calib)
+    fused.backward()
+    torch.testing.assert_close(fused, plain)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
