@@ -23,7 +23,7 @@ scored during the last batch's backward, so with a single batch (the default) no
 gradients ever exists:
 
 - an ``nn.Linear`` weight's gradient ``dyᵀ·x`` is made in its backward (:class:`_ScoreWeight`)
-  into one buffer per weight shape and scored at once; it never becomes a ``.grad`` (no
+  into one buffer per weight size and scored at once; it never becomes a ``.grad`` (no
   allocation per weight, no accumulation). Over several batches it is summed in a float32 copy;
 - any other parameter of a group (norms, embeddings, the head) accumulates in ``param.grad``.
 """
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
 from llmp.head import head_inputs, head_loss, plain_head
-from llmp.memory import forward_threshold
+from llmp.memory import BACKWARD_THRESHOLD, FORWARD_THRESHOLD, mmap_threshold, release_free_heap
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
@@ -85,7 +85,8 @@ def score(
             criteria use 1).
         seed: for ``random``.
         checkpointing: keep only each decoder layer's input for the backward pass and recompute
-            the rest there (activation memory of one layer instead of all, for one more forward).
+            the rest there (activation memory of one layer instead of all, for one more forward;
+            the last layer keeps its activations, as its backward runs first).
 
     Returns:
         Group name → float64 tensor of ``group.size`` scores.
@@ -116,7 +117,9 @@ def score(
     tracked = _tracked(structure, params)
     keys = _slice_keys(structure)
     if criterion in GRADIENT_CRITERIA:
-        layers = adapter_for(model).layers(model) if checkpointing else []
+        # The last layer is not checkpointed: its backward comes first, so its activations are
+        # freed before any other layer's are recomputed, and the peak is the same.
+        layers = list(adapter_for(model).layers(model))[:-1] if checkpointing else []
         with _checkpointed(layers):
             sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
     else:
@@ -284,7 +287,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
     fisher: dict[str, torch.Tensor] = {}
     gsum: dict[str, torch.Tensor] = {}
     # First-order scores of Linear weights come from (x, dy) in the backward (_ScoreWeight): one
-    # gradient buffer per weight shape, summed over batches only where there are several.
+    # gradient buffer per weight size, summed over batches only where there are several.
     linears = {} if per_sample else _linear_weights(model, tracked)
     buffers: dict[tuple, torch.Tensor] = {}
     pending: dict[str, torch.Tensor] = {}
@@ -323,10 +326,10 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
         p.grad = None
 
     def linear_gradient(name: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
-        key = (weight.shape, weight.dtype, weight.device)
+        key = (weight.numel(), weight.dtype, weight.device)  # gate/up and down share one
         if key not in buffers:
-            buffers[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        g = torch.mm(dy.t(), x, out=buffers[key])  # this batch's gradient of weight
+            buffers[key] = weight.new_empty(weight.numel())
+        g = torch.mm(dy.t(), x, out=buffers[key].view(weight.shape))  # this batch's gradient of weight
         if not last[0]:
             pending[name] = g.float().clone() if name not in pending else pending[name].add_(g)
             return
@@ -352,14 +355,16 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                         if k not in linears
                     ]
                 batch = calibration[start : start + step].to(device)
-                with forward_threshold():
+                with mmap_threshold(FORWARD_THRESHOLD):
                     loss = calibration_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
-                (loss if per_sample else loss * (batch.shape[0] / n)).backward()
+                with mmap_threshold(BACKWARD_THRESHOLD):
+                    (loss if per_sample else loss * (batch.shape[0] / n)).backward()
         finally:
             for handle in handles:
                 handle.remove()
+            release_free_heap()
         for name in tracked:
             if criterion == "taylor_mix":
                 finish(name, params[name], gsum.pop(name, None))

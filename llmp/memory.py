@@ -11,8 +11,13 @@ until the heap's top is free. Both matter when pruning:
 - During the calibration forward pass the decoder layers' outputs, kept for the backward, sit
   between the freed activations of each layer and pinned about 13 MB of free heap per SmolLM2
   layer (0.26 GB in all, measured with ``mallinfo2``). Under a 256 KiB threshold for that pass
-  (:func:`forward_threshold`) the peak stayed at 1.10 GiB instead of 1.36, for about 0.2 s of
-  page faults; the backward, which reuses its memory well, keeps the process's threshold.
+  (:data:`FORWARD_THRESHOLD`) the peak stayed at 1.10 GiB instead of 1.36, for about 0.2 s of
+  page faults.
+- The backward reuses its memory well, so it takes everything from the heap
+  (:data:`BACKWARD_THRESHOLD`) and the heap's free pages go back afterwards
+  (:func:`release_free_heap`). On the 1.1B shape, where most activations are over 4 MiB, that
+  saved the page faults of a fresh mapping per tensor: 27.3 s instead of 30.0 s, for a peak of
+  1.22× the weights instead of 1.18×.
 
 Both are no-ops where libc is not glibc, and the second is one only in a process that called the
 first (a library user's allocator is left as it is).
@@ -50,17 +55,30 @@ def return_freed_memory(threshold: int = 4 << 20) -> None:
 
 FORWARD_THRESHOLD = 256 << 10
 """The mmap threshold of the calibration forward pass (see the module docstring)."""
+BACKWARD_THRESHOLD = 1 << 30
+"""The mmap threshold of the calibration backward pass: everything from the heap, no page faults."""
 
 
 @contextmanager
-def forward_threshold() -> Iterator[None]:
-    """Lower the mmap threshold to :data:`FORWARD_THRESHOLD` inside the block, where
-    :func:`return_freed_memory` set one for the process."""
+def mmap_threshold(threshold: int) -> Iterator[None]:
+    """Set glibc's mmap threshold to ``threshold`` inside the block, and the process's one again
+    after it, where :func:`return_freed_memory` set one for the process (otherwise a no-op)."""
     previous = _process_threshold
-    if previous is None or not _mallopt(_M_MMAP_THRESHOLD, FORWARD_THRESHOLD):
+    if previous is None or not _mallopt(_M_MMAP_THRESHOLD, threshold):
         yield
         return
     try:
         yield
     finally:
         _mallopt(_M_MMAP_THRESHOLD, previous)
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (``malloc_trim``), where
+    :func:`return_freed_memory` was called; after a backward that took its memory from the heap."""
+    if _process_threshold is None:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

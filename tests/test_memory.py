@@ -1,5 +1,5 @@
-"""The mmap-threshold policy: the process's threshold from the commands, a lower one only around
-the calibration forward pass, and nothing at all for a library user who set none."""
+"""The mmap-threshold policy: the process's threshold from the commands, others only around the
+calibration passes, and nothing at all for a library user who set none."""
 
 from __future__ import annotations
 
@@ -16,20 +16,23 @@ def calls(monkeypatch):
     return made
 
 
-def test_forward_threshold_leaves_a_library_users_allocator_alone(calls):
-    with memory.forward_threshold():
+def test_a_library_users_allocator_is_left_alone(calls, monkeypatch):
+    trimmed = []
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: trimmed.append(name))
+    with memory.mmap_threshold(memory.FORWARD_THRESHOLD):
         pass
-    assert calls == []
+    memory.release_free_heap()
+    assert calls == [] and trimmed == []
 
 
-def test_forward_threshold_lowers_then_restores_the_process_threshold(calls):
+def test_a_pass_sets_then_restores_the_process_threshold(calls):
     memory.return_freed_memory(4 << 20)
-    with pytest.raises(KeyError), memory.forward_threshold():
-        assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory.FORWARD_THRESHOLD)
+    with pytest.raises(KeyError), memory.mmap_threshold(memory.BACKWARD_THRESHOLD):
+        assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD)
         raise KeyError  # restored on the way out of an error too
     assert calls == [
         (memory._M_MMAP_THRESHOLD, 4 << 20),
-        (memory._M_MMAP_THRESHOLD, memory.FORWARD_THRESHOLD),
+        (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD),
         (memory._M_MMAP_THRESHOLD, 4 << 20),
     ]
 
@@ -38,5 +41,5 @@ def test_glibc_accepts_the_thresholds():
     """On this (glibc) machine the real calls succeed; elsewhere they are skipped as no-ops."""
     if not memory._mallopt(memory._M_MMAP_THRESHOLD, 4 << 20):
         pytest.skip("libc is not glibc")
-    assert memory._mallopt(memory._M_MMAP_THRESHOLD, memory.FORWARD_THRESHOLD)
-    assert memory._mallopt(memory._M_MMAP_THRESHOLD, 4 << 20)
+    for threshold in (memory.FORWARD_THRESHOLD, memory.BACKWARD_THRESHOLD, 4 << 20):
+        assert memory._mallopt(memory._M_MMAP_THRESHOLD, threshold)
