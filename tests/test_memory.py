@@ -43,3 +43,30 @@ def test_glibc_accepts_the_thresholds():
         pytest.skip("libc is not glibc")
     for threshold in (memory.FORWARD_THRESHOLD, memory.BACKWARD_THRESHOLD, 4 << 20):
         assert memory._mallopt(memory._M_MMAP_THRESHOLD, threshold)
+
+
+def test_the_free_heap_is_trimmed_only_over_its_cap(monkeypatch):
+    trims = []
+
+    class Call:  # a ctypes function: callable, with a settable restype
+        def __init__(self, run):
+            self.run, self.restype = run, None
+
+        def __call__(self, *args):
+            return self.run(*args)
+
+    class Libc:
+        mallinfo2 = Call(lambda: memory._MallInfo2(fordblks=free[0]))
+        malloc_trim = Call(trims.append)
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: Libc)
+    monkeypatch.setattr(memory, "_process_threshold", 4 << 20)
+    free = [10 << 20]
+    memory.bound_free_heap(64 << 20)
+    assert trims == []
+    free[0] = 65 << 20
+    memory.bound_free_heap(64 << 20)
+    assert trims == [0]
+    monkeypatch.setattr(memory, "_process_threshold", None)  # a library user's allocator: untouched
+    memory.bound_free_heap(1)
+    assert trims == [0]
