@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
 from llmp.head import head_inputs, head_loss, plain_head
-from llmp.memory import BACKWARD_THRESHOLD, FORWARD_THRESHOLD, bound_free_heap, mmap_threshold, release_free_heap
+from llmp.memory import FORWARD_THRESHOLD, mmap_threshold, release_free_heap
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
@@ -61,9 +61,6 @@ def needs_calibration(criterion: str) -> bool:
 
 
 _PER_SAMPLE = {"taylor2", "taylor_mix"}
-HEAP_SHARE = 0.05
-"""Free heap the calibration backward may keep, as a share of the weights' bytes (at least
-64 MiB); beyond it the free pages go back to the system (:func:`llmp.memory.bound_free_heap`)."""
 
 
 def score(
@@ -328,10 +325,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
             totals[name] = float(sal.sum())
         p.grad = None
 
-    heap_cap = max(64 << 20, HEAP_SHARE * sum(p.numel() * p.element_size() for p in params.values()))
-
     def linear_gradient(name: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
-        bound_free_heap(heap_cap)
         key = (weight.numel(), weight.dtype, weight.device)  # gate/up and down share one
         if key not in buffers:
             buffers[key] = weight.new_empty(weight.numel())
@@ -365,8 +359,7 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                     loss = calibration_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
-                with mmap_threshold(BACKWARD_THRESHOLD):
-                    (loss if per_sample else loss * (batch.shape[0] / n)).backward()
+                (loss if per_sample else loss * (batch.shape[0] / n)).backward()
         finally:
             for handle in handles:
                 handle.remove()

@@ -13,13 +13,11 @@ until the heap's top is free. Both matter when pruning:
   layer (0.26 GB in all, measured with ``mallinfo2``). Under a 256 KiB threshold for that pass
   (:data:`FORWARD_THRESHOLD`) the peak stayed at 1.10 GiB instead of 1.36, for about 0.2 s of
   page faults.
-- The backward takes everything from the heap (:data:`BACKWARD_THRESHOLD`), which saves the
-  page faults of a fresh mapping per tensor over 4 MiB, and the heap's free pages go back
-  afterwards (:func:`release_free_heap`). Its fragments are bounded while it runs
-  (:func:`bound_free_heap`, at 5% of the weights' bytes or 64 MiB): unbounded, the 1.1B shape's
-  default Taylor run (16 × 128 tokens) peaked at 1.38× its weights (91.6 s); bounded, at 1.30×
-  (93.7 s); with the process's 4 MiB threshold throughout the paper's run took 30.0 s at 1.18×
-  against 27.3–30.1 s at 1.19–1.22× from the heap.
+- The backward keeps the process's threshold, and the heap's free pages go back after it
+  (:func:`release_free_heap`). Taking the backward wholly from the heap (a 1 GiB threshold)
+  saved page faults on the 1.1B shape's paper run (27.3–30.1 s against 30.0 s) but its
+  fragments raised the default Taylor run's peak (16 × 128 tokens) from 1.29× to 1.38× the
+  weights; bounding them with ``malloc_trim`` cost SmolLM2 0.8 s of 4.5. Not kept.
 
 Both are no-ops where libc is not glibc, and the second is one only in a process that called the
 first (a library user's allocator is left as it is).
@@ -57,8 +55,6 @@ def return_freed_memory(threshold: int = 4 << 20) -> None:
 
 FORWARD_THRESHOLD = 256 << 10
 """The mmap threshold of the calibration forward pass (see the module docstring)."""
-BACKWARD_THRESHOLD = 1 << 30
-"""The mmap threshold of the calibration backward pass: everything from the heap, no page faults."""
 
 
 @contextmanager
@@ -73,28 +69,6 @@ def mmap_threshold(threshold: int) -> Iterator[None]:
         yield
     finally:
         _mallopt(_M_MMAP_THRESHOLD, previous)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-    ] + [("keepcost", ctypes.c_size_t)]
-
-
-def bound_free_heap(cap: int) -> None:
-    """Give the heap's free pages back when it holds more than ``cap`` free bytes (``mallinfo2``,
-    then ``malloc_trim``), where :func:`return_freed_memory` was called: keeps a backward that
-    takes its memory from the heap from also keeping its fragments."""
-    if _process_threshold is None:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        if libc.mallinfo2().fordblks > cap:
-            libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def release_free_heap() -> None:

@@ -27,12 +27,12 @@ def test_a_library_users_allocator_is_left_alone(calls, monkeypatch):
 
 def test_a_pass_sets_then_restores_the_process_threshold(calls):
     memory.return_freed_memory(4 << 20)
-    with pytest.raises(KeyError), memory.mmap_threshold(memory.BACKWARD_THRESHOLD):
-        assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD)
+    with pytest.raises(KeyError), memory.mmap_threshold(1 << 30):
+        assert calls[-1] == (memory._M_MMAP_THRESHOLD, (1 << 30))
         raise KeyError  # restored on the way out of an error too
     assert calls == [
         (memory._M_MMAP_THRESHOLD, 4 << 20),
-        (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD),
+        (memory._M_MMAP_THRESHOLD, (1 << 30)),
         (memory._M_MMAP_THRESHOLD, 4 << 20),
     ]
 
@@ -41,32 +41,5 @@ def test_glibc_accepts_the_thresholds():
     """On this (glibc) machine the real calls succeed; elsewhere they are skipped as no-ops."""
     if not memory._mallopt(memory._M_MMAP_THRESHOLD, 4 << 20):
         pytest.skip("libc is not glibc")
-    for threshold in (memory.FORWARD_THRESHOLD, memory.BACKWARD_THRESHOLD, 4 << 20):
+    for threshold in (memory.FORWARD_THRESHOLD, 4 << 20):
         assert memory._mallopt(memory._M_MMAP_THRESHOLD, threshold)
-
-
-def test_the_free_heap_is_trimmed_only_over_its_cap(monkeypatch):
-    trims = []
-
-    class Call:  # a ctypes function: callable, with a settable restype
-        def __init__(self, run):
-            self.run, self.restype = run, None
-
-        def __call__(self, *args):
-            return self.run(*args)
-
-    class Libc:
-        mallinfo2 = Call(lambda: memory._MallInfo2(fordblks=free[0]))
-        malloc_trim = Call(trims.append)
-
-    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: Libc)
-    monkeypatch.setattr(memory, "_process_threshold", 4 << 20)
-    free = [10 << 20]
-    memory.bound_free_heap(64 << 20)
-    assert trims == []
-    free[0] = 65 << 20
-    memory.bound_free_heap(64 << 20)
-    assert trims == [0]
-    monkeypatch.setattr(memory, "_process_threshold", None)  # a library user's allocator: untouched
-    memory.bound_free_heap(1)
-    assert trims == [0]
