@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from llmp.errors import LlmpError
 from llmp.head import head_inputs, head_loss, plain_head
-from llmp.memory import FORWARD_THRESHOLD, mmap_threshold, release_free_heap
+from llmp.memory import BACKWARD_THRESHOLD, FORWARD_THRESHOLD, mmap_threshold, release_free_heap
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 Criterion = Literal["taylor", "taylor2", "taylor_mix", "vectorwise", "flap", "wanda", "l1", "l2", "random"]
@@ -359,7 +359,8 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
                     loss = calibration_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
-                (loss if per_sample else loss * (batch.shape[0] / n)).backward()
+                with mmap_threshold(BACKWARD_THRESHOLD):
+                    (loss if per_sample else loss * (batch.shape[0] / n)).backward()
         finally:
             for handle in handles:
                 handle.remove()

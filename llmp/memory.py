@@ -13,11 +13,14 @@ until the heap's top is free. Both matter when pruning:
   layer (0.26 GB in all, measured with ``mallinfo2``). Under a 256 KiB threshold for that pass
   (:data:`FORWARD_THRESHOLD`) the peak stayed at 1.10 GiB instead of 1.36, for about 0.2 s of
   page faults.
-- The backward keeps the process's threshold, and the heap's free pages go back after it
-  (:func:`release_free_heap`). Taking the backward wholly from the heap (a 1 GiB threshold)
-  saved page faults on the 1.1B shape's paper run (27.3–30.1 s against 30.0 s) but its
-  fragments raised the default Taylor run's peak (16 × 128 tokens) from 1.29× to 1.38× the
-  weights; bounding them with ``malloc_trim`` cost SmolLM2 0.8 s of 4.5. Not kept.
+- The backward takes everything from the heap (:data:`BACKWARD_THRESHOLD`), which saves the
+  page faults of a fresh mapping per tensor over 4 MiB, and the heap's free pages go back
+  afterwards (:func:`release_free_heap`). On the 1.1B shape's paper run (10 × 64 tokens) that
+  took 26.5–29.4 s at 1.21–1.22× the weights, against 32.8–34.0 s at 1.17× with the process's
+  threshold. The price is the heap's fragments on bigger batches: the default Taylor run
+  (16 × 128 tokens) peaked at 1.38× (91.6 s). Bounding them (``malloc_trim`` whenever 5% of
+  the weights' bytes, or 64 MiB, lay free) brought that to 1.30× (93.7 s) but cost SmolLM2's
+  paper run 0.8 s of 4.5, so it was not kept.
 
 Both are no-ops where libc is not glibc, and the second is one only in a process that called the
 first (a library user's allocator is left as it is).
@@ -55,6 +58,8 @@ def return_freed_memory(threshold: int = 4 << 20) -> None:
 
 FORWARD_THRESHOLD = 256 << 10
 """The mmap threshold of the calibration forward pass (see the module docstring)."""
+BACKWARD_THRESHOLD = 1 << 30
+"""The mmap threshold of the calibration backward pass: everything from the heap, no page faults."""
 
 
 @contextmanager

@@ -27,12 +27,12 @@ def test_a_library_users_allocator_is_left_alone(calls, monkeypatch):
 
 def test_a_pass_sets_then_restores_the_process_threshold(calls):
     memory.return_freed_memory(4 << 20)
-    with pytest.raises(KeyError), memory.mmap_threshold(1 << 30):
-        assert calls[-1] == (memory._M_MMAP_THRESHOLD, (1 << 30))
+    with pytest.raises(KeyError), memory.mmap_threshold(memory.BACKWARD_THRESHOLD):
+        assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD)
         raise KeyError  # restored on the way out of an error too
     assert calls == [
         (memory._M_MMAP_THRESHOLD, 4 << 20),
-        (memory._M_MMAP_THRESHOLD, (1 << 30)),
+        (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD),
         (memory._M_MMAP_THRESHOLD, 4 << 20),
     ]
 
@@ -41,5 +41,5 @@ def test_glibc_accepts_the_thresholds():
     """On this (glibc) machine the real calls succeed; elsewhere they are skipped as no-ops."""
     if not memory._mallopt(memory._M_MMAP_THRESHOLD, 4 << 20):
         pytest.skip("libc is not glibc")
-    for threshold in (memory.FORWARD_THRESHOLD, 4 << 20):
+    for threshold in (memory.FORWARD_THRESHOLD, memory.BACKWARD_THRESHOLD, 4 << 20):
         assert memory._mallopt(memory._M_MMAP_THRESHOLD, threshold)
