@@ -39,7 +39,8 @@ class _HeadLoss(torch.autograd.Function):
     """Summed next-token loss of ``head(hidden)``, its gradient made chunk by chunk in the forward.
 
     Per chunk of tokens: logits ``z = hidden·Wᵀ + b``, loss ``logsumexp(z) − z[label]``, and the
-    loss's gradient with respect to ``hidden``, ``(softmax(z) − onehot(label))·W``. The backward
+    loss's gradient with respect to ``hidden``, ``(softmax(z) − onehot(label))·W``, made as
+    ``(e − Σe·onehot)·W / Σe`` with ``e = exp(z − max z)`` in the logits' own buffer. The backward
     only scales that stored gradient, so the head's matmul runs twice (logits, then gradient)
     instead of three times (logits, logits again under checkpointing, gradient), and at most one
     chunk of logits exists at a time, in a single buffer reused for every chunk.
@@ -55,12 +56,16 @@ class _HeadLoss(torch.autograd.Function):
             out = buffer[: h.shape[0]]
             logits = torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
             z = logits.float()  # the same tensor in float32, a copy in bf16/fp16
-            lse = torch.logsumexp(z, dim=1)
             rows = torch.arange(h.shape[0], device=h.device)
-            total += (lse - z[rows, y]).sum()
-            z.sub_(lse[:, None]).exp_()  # softmax
-            z[rows, y] -= 1.0
-            torch.mm(z.to(weight.dtype), weight, out=grad[start : start + chunk])
+            picked = z[rows, y]
+            top = z.amax(dim=1, keepdim=True)
+            z.sub_(top).exp_()  # e = exp(z - max), in place: no temporaries of the chunk's size
+            e_sum = z.sum(dim=1, keepdim=True)
+            total += (e_sum.log() + top).squeeze(1).sub_(picked).sum()  # logsumexp(z) - z[label]
+            z[rows, y] -= e_sum.squeeze(1)  # (e - sum(e)·onehot) / sum(e) = softmax - onehot
+            part = grad[start : start + chunk]
+            torch.mm(z.to(weight.dtype), weight, out=part)
+            part.div_(e_sum)  # the division on the [chunk, hidden] product, not on the logits
         ctx.save_for_backward(grad)
         return total
 

@@ -34,6 +34,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Literal
 
 import torch
@@ -84,9 +85,9 @@ def score(
         batch_size: calibration samples per forward/backward (``None``: all in one; per-sample
             criteria use 1).
         seed: for ``random``.
-        checkpointing: keep only each decoder layer's input for the backward pass and recompute
-            the rest there (activation memory of one layer instead of all, for one more forward;
-            the last layer keeps its activations, as its backward runs first).
+        checkpointing: recompute activations in the backward pass instead of keeping them
+            (:func:`_checkpoint_plan`: matmul outputs kept within :data:`ACTIVATION_BUDGET`, only
+            each layer's input beyond it); off: every layer keeps all its activations.
 
     Returns:
         Group name → float64 tensor of ``group.size`` scores.
@@ -117,10 +118,10 @@ def score(
     tracked = _tracked(structure, params)
     keys = _slice_keys(structure)
     if criterion in GRADIENT_CRITERIA:
-        # The last layer is not checkpointed: its backward comes first, so its activations are
-        # freed before any other layer's are recomputed, and the peak is the same.
-        layers = list(adapter_for(model).layers(model))[:-1] if checkpointing else []
-        with _checkpointed(layers):
+        per_batch = 1 if criterion in _PER_SAMPLE else (batch_size or calibration.shape[0])
+        tokens = min(per_batch, calibration.shape[0]) * calibration.shape[1]
+        full, selective = _checkpoint_plan(model, structure, tokens) if checkpointing else ([], [])
+        with _checkpointed(full), _checkpointed(selective, _keep_matmuls):
             sums, totals = _gradient_scores(model, params, tracked, keys, calibration, criterion, batch_size)
     else:
         sums, totals = _magnitude_scores(params, tracked, keys, criterion)
@@ -181,15 +182,78 @@ def _grad_only_for(model: nn.Module, names: list[str]) -> Iterator[None]:
         model.train(was_training)
 
 
+ACTIVATION_BUDGET = 256 << 20
+"""Bytes of matmul and attention outputs the calibration backward may keep beyond each layer's
+input (at least; or 5% of the weights' bytes where that is more). See :func:`_checkpoint_plan`."""
+
+_aten = torch.ops.aten
+_KEPT_OPS = frozenset(
+    getattr(_aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(_aten, name)
+)
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: keep what matmuls and attention kernels return, recompute
+    the elementwise work between them (norms, rotary embeddings, activations, residual sums)."""
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in _KEPT_OPS else policy.PREFER_RECOMPUTE
+
+
+def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tuple[list, list]:
+    """Decoder layers to checkpoint fully (only the input kept) and selectively (matmul outputs
+    kept too: the backward's recompute is elementwise work only).
+
+    The last layer is not checkpointed: its backward comes first, so its activations are freed
+    before any other layer's are recomputed, and the peak is the same. Below it, layers from the
+    top down are selective while their matmul outputs, ``tokens`` × the summed output widths of the
+    layer's ``Linear`` modules and its hidden size, fit in the budget (the larger of
+    :data:`ACTIVATION_BUDGET` and 5% of the weights' bytes); the rest are full. Layers below the
+    first scored one are neither: they keep nothing for the backward."""
+    layers = list(adapter_for(model).layers(model))[:-1]
+    # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
+    spans_all = any(g.layer is None for g in structure.groups)
+    first = 0 if spans_all else min((g.layer for g in structure.groups), default=0)
+    layers = layers[first:]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = max(ACTIVATION_BUDGET, weights // 20)
+    selective = []
+    for layer in reversed(layers):
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            break
+        width = sum(m.out_features for m in linears) + min(m.in_features for m in linears)
+        cost = tokens * width * linears[0].weight.element_size()
+        if cost > budget:
+            break
+        budget -= cost
+        selective.append(layer)
+    return [layer for layer in layers if all(layer is not s for s in selective)], selective
+
+
 @contextmanager
-def _checkpointed(layers: nn.ModuleList | list) -> Iterator[None]:
+def _checkpointed(layers: nn.ModuleList | list, policy=None) -> Iterator[None]:
     """Run every layer of ``layers`` under activation checkpointing (in eval mode too, unlike
-    transformers' own switch, so dropout stays off)."""
+    transformers' own switch, so dropout stays off): full, or selective by ``policy``
+    (``torch.utils.checkpoint``'s ``policy_fn``)."""
+    extra = {}
+    if policy is not None:
+        extra["context_fn"] = partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, policy)
     for layer in layers:
         forward = layer.forward
 
         def run(*args, _forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
 
         layer.forward = run
     try:

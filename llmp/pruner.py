@@ -97,8 +97,9 @@ class PruneConfig:
     """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
     gradient of every weight is kept between batches (first-order criteria)"""
     checkpointing: bool = True
-    """keep only each layer's input for the calibration backward and recompute the rest there:
-    activations of one layer instead of all (off: faster, more memory)"""
+    """recompute activations in the calibration backward instead of keeping them: the top layers
+    keep their matmul outputs (256 MiB of them, or 5% of the weights) and recompute only
+    elementwise work, the others keep only their input (off: faster, more memory)"""
     seed: int = 0
     """for sampling and the random criterion"""
 

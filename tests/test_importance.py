@@ -52,14 +52,32 @@ def test_second_order_is_the_fisher_term(calib):
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "taylor2"])
-def test_checkpointing_does_not_change_scores(calib, criterion):
+@pytest.mark.parametrize("budget", [0, 1 << 40], ids=["full", "selective"])
+def test_checkpointing_does_not_change_scores(calib, criterion, budget, monkeypatch):
     model = tiny_model("llama-gqa")
     structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
+    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", budget)
+    full, selective = importance._checkpoint_plan(model, structure, calib.numel())
+    assert len(full if budget == 0 else selective) == len(model.model.layers) - 1  # the last one: neither
     plain = importance.score(model, structure, calib, criterion, checkpointing=False)
     kept = importance.score(model, structure, calib, criterion, checkpointing=True)
     for name in plain:
         torch.testing.assert_close(plain[name], kept[name], rtol=1e-5, atol=1e-12)
     assert "forward" not in vars(model.model.layers[0])  # the layers' own forward again
+
+
+def test_selective_checkpointing_fills_the_budget_from_the_top(calib, monkeypatch):
+    model = tiny_model("llama-gqa")
+    layers = model.model.layers
+    structure = adapter_for(model).discover(model, (Kind.MLP,))
+    structure.groups = [g for g in structure.groups if g.layer >= 1]  # layer 0 is not scored
+    linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    per_layer = calib.numel() * 4 * (sum(m.out_features for m in linears) + min(m.in_features for m in linears))
+    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", 2 * per_layer)
+    full, selective = importance._checkpoint_plan(model, structure, calib.numel())
+    n = len(layers)
+    assert selective == [layers[n - 2], layers[n - 3]]  # the last layer is not checkpointed at all
+    assert full == list(layers[1 : n - 3])  # layer 0 needs no gradient: not checkpointed
 
 
 def test_bf16_weights_are_scored_in_float32(calib):
