@@ -5,6 +5,7 @@
 #   bash bench/reference/run_reference.sh            # setup (idempotent) + all runs
 #   STAGE=setup bash bench/reference/run_reference.sh
 #   STAGE=run RUNS="smollm2 tl-fp32" REPEATS=2 bash bench/reference/run_reference.sh
+#   REF_TIMEOUT=900 ... stops each run after that many seconds (0, the default: never)
 #
 # Heavy steps run under `flock /tmp/bench.lock` so they never overlap other benchmarks/tests.
 set -euo pipefail
@@ -80,7 +81,7 @@ run_one() {  # name repeat
     --calibration "$calib" --save_ckpt_log_name "bench_$1" --bench_json "$out.json")
   echo "${cmd[*]}" > "$out.cmd"
   echo "[$1 #$2] ${cmd[*]}"
-  (cd "$REF/LLM-Pruner" && PATH="$REF/venv/bin:$PATH" $LOCK "${cmd[@]}") > "$out.log" 2>&1
+  (cd "$REF/LLM-Pruner" && PATH="$REF/venv/bin:$PATH" $LOCK timeout "${REF_TIMEOUT:-0}" "${cmd[@]}") > "$out.log" 2>&1
   tail -n 1 "$out.json"
 }
 
