@@ -184,7 +184,8 @@ def _grad_only_for(model: nn.Module, names: list[str]) -> Iterator[None]:
 
 ACTIVATION_BUDGET = 256 << 20
 """Bytes of matmul and attention outputs the calibration backward may keep beyond each layer's
-input (at least; or 5% of the weights' bytes where that is more). See :func:`_checkpoint_plan`."""
+input, for a model of up to four times as many bytes of weights; a bigger model may keep 5% of
+its weights' bytes. See :func:`_checkpoint_plan`."""
 
 _aten = torch.ops.aten
 _KEPT_OPS = frozenset(
@@ -217,8 +218,9 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     The last layer is not checkpointed: its backward comes first, so its activations are freed
     before any other layer's are recomputed, and the peak is the same. Below it, layers from the
     top down are selective while their matmul outputs, ``tokens`` × the summed output widths of the
-    layer's ``Linear`` modules and its hidden size, fit in the budget (the larger of
-    :data:`ACTIVATION_BUDGET` and 5% of the weights' bytes); the rest are full. Layers below the
+    layer's ``Linear`` modules and its hidden size, fit in the budget
+    (:data:`ACTIVATION_BUDGET`; 5% of the weights' bytes for a model of more than four times
+    that); the rest are full. Layers below the
     first scored one are neither: they keep nothing for the backward."""
     layers = list(adapter_for(model).layers(model))[:-1]
     # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
@@ -226,7 +228,9 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     first = 0 if spans_all else min((g.layer for g in structure.groups), default=0)
     layers = layers[first:]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = max(ACTIVATION_BUDGET, weights // 20)
+    # A small model's peak is mostly the runtime's own (~0.4 GiB): an absolute budget. A big one's
+    # is its weights: a share of them.
+    budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else weights // 20
     selective = []
     for layer in reversed(layers):
         linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
