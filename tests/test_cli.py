@@ -126,6 +126,26 @@ def test_bench_prune_takes_the_prune_options(tiny_dir):
     assert all(f"--{f.name.replace('_', '-')}" in helps for f in dataclasses.fields(PruneConfig))
 
 
+def test_autograd_floor_runs(tiny_dir, calib, tmp_path):
+    """`bench/reference/autograd_floor.py` (the floor the docs compare llmp's Taylor path with) runs
+    one plain forward and backward per repeat and prints its times and peak."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ids = tmp_path / "calib.pt"
+    torch.save(calib, ids)
+    script = Path(__file__).resolve().parents[1] / "bench" / "reference" / "autograd_floor.py"
+    out = subprocess.run(
+        [sys.executable, script, tiny_dir, ids, "--layers", "1:2", "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert len(result["fwd_bwd_s"]) == 2 and all(t > 0 for t in result["fwd_bwd_s"]) and result["peak_rss_gib"] > 0
+
+
 def test_prune_streamed_then_again_in_memory(model_dir, tmp_path, capsys):
     """`llmp prune --stream` writes a sharded folder equal to `--layerwise` in memory."""
     common = ("--ratio", 0.2, "--criterion", "flap", "--compensate", "bias", "--num-samples", 4, "--seq-len", 32)

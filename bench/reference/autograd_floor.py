@@ -1,0 +1,48 @@
+"""The time and memory floor of an exact first-order Taylor score on one model, as plain autograd
+gives it: one forward and backward over the calibration tokens, with only the pruned layers'
+``Linear`` weights needing a gradient, no checkpointing, no scoring, no surgery.
+
+    python bench/reference/autograd_floor.py /work/bench/smollm2-hf /work/bench/calib_smollm2_10x64.pt --layers 4:26
+
+Prints one JSON line: each repeat's seconds and the process's peak RSS (GiB, loading included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a Hugging Face model folder")
+    parser.add_argument("calibration", help="a .pt file of [N, L] token ids (make_calib.py)")
+    parser.add_argument("--layers", default="4:26", help="pruned layers, start:end (end exclusive)")
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    start, end = (int(x) for x in args.layers.split(":"))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.load(args.calibration, weights_only=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers[start:end]:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.requires_grad_(True)
+    seconds = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        seconds.append(round(time.perf_counter() - t, 3))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(json.dumps({"threads": torch.get_num_threads(), "fwd_bwd_s": seconds, "peak_rss_gib": round(peak, 3)}))
+
+
+if __name__ == "__main__":
+    main()
