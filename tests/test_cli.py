@@ -122,6 +122,7 @@ def test_bench_prune_takes_the_prune_options(tiny_dir):
     result = json.loads(out)
     assert result["settings"]["attention"] == "kv" and result["params_after"] < result["params_before"]
     assert result["peak_rss_over_weights"] > 1 and result["threads"] >= 1
+    assert result["prune_minor_faults"] > 0 and result["prune_system_s"] >= 0
     helps = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, check=True).stdout
     assert all(f"--{f.name.replace('_', '-')}" in helps for f in dataclasses.fields(PruneConfig))
 
