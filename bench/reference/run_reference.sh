@@ -6,6 +6,7 @@
 #   STAGE=setup bash bench/reference/run_reference.sh
 #   STAGE=run RUNS="smollm2 tl-fp32" REPEATS=2 bash bench/reference/run_reference.sh
 #   REF_TIMEOUT=900 ... stops each run after that many seconds (0, the default: never)
+#   RESULTS=DIR ... writes the results there instead of $BENCH/ref_results
 #
 # Heavy steps run under `flock /tmp/bench.lock` so they never overlap other benchmarks/tests.
 set -euo pipefail
@@ -72,7 +73,8 @@ config() {
 
 run_one() {  # name repeat
   read -r model calib ratio start end dtype <<< "$(config "$1")"
-  local out="$BENCH/ref_results/$1_run$2"
+  local out="${RESULTS:-$BENCH/ref_results}/$1_run$2"
+  mkdir -p "$(dirname "$out")"
   local cmd=(python llama3.py --base_model "$model" --device cpu --eval_device cpu --dtype "$dtype"
     --pruning_ratio "$ratio" --block_wise
     --block_attention_layer_start "$start" --block_attention_layer_end "$end"

@@ -51,4 +51,18 @@ for i in 1 2; do
   $LOCK "$PY" "$MAIN/bench/prune.py" --model smollm2-135m --no-ppl > "$OUT/llmp_smollm2_flap_default_$i.json"
   $LOCK "$PY" "$MAIN/bench/prune.py" --model smollm2-135m --no-ppl --compensate bias > "$OUT/llmp_smollm2_flap_bias_$i.json"
 done
+# 6. Both tools with tcmalloc preloaded instead of glibc's malloc (where it is installed:
+#    apt-get install libtcmalloc-minimal4), once each on the paper runs.
+TCMALLOC=${TCMALLOC:-/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4}
+if [ -f "$TCMALLOC" ]; then
+  mkdir -p "$OUT/tcmalloc"
+  RESULTS=$OUT/tcmalloc LD_PRELOAD=$TCMALLOC STAGE=run RUNS="smollm2 tl-fp32 tl-bf16" REPEATS=1 REF_TIMEOUT=900 \
+    bash "$HERE/run_reference.sh" || echo "LLM-Pruner with tcmalloc did not finish" >&2
+  LD_PRELOAD=$TCMALLOC $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/smollm2-hf" "${paper[@]}" --ratio 0.192932048 --layers 4:26 > "$OUT/tcmalloc/llmp_smollm2.json"
+  LD_PRELOAD=$TCMALLOC $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/tl-fp32" "${paper[@]}" --ratio 0.14012172 --layers 4:18 > "$OUT/tcmalloc/llmp_tl-fp32.json"
+  LD_PRELOAD=$TCMALLOC $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/tl-bf16" "${paper[@]}" --ratio 0.14012172 --layers 4:18 > "$OUT/tcmalloc/llmp_tl-bf16.json"
+  rm -rf "$BENCH/qs-tc"
+  LD_PRELOAD=$TCMALLOC $LOCK /usr/bin/time -f '{"wall_s": %e, "max_rss_kb": %M}' -o "$OUT/tcmalloc/cli_default.time" \
+    "$MAIN/.venv/bin/llmp" prune --model smollm2-135m --ratio 0.2 --output "$BENCH/qs-tc" > "$OUT/tcmalloc/cli_default.log"
+fi
 echo done
