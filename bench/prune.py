@@ -60,7 +60,7 @@ def main() -> None:
     record = prune(model, config, calib)
     t4 = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    rss_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    rss_prune = after.ru_maxrss / 1024**2
     # Perplexities after the pruning, so that the peak RSS above is the pruning's alone.
     text = None if args.no_ppl else read_text(args.eval)
     pruned = None if args.no_ppl else perplexity(model, tokenizer, text, 128, args.eval_tokens)

@@ -218,10 +218,9 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     The last layer is not checkpointed: its backward comes first, so its activations are freed
     before any other layer's are recomputed, and the peak is the same. Below it, layers from the
     top down are selective while their matmul outputs, ``tokens`` × the summed output widths of the
-    layer's ``Linear`` modules and its hidden size, fit in the budget
-    (:data:`ACTIVATION_BUDGET`; 5% of the weights' bytes for a model of more than four times
-    that); the rest are full. Layers below the
-    first scored one are neither: they keep nothing for the backward."""
+    layer's ``Linear`` modules and its hidden size, fit in the budget (:data:`ACTIVATION_BUDGET`;
+    5% of the weights' bytes for a model of more than four times that); the rest are full. Layers
+    below the first scored one are neither: they keep nothing for the backward."""
     layers = list(adapter_for(model).layers(model))[:-1]
     # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
     spans_all = any(g.layer is None for g in structure.groups)
