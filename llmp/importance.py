@@ -86,8 +86,8 @@ def score(
             criteria use 1).
         seed: for ``random``.
         checkpointing: recompute activations in the backward pass instead of keeping them
-            (:func:`_checkpoint_plan`: matmul outputs kept within :data:`ACTIVATION_BUDGET`, only
-            each layer's input beyond it); off: every layer keeps all its activations.
+            (:func:`_checkpoint_plan`: ``Linear`` outputs kept within :data:`ACTIVATION_BUDGET`,
+            only each layer's input beyond it); off: every layer keeps all its activations.
 
     Returns:
         Group name → float64 tensor of ``group.size`` scores.
@@ -183,44 +183,47 @@ def _grad_only_for(model: nn.Module, names: list[str]) -> Iterator[None]:
 
 
 ACTIVATION_BUDGET = 256 << 20
-"""Bytes of matmul and attention outputs the calibration backward may keep beyond each layer's
-input, for a model of up to four times as many bytes of weights; a bigger model may keep 5% of
-its weights' bytes. See :func:`_checkpoint_plan`."""
+"""Bytes of ``Linear`` outputs the calibration backward may keep beyond each layer's input, for a
+model of up to four times as many bytes of weights; a bigger model may keep 5% of its weights'
+bytes. See :func:`_checkpoint_plan`."""
 
 _aten = torch.ops.aten
-_KEPT_OPS = frozenset(
-    getattr(_aten, name).default
-    for name in (
-        "mm",
-        "addmm",
-        "bmm",
-        "baddbmm",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    )
-    if hasattr(_aten, name)
-)
+_KEPT_OPS = frozenset((_aten.mm.default, _aten.addmm.default))
+"""The products of ``nn.Linear`` (a 2-D input, or one flattened to 2-D)."""
 
 
-def _keep_matmuls(ctx, op, *args, **kwargs):
-    """Selective checkpointing's policy: keep what matmuls and attention kernels return, recompute
-    the elementwise work between them (norms, rotary embeddings, activations, residual sums)."""
+def _keep_matmuls(ctx, op, *args, passed: frozenset[int] = frozenset(), **kwargs):
+    """Selective checkpointing's policy: keep what the layer's ``Linear`` products return, except
+    those of the weights whose data pointers are in ``passed``; recompute the rest (norms, rotary
+    embeddings, attention, activations, residual sums).
+
+    Attention is recomputed from the kept projections: a fraction of a layer's products for
+    calibration lengths, and its output would cost as much memory as a projection's. ``passed``
+    holds the layer's last ``Linear``, whose output only feeds the residual sum that becomes the
+    layer's output: that sum is kept anyway, as the next layer's input, and the recompute stops
+    before the product, since nothing after it saves a tensor for the backward (where something
+    does, a post-norm, the product is recomputed: slower, not wrong)."""
     policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if op in _KEPT_OPS else policy.PREFER_RECOMPUTE
+    if op in _KEPT_OPS and args[-1].data_ptr() not in passed:
+        return policy.MUST_SAVE
+    return policy.PREFER_RECOMPUTE
+
+
+def _linears(layer: nn.Module) -> list[nn.Linear]:
+    return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
 
 def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tuple[list, list]:
-    """Decoder layers to checkpoint fully (only the input kept) and selectively (matmul outputs
-    kept too: the backward's recompute is elementwise work only).
+    """Decoder layers to checkpoint fully (only the input kept) and selectively (``Linear`` outputs
+    kept too: the backward's recompute is elementwise work and attention only).
 
     The last layer is not checkpointed: its backward comes first, so its activations are freed
     before any other layer's are recomputed, and the peak is the same. Below it, layers from the
-    top down are selective while their matmul outputs, ``tokens`` × the summed output widths of the
-    layer's ``Linear`` modules and its hidden size, fit in the budget (:data:`ACTIVATION_BUDGET`;
-    5% of the weights' bytes for a model of more than four times that); the rest are full. Layers
-    below the first scored one are neither: they keep nothing for the backward."""
+    top down are selective while what they keep, ``tokens`` × the summed output widths of the
+    layer's ``Linear`` modules but the last (:func:`_keep_matmuls`), fits in the budget
+    (:data:`ACTIVATION_BUDGET`; 5% of the weights' bytes for a model of more than four times
+    that); the rest are full. Layers below the first scored one are neither: they keep nothing
+    for the backward."""
     layers = list(adapter_for(model).layers(model))[:-1]
     # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
     spans_all = any(g.layer is None for g in structure.groups)
@@ -232,11 +235,10 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else weights // 20
     selective = []
     for layer in reversed(layers):
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        linears = _linears(layer)
         if not linears:
             break
-        width = sum(m.out_features for m in linears) + min(m.in_features for m in linears)
-        cost = tokens * width * linears[0].weight.element_size()
+        cost = tokens * sum(m.out_features for m in linears[:-1]) * linears[0].weight.element_size()
         if cost > budget:
             break
         budget -= cost
@@ -248,15 +250,18 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
 def _checkpointed(layers: nn.ModuleList | list, policy=None) -> Iterator[None]:
     """Run every layer of ``layers`` under activation checkpointing (in eval mode too, unlike
     transformers' own switch, so dropout stays off): full, or selective by ``policy``
-    (``torch.utils.checkpoint``'s ``policy_fn``)."""
-    extra = {}
-    if policy is not None:
-        extra["context_fn"] = partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, policy)
+    (:func:`_keep_matmuls`, given the layer's last ``Linear`` as ``passed``)."""
     for layer in layers:
-        forward = layer.forward
+        forward, extra = layer.forward, {}
+        if policy is not None:
+            linears = _linears(layer)
+            passed = frozenset([linears[-1].weight.data_ptr()] if linears else [])
+            extra["context_fn"] = partial(
+                torch.utils.checkpoint.create_selective_checkpoint_contexts, partial(policy, passed=passed)
+            )
 
-        def run(*args, _forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
+        def run(*args, _forward=forward, _extra=extra, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **_extra, **kwargs)
 
         layer.forward = run
     try:

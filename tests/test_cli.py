@@ -145,6 +145,28 @@ def test_autograd_floor_runs(tiny_dir, calib, tmp_path):
     ).stdout
     result = json.loads(out)
     assert len(result["fwd_bwd_s"]) == 2 and all(t > 0 for t in result["fwd_bwd_s"]) and result["peak_rss_gib"] > 0
+    assert result["gemm_floor_s"] > 0
+
+
+def test_sitting_table(tmp_path):
+    """`bench/reference/sitting_table.py` puts each tool's runs of a sitting side by side."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "ref_results").mkdir()
+    (tmp_path / "sitting").mkdir()
+    for i, t in enumerate((4.0, 6.0), 1):
+        (tmp_path / "ref_results" / f"smollm2_run{i}.json").write_text(
+            json.dumps({"prune_total_s": t, "peak_rss_gb": 2.0})
+        )
+        ours = {"prune_total_s": t / 2, "peak_rss_gb_after_prune": 1.0, "peak_rss_over_weights": 2.0}
+        (tmp_path / "sitting" / f"llmp_smollm2_{i}.json").write_text("progress line\n" + json.dumps(ours))
+    script = Path(__file__).resolve().parents[1] / "bench" / "reference" / "sitting_table.py"
+    out = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| smollm2"))
+    assert "5.00 s (4.00, 6.00), 2.00 GiB" in row and "2.50 s (2.00, 3.00), 1.00 GiB" in row
+    assert "| 0.50× | 0.50× | 2.00× |" in row
 
 
 def test_prune_streamed_then_again_in_memory(model_dir, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmp import importance
 from llmp.structure import Kind, adapter_for
@@ -72,12 +73,38 @@ def test_selective_checkpointing_fills_the_budget_from_the_top(calib, monkeypatc
     structure = adapter_for(model).discover(model, (Kind.MLP,))
     structure.groups = [g for g in structure.groups if g.layer >= 1]  # layer 0 is not scored
     linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
-    per_layer = calib.numel() * 4 * (sum(m.out_features for m in linears) + min(m.in_features for m in linears))
+    tokens = 4096  # enough that two layers' worth is an absolute budget (over a quarter of the weights)
+    per_layer = tokens * 4 * sum(m.out_features for m in linears[:-1])  # the last one's output: not kept
     monkeypatch.setattr(importance, "ACTIVATION_BUDGET", 2 * per_layer)
-    full, selective = importance._checkpoint_plan(model, structure, calib.numel())
+    full, selective = importance._checkpoint_plan(model, structure, tokens)
     n = len(layers)
     assert selective == [layers[n - 2], layers[n - 3]]  # the last layer is not checkpointed at all
     assert full == list(layers[1 : n - 3])  # layer 0 needs no gradient: not checkpointed
+
+
+class _CountProducts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.products += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+def test_selective_checkpointing_recomputes_no_product(calib, family, monkeypatch):
+    """With every layer selective, scoring runs exactly the matrix products that it runs without
+    checkpointing: the backward recomputes no projection (the counter does see full checkpointing's)."""
+    model = tiny_model(family)
+    structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
+    counts = {}
+    for budget, checkpointing in ((0, False), (1 << 40, True), (0, True)):
+        monkeypatch.setattr(importance, "ACTIVATION_BUDGET", budget)
+        with _CountProducts() as counter:
+            importance.score(model, structure, calib, "taylor", checkpointing=checkpointing)
+        counts[budget, checkpointing] = counter.products
+    assert counts[1 << 40, True] == counts[0, False] < counts[0, True]
 
 
 def test_bf16_weights_are_scored_in_float32(calib):

@@ -2,6 +2,11 @@
 gives it: one forward and backward over the calibration tokens, with only the pruned layers'
 ``Linear`` weights needing a gradient, no checkpointing, no scoring, no surgery.
 
+It also times the matrix products alone (``gemm_floor_s``): each Linear's and the head's forward
+product, the input gradients from the top down to the layer above the first pruned one, and the
+weight gradients of the pruned layers, on random data of the run's shapes in reused buffers (no
+page faults). No implementation that computes the same gradients in float32 can be faster.
+
     python bench/reference/autograd_floor.py /work/bench/smollm2-hf /work/bench/calib_smollm2_10x64.pt --layers 4:26
 
 Prints one JSON line: each repeat's seconds and the process's peak RSS (GiB, loading included).
@@ -41,7 +46,46 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         seconds.append(round(time.perf_counter() - t, 3))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps({"threads": torch.get_num_threads(), "fwd_bwd_s": seconds, "peak_rss_gib": round(peak, 3)}))
+    floor = gemm_floor(model, ids.numel(), start, end)
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "fwd_bwd_s": seconds,
+                "peak_rss_gib": round(peak, 3),
+                "gemm_floor_s": round(floor, 6),
+            }
+        )
+    )
+
+
+def gemm_floor(model: torch.nn.Module, tokens: int, start: int, end: int) -> float:
+    """Seconds of the float32 matrix products an exact first-order score needs (module docstring)."""
+    counts: dict[tuple[int, int, int], int] = {}  # (m, k, n) of an [m, k] x [k, n] product -> times
+
+    def add(m: int, k: int, n: int) -> None:
+        counts[(m, k, n)] = counts.get((m, k, n), 0) + 1
+
+    head = model.get_output_embeddings()
+    for i, layer in enumerate(model.model.layers):
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                add(tokens, module.in_features, module.out_features)  # y = x W^T
+                if i > start:
+                    add(tokens, module.out_features, module.in_features)  # dx = dy W
+                if start <= i < end:
+                    add(module.out_features, tokens, module.in_features)  # dW = dy^T x
+    add(tokens, head.in_features, head.out_features)
+    add(tokens, head.out_features, head.in_features)
+    total = 0.0
+    for (m, k, n), times in counts.items():
+        a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+        torch.mm(a, b, out=out)  # warm-up
+        t = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b, out=out)
+        total += (time.perf_counter() - t) / 3 * times
+    return total
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   STAGE=run RUNS="smollm2 tl-fp32" REPEATS=2 bash bench/reference/run_reference.sh
 #   REF_TIMEOUT=900 ... stops each run after that many seconds (0, the default: never)
 #   RESULTS=DIR ... writes the results there instead of $BENCH/ref_results
+#   FROM=N ... numbers the repeats from N (run_N.json): side_by_side.sh interleaves single runs
 #
 # Heavy steps run under `flock /tmp/bench.lock` so they never overlap other benchmarks/tests.
 set -euo pipefail
@@ -19,6 +20,7 @@ GITDIR=${LLMPRUNER_GITDIR:-/work/.mirror/horseee+LLM-Pruner/repo}  # bare clone 
 COMMIT=${LLMPRUNER_COMMIT:-128a07d977f9b205d60ab14cfbc6a78f8a8e39d2}
 LLMP_VENV=${LLMP_VENV:-$MAIN/.venv}
 STAGE=${STAGE:-all}
+FROM=${FROM:-1}
 RUNS=${RUNS:-"smollm2 tl-fp32"}
 REPEATS=${REPEATS:-2}
 LOCK="flock /tmp/bench.lock"
@@ -89,7 +91,7 @@ run_one() {  # name repeat
 
 case "$STAGE" in
   setup) setup ;;
-  run) for r in $RUNS; do for i in $(seq 1 "$REPEATS"); do run_one "$r" "$i"; done; done ;;
-  all) setup; for r in $RUNS; do for i in $(seq 1 "$REPEATS"); do run_one "$r" "$i"; done; done ;;
+  run) for r in $RUNS; do for i in $(seq "$FROM" "$((FROM + REPEATS - 1))"); do run_one "$r" "$i"; done; done ;;
+  all) setup; for r in $RUNS; do for i in $(seq "$FROM" "$((FROM + REPEATS - 1))"); do run_one "$r" "$i"; done; done ;;
 esac
 "$REF/venv/bin/python" "$HERE/summarize.py" "$BENCH/ref_results"

@@ -13,13 +13,14 @@ LOCK="flock /tmp/bench.lock"
 mkdir -p "$OUT"
 paper=(--calibration c4 --num-samples 10 --seq-len 64 --no-ppl --attention kv --criterion taylor)
 
-# 1. The paper's structures (one KV group of three / four, a third / a quarter of MLP channels).
-STAGE=run RUNS=smollm2 REPEATS=2 bash "$HERE/run_reference.sh"
-for i in 1 2; do
+# 1. The paper's structures (one KV group of three / four, a third / a quarter of MLP channels),
+#    the two tools taking turns: a shared machine's speed drifts by 10-20% within minutes.
+for i in 1 2 3; do
+  FROM=$i STAGE=run RUNS=smollm2 REPEATS=1 bash "$HERE/run_reference.sh"
   $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/smollm2-hf" "${paper[@]}" --ratio 0.192932048 --layers 4:26 > "$OUT/llmp_smollm2_$i.json"
 done
-STAGE=run RUNS=tl-fp32 REPEATS=2 bash "$HERE/run_reference.sh"
 for i in 1 2; do
+  FROM=$i STAGE=run RUNS=tl-fp32 REPEATS=1 bash "$HERE/run_reference.sh"
   $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/tl-fp32" "${paper[@]}" --ratio 0.14012172 --layers 4:18 > "$OUT/llmp_tl-fp32_$i.json"
 done
 # bf16: LLM-Pruner once (it may not finish on a CPU without bf16 units; the sitting goes on), llmp twice.

@@ -1,0 +1,57 @@
+"""The side-by-side table of one sitting (``side_by_side.sh``): LLM-Pruner's and llmp's paper runs,
+each tool's median and single runs, llmp's time and peak as a share of LLM-Pruner's, and llmp's
+peak against the weights' bytes. Stdlib only.
+
+    python bench/reference/sitting_table.py [BENCH]      (default /work/bench)
+
+Reads ``BENCH/ref_results/<run>_run<i>.json`` (LLM-Pruner) and ``BENCH/sitting/llmp_<run>_<i>.json``
+(llmp's ``bench/prune.py``); peaks are GiB of the process's ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RUNS = ("smollm2", "tl-fp32", "tl-bf16")
+
+
+def _last_json(path: Path) -> dict:
+    return json.loads(path.read_text().strip().splitlines()[-1])
+
+
+def _times(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({', '.join(f'{v:.2f}' for v in values)})"
+
+
+def table(bench: Path) -> str:
+    lines = [
+        "| run | LLM-Pruner | llmp | time | peak / LLM-Pruner's | peak / weights |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in RUNS:
+        ref = [_last_json(f) for f in sorted((bench / "ref_results").glob(f"{run}_run*.json"))]
+        ours = [_last_json(f) for f in sorted((bench / "sitting").glob(f"llmp_{run}_[0-9]*.json"))]
+        if not ours:
+            continue
+        t = [r["prune_total_s"] for r in ours]
+        peak = statistics.median(r["peak_rss_gb_after_prune"] for r in ours)
+        over_weights = statistics.median(r["peak_rss_over_weights"] for r in ours)
+        if ref:
+            rt = [r["prune_total_s"] for r in ref]
+            rpeak = statistics.median(r["peak_rss_gb"] for r in ref)
+            their = f"{_times(rt)}, {rpeak:.2f} GiB"
+            share = f"{statistics.median(t) / statistics.median(rt):.2f}×"
+            peak_share = f"{peak / rpeak:.2f}×"
+        else:
+            their, share, peak_share = "–", "–", "–"
+        lines.append(
+            f"| {run} | {their} | {_times(t)}, {peak:.2f} GiB | {share} | {peak_share} | {over_weights:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/bench")))
