@@ -63,9 +63,14 @@ class InputStats:
     def norm(self) -> torch.Tensor:
         return self.sum_squares.sqrt()
 
-    def covariance(self) -> torch.Tensor:
-        mean = self.mean
-        return self.gram / max(self.count, 1) - torch.outer(mean, mean)
+    def covariance(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs' covariance, or its ``rows`` × ``cols`` block (index tensors), made in one
+        allocation of the block's size."""
+        mean, n = self.mean, max(self.count, 1)
+        if rows is None or cols is None:
+            return torch.addr(self.gram, mean, mean, beta=1 / n, alpha=-1)
+        block = self.gram[rows[:, None], cols]
+        return block.addr_(mean[rows], mean[cols], beta=1 / n, alpha=-1)
 
     def add(self, x: torch.Tensor) -> None:
         # Sums over one batch in float32 (no float64 copy of the activations), across batches in float64.
@@ -74,7 +79,7 @@ class InputStats:
         self.sum += x.sum(0).double()
         self.sum_squares += (x * x).sum(0).double()
         if self.gram is not None:
-            self.gram += (x.T @ x).double()
+            self.gram += x.T @ x  # float32 product summed into float64: no float64 copy of it
 
 
 def projections(structure: Structure) -> dict[str, str]:
@@ -245,11 +250,10 @@ def compensation(
             raise LlmpError(f"`compensate` must be none, bias or lstsq; got {mode!r}")
         if s.gram is None:
             raise LlmpError("lstsq compensation needs the inputs' Gram matrix (collect(..., gram=True))")
-        cov = s.covariance().to(w.device)
-        c_kk = cov[kept][:, kept]
+        c_kk, c_kr = s.covariance(kept, kept).to(w.device), s.covariance(kept, removed).to(w.device)
         c_kk.diagonal().add_(RIDGE * float(c_kk.diagonal().mean()) + 1e-12)
         # W_K' = W_K + W_R Σ_RK Σ_KK⁻¹ (solve Σ_KK Xᵀ = Σ_KR W_Rᵀ, Σ symmetric)
-        rhs = cov[kept][:, removed] @ w[:, removed].T
+        rhs = c_kr @ w[:, removed].T
         factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work
         correction = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(c_kk, rhs)).T
         new_w = w[:, kept] + correction

@@ -84,6 +84,22 @@ def test_bias_compensation_equals_mean_replacement(calib, inputs):
     torch.testing.assert_close(logits(model, inputs), logits(dense, inputs), rtol=1e-4, atol=1e-4)
 
 
+def test_covariance_block_is_the_block_of_the_covariance():
+    """`InputStats.covariance(rows, cols)` equals the block of the whole covariance, the direct
+    definition E[x xᵀ] − μ μᵀ."""
+    x = torch.randn(300, 12, dtype=torch.float64) * torch.arange(1, 13) + torch.arange(12)
+    stats = activations.InputStats(0, torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64))
+    stats.gram = torch.zeros(12, 12, dtype=torch.float64)
+    stats.add(x[:200])
+    stats.add(x[200:])
+    mean = x.mean(0)
+    direct = (x - mean).T @ (x - mean) / x.shape[0]
+    rows, cols = torch.tensor([0, 3, 4, 11]), torch.tensor([1, 2, 7])
+    full = stats.covariance()
+    torch.testing.assert_close(full, direct, rtol=0, atol=1e-4)  # the products are summed from float32
+    torch.testing.assert_close(stats.covariance(rows, cols), full[rows][:, cols], rtol=1e-12, atol=1e-12)
+
+
 def test_lstsq_reconstructs_the_dense_output_best(calib):
     """On the calibration inputs, each output projection's error: lstsq < bias < none."""
     errors = {}

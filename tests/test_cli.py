@@ -161,7 +161,7 @@ def test_sitting_table(tmp_path):
             json.dumps({"prune_total_s": t, "peak_rss_gb": 2.0})
         )
         ours = {"prune_total_s": t / 2, "peak_rss_gb_after_prune": 1.0, "peak_rss_over_weights": 2.0}
-        (tmp_path / "sitting" / f"llmp_smollm2_{i}.json").write_text("progress line\n" + json.dumps(ours))
+        (tmp_path / "sitting" / f"llmp_smollm2_{i}.json").write_text(json.dumps(ours, indent=2))
     script = Path(__file__).resolve().parents[1] / "bench" / "reference" / "sitting_table.py"
     out = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True, check=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("| smollm2"))

@@ -19,7 +19,12 @@ RUNS = ("smollm2", "tl-fp32", "tl-bf16")
 
 
 def _last_json(path: Path) -> dict:
-    return json.loads(path.read_text().strip().splitlines()[-1])
+    """The file's JSON object: all of it (``bench/prune.py`` indents), or its last line."""
+    text = path.read_text().strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(text.splitlines()[-1])
 
 
 def _times(values: list[float]) -> str:
