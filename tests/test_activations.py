@@ -88,8 +88,8 @@ def test_covariance_block_is_the_block_of_the_covariance():
     """`InputStats.covariance(rows, cols)` equals the block of the whole covariance, the direct
     definition E[x xᵀ] − μ μᵀ."""
     x = torch.randn(300, 12, dtype=torch.float64) * torch.arange(1, 13) + torch.arange(12)
-    stats = activations.InputStats(0, torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64))
-    stats.gram = torch.zeros(12, 12, dtype=torch.float64)
+    zeros = torch.zeros(12, dtype=torch.float64)
+    stats = activations.InputStats(0, zeros.clone(), zeros.clone(), torch.zeros(12, 12, dtype=torch.float64))
     stats.add(x[:200])
     stats.add(x[200:])
     mean = x.mean(0)

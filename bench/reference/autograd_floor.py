@@ -18,6 +18,7 @@ import argparse
 import json
 import resource
 import time
+from collections import Counter
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,22 +62,18 @@ def main() -> None:
 
 def gemm_floor(model: torch.nn.Module, tokens: int, start: int, end: int) -> float:
     """Seconds of the float32 matrix products an exact first-order score needs (module docstring)."""
-    counts: dict[tuple[int, int, int], int] = {}  # (m, k, n) of an [m, k] x [k, n] product -> times
-
-    def add(m: int, k: int, n: int) -> None:
-        counts[(m, k, n)] = counts.get((m, k, n), 0) + 1
-
+    counts: Counter[tuple[int, int, int]] = Counter()  # (m, k, n) of an [m, k] x [k, n] product -> times
     head = model.get_output_embeddings()
     for i, layer in enumerate(model.model.layers):
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
-                add(tokens, module.in_features, module.out_features)  # y = x W^T
+                counts[tokens, module.in_features, module.out_features] += 1  # y = x W^T
                 if i > start:
-                    add(tokens, module.out_features, module.in_features)  # dx = dy W
+                    counts[tokens, module.out_features, module.in_features] += 1  # dx = dy W
                 if start <= i < end:
-                    add(module.out_features, tokens, module.in_features)  # dW = dy^T x
-    add(tokens, head.in_features, head.out_features)
-    add(tokens, head.out_features, head.in_features)
+                    counts[module.out_features, tokens, module.in_features] += 1  # dW = dy^T x
+    counts[tokens, head.in_features, head.out_features] += 1
+    counts[tokens, head.out_features, head.in_features] += 1
     total = 0.0
     for (m, k, n), times in counts.items():
         a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)

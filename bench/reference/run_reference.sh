@@ -94,4 +94,4 @@ case "$STAGE" in
   run) for r in $RUNS; do for i in $(seq "$FROM" "$((FROM + REPEATS - 1))"); do run_one "$r" "$i"; done; done ;;
   all) setup; for r in $RUNS; do for i in $(seq "$FROM" "$((FROM + REPEATS - 1))"); do run_one "$r" "$i"; done; done ;;
 esac
-"$REF/venv/bin/python" "$HERE/summarize.py" "$BENCH/ref_results"
+"$REF/venv/bin/python" "$HERE/summarize.py" "${RESULTS:-$BENCH/ref_results}"

@@ -18,7 +18,7 @@ from pathlib import Path
 RUNS = ("smollm2", "tl-fp32", "tl-bf16")
 
 
-def _last_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict:
     """The file's JSON object: all of it (``bench/prune.py`` indents), or its last line."""
     text = path.read_text().strip()
     try:
@@ -37,8 +37,8 @@ def table(bench: Path) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for run in RUNS:
-        ref = [_last_json(f) for f in sorted((bench / "ref_results").glob(f"{run}_run*.json"))]
-        ours = [_last_json(f) for f in sorted((bench / "sitting").glob(f"llmp_{run}_[0-9]*.json"))]
+        ref = [_read_json(f) for f in sorted((bench / "ref_results").glob(f"{run}_run*.json"))]
+        ours = [_read_json(f) for f in sorted((bench / "sitting").glob(f"llmp_{run}_[0-9]*.json"))]
         if not ours:
             continue
         t = [r["prune_total_s"] for r in ours]
