@@ -82,6 +82,21 @@ def test_selective_checkpointing_fills_the_budget_from_the_top(calib, monkeypatc
     assert full == list(layers[1 : n - 3])  # layer 0 needs no gradient: not checkpointed
 
 
+def test_a_big_models_budget_is_a_share_of_its_weights(calib, monkeypatch):
+    model = tiny_model("llama-gqa")
+    layers = model.model.layers
+    structure = adapter_for(model).discover(model, (Kind.MLP,))
+    linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    tokens = 64
+    per_layer = tokens * 4 * sum(m.out_features for m in linears[:-1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", 1)  # the model is "big": over four bytes
+    for layers_worth in (0, 1, 2):
+        monkeypatch.setattr(importance, "ACTIVATION_SHARE", weights // (layers_worth * per_layer + per_layer // 2))
+        full, selective = importance._checkpoint_plan(model, structure, tokens)
+        assert len(selective) == layers_worth and len(full) == len(layers) - 1 - layers_worth
+
+
 class _CountProducts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
