@@ -192,7 +192,10 @@ each byte kept saves the same recompute whatever the calibration length (about 2
 input width flops per float), so the share trades time for memory the same way on every run. On
 the 1.1B shape's paper run (10 × 64 tokens) a tenth made 10 of 17 checkpointed layers selective
 instead of 5: a median 27.2 s against 29.3 (5 runs each, alternating) at 1.25× the weights
-instead of 1.21×; the default Taylor run (16 × 128) took the same 89 s at 1.48× instead of 1.41×."""
+instead of 1.21× (in one process, alternating: 21.9–23.7 s against 23.7–27.3 s); the default
+Taylor run (16 × 128) took the same 89 s at 1.48× instead of 1.41×. A half-precision model keeps
+half the share (a 20th of its bytes): with a tenth, the 1.1B shape's bf16 `llmp prune` (Taylor,
+16 × 128 tokens) peaked at 1.55× its weights instead of 1.50×."""
 
 _aten = torch.ops.aten
 _KEPT_OPS = frozenset((_aten.mm.default, _aten.addmm.default))
@@ -228,8 +231,8 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     before any other layer's are recomputed, and the peak is the same. Below it, layers from the
     top down are selective while what they keep, ``tokens`` × the summed output widths of the
     layer's ``Linear`` modules but the last (:func:`_keep_matmuls`), fits in the budget
-    (:data:`ACTIVATION_BUDGET`; a tenth of the weights' bytes for a model of more than four
-    times that); the rest are full. Layers below the first scored one are neither: they keep nothing
+    (:data:`ACTIVATION_BUDGET`; a tenth of the weights' bytes, a 20th in half precision, for a
+    model of more than four times that); the rest are full. Layers below the first scored one are neither: they keep nothing
     for the backward."""
     layers = list(adapter_for(model).layers(model))[:-1]
     # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
@@ -239,7 +242,11 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # A small model's peak is mostly the runtime's own (~0.4 GiB): an absolute budget. A big one's
     # is its weights: a share of them.
-    budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else weights // ACTIVATION_SHARE
+    # A share of a big model's bytes; half of it in half precision, whose float32 score buffers and
+    # runtime weigh twice as much next to its weights.
+    size = next(model.parameters()).element_size()
+    share = weights * min(size, 4) // (4 * ACTIVATION_SHARE)
+    budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else share
     selective = []
     for layer in reversed(layers):
         linears = _linears(layer)
