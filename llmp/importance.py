@@ -232,8 +232,8 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     top down are selective while what they keep, ``tokens`` × the summed output widths of the
     layer's ``Linear`` modules but the last (:func:`_keep_matmuls`), fits in the budget
     (:data:`ACTIVATION_BUDGET`; a tenth of the weights' bytes, a 20th in half precision, for a
-    model of more than four times that); the rest are full. Layers below the first scored one are neither: they keep nothing
-    for the backward."""
+    model of more than four times that); the rest are full. Layers below the first scored one are
+    neither: they keep nothing for the backward."""
     layers = list(adapter_for(model).layers(model))[:-1]
     # Below the first scored layer nothing needs a gradient (unless a group spans every layer).
     spans_all = any(g.layer is None for g in structure.groups)
@@ -241,12 +241,10 @@ def _checkpoint_plan(model: nn.Module, structure: Structure, tokens: int) -> tup
     layers = layers[first:]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # A small model's peak is mostly the runtime's own (~0.4 GiB): an absolute budget. A big one's
-    # is its weights: a share of them.
-    # A share of a big model's bytes; half of it in half precision, whose float32 score buffers and
-    # runtime weigh twice as much next to its weights.
-    size = next(model.parameters()).element_size()
-    share = weights * min(size, 4) // (4 * ACTIVATION_SHARE)
-    budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else share
+    # is its weights: a share of them, half of it in half precision, whose float32 score buffers
+    # and runtime weigh twice as much next to its weights.
+    precision = min(next(model.parameters()).element_size(), 4) / 4
+    budget = ACTIVATION_BUDGET if weights <= 4 * ACTIVATION_BUDGET else int(weights * precision) // ACTIVATION_SHARE
     selective = []
     for layer in reversed(layers):
         linears = _linears(layer)

@@ -98,9 +98,9 @@ class PruneConfig:
     gradient of every weight is kept between batches (first-order criteria)"""
     checkpointing: bool = True
     """recompute activations in the calibration backward instead of keeping them: the top layers
-    keep their projections' outputs (256 MiB of them; a tenth of the weights above 1 GiB, a 20th in half precision) and
-    recompute only elementwise work and attention, the others keep only their input (off: faster,
-    more memory)"""
+    keep their projections' outputs (256 MiB of them; a tenth of the weights above 1 GiB, a 20th
+    in half precision) and recompute only elementwise work and attention, the others keep only
+    their input (off: faster, more memory)"""
     seed: int = 0
     """for sampling and the random criterion"""
 

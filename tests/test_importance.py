@@ -95,7 +95,7 @@ def test_a_big_models_budget_is_a_share_of_its_weights(calib, monkeypatch):
         monkeypatch.setattr(importance, "ACTIVATION_SHARE", weights // (layers_worth * per_layer + per_layer // 2))
         full, selective = importance._checkpoint_plan(model, structure, tokens)
         assert len(selective) == layers_worth and len(full) == len(layers) - 1 - layers_worth
-    # Half precision: each layer keeps half the bytes, and the budget is a quarter (half the share).
+    # bf16: a layer keeps half the bytes; the budget is half the share of half the bytes (a quarter).
     model.to(torch.bfloat16)
     monkeypatch.setattr(importance, "ACTIVATION_SHARE", weights // (2 * per_layer + per_layer // 2))
     assert len(importance._checkpoint_plan(model, structure, tokens)[1]) == 1
