@@ -141,7 +141,7 @@ def test_bf16_weights_are_scored_in_float32(calib):
 def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
     """The head runs on a few tokens at a time; the loss and every gradient are the model's own."""
     model = tiny_model("llama-gqa")
-    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # 16-token chunks: several, one partial
+    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # chunks of 16 tokens at most: several
     plain = model(input_ids=calib, labels=calib, use_cache=False).loss
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -152,6 +152,20 @@ def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7)
     assert "forward" not in vars(model.lm_head)  # the head's own forward again
+
+
+def test_loss_chunks_are_even_and_within_their_bytes(monkeypatch):
+    """As few chunks as the logits' bytes allow, of sizes that differ by one token at most."""
+    assert importance._loss_chunk(630, 49152) == 315  # SmolLM2's 10 x 64 tokens: 2 of 315, not 341 + 289
+    assert importance._loss_chunk(2032, 49152) == 339  # 16 x 128: 6 chunks
+    assert importance._loss_chunk(10, 49152) == 10
+    for tokens in (1, 15, 16, 17, 60, 631, 4096):
+        for vocab in (128, 32000, 128256):
+            chunk = importance._loss_chunk(tokens, vocab)
+            most = max(16, importance.LOSS_CHUNK_BYTES // (4 * vocab))
+            assert chunk <= most and -(-tokens // chunk) == -(-tokens // most)
+    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)
+    assert importance._loss_chunk(60, 128) == 15 and importance._loss_chunk(17, 128) == 9  # 16 at most
 
 
 def _taylor_by_definition(model, structure, calib) -> dict[str, torch.Tensor]:
@@ -227,7 +241,7 @@ def test_head_loss_is_cross_entropy_and_its_gradient(dtype, bias):
 def test_fused_calibration_loss_gives_the_model_gradients(calib, monkeypatch):
     """With the head frozen (its weights are not pruned) the loss's gradients are the model's own."""
     model = tiny_model("llama-gqa")
-    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # 16-token chunks: several, one partial
+    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # chunks of 16 tokens at most: several
     model.lm_head.requires_grad_(False)
     model.model.embed_tokens.requires_grad_(False)
     plain = model(input_ids=calib, labels=calib, use_cache=False).loss
