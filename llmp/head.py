@@ -64,7 +64,7 @@ class _HeadLoss(torch.autograd.Function):
             total += (e_sum.log() + top).squeeze(1).sub_(picked).sum()  # logsumexp(z) - z[label]
             z[rows, y] -= e_sum.squeeze(1)  # (e - sum(e)·onehot) / sum(e) = softmax - onehot
             part = grad[start : start + chunk]
-            torch.mm(z.to(weight.dtype), weight, out=part)
+            torch.mm(z if z is logits else out.copy_(z), weight, out=part)  # bf16/fp16: back in the buffer
             part.div_(e_sum)  # the division on the [chunk, hidden] product, not on the logits
         ctx.save_for_backward(grad)
         return total

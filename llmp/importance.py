@@ -479,7 +479,8 @@ The head's two products per chunk, ``[chunk, hidden] × [hidden, vocab]`` and ba
 short chunks: on SmolLM2's head 99–106 GFLOP/s at 85 tokens against 149–166 at 315–630 (2 threads,
 AMD EPYC). With 16 MiB (8 chunks of 85 tokens or fewer) SmolLM2's paper run (10 × 64 tokens)
 scored in 3.42 s against 3.27 s with 64 MiB (2 chunks of 315; in one process, alternating four
-times each), at a peak of 1.26 GiB against 1.30; the 1.1B shape's, 22.0 s against 21.9."""
+times each), at a peak of 1.26 GiB against 1.30; the 1.1B shape's, 22.0 s against 21.9. A
+half-precision head gets half of it (:func:`_loss_chunk`)."""
 
 
 def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -500,7 +501,7 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     hidden = head_inputs(model, head, input_ids=batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch[:, 1:].reshape(-1).to(hidden.device)
-    chunk = _loss_chunk(labels.numel(), head.out_features)
+    chunk = _loss_chunk(labels.numel(), head.out_features, head.weight.element_size())
     total = head_loss(head, hidden, labels, chunk)
     if total is None:
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -512,11 +513,14 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return total / labels.numel()
 
 
-def _loss_chunk(tokens: int, vocab: int) -> int:
+def _loss_chunk(tokens: int, vocab: int, element_size: int = 4) -> int:
     """Tokens per chunk of :func:`calibration_loss`: as few chunks as :data:`LOSS_CHUNK_BYTES` of
-    float32 logits allow (at least 16 tokens each), of even sizes (SmolLM2's 630 in two chunks of
-    315, not 341 and 289: the shorter chunk's products would run slower)."""
-    most = max(16, LOSS_CHUNK_BYTES // (4 * vocab))
+    logits allow (at least 16 tokens each), of even sizes (SmolLM2's 630 in two chunks of 315, not
+    341 and 289: the shorter chunk's products would run slower). A half-precision head has half
+    the bytes, for its logits and their float32 copy (6 bytes a logit in bf16): its peak stays
+    next to its weights' size, as :func:`_checkpoint_plan`'s budget does."""
+    per_logit = 4 if element_size >= 4 else 4 + element_size
+    most = max(16, LOSS_CHUNK_BYTES * min(element_size, 4) // 4 // (per_logit * vocab))
     chunks = -(-tokens // most)
     return -(-tokens // chunks)
 

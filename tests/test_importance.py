@@ -164,6 +164,8 @@ def test_loss_chunks_are_even_and_within_their_bytes(monkeypatch):
             chunk = importance._loss_chunk(tokens, vocab)
             most = max(16, importance.LOSS_CHUNK_BYTES // (4 * vocab))
             assert chunk <= most and -(-tokens // chunk) == -(-tokens // most)
+    # bf16: 32 MiB for its logits and their float32 copy, 6 bytes a logit (174 tokens of a 32k vocabulary)
+    assert importance._loss_chunk(2032, 32000, 2) == 170 and importance._loss_chunk(2032, 32000) == 508
     monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)
     assert importance._loss_chunk(60, 128) == 15 and importance._loss_chunk(17, 128) == 9  # 16 at most
 
