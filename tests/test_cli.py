@@ -148,6 +148,36 @@ def test_autograd_floor_runs(tiny_dir, calib, tmp_path):
     assert result["gemm_floor_s"] > 0
 
 
+def test_ab_score_alternates_two_settings(tiny_dir):
+    """`bench/ab_score.py` scores under settings A and B in turns in one process, each restored
+    after its run; the same scores under a setting that only changes the head's chunking."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ab_score.py"
+    common = [sys.executable, script, "--model", tiny_dir, "--num-samples", "2", "--seq-len", "16", "--attention", "kv"]
+    out = subprocess.run(
+        [*common, "--a", "llmp.importance.LOSS_CHUNK_BYTES=0", "--b", "llmp.importance.LOSS_CHUNK_BYTES=1<<20"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "is not a Python literal" in out.stderr  # 1<<20 is an expression
+    out = subprocess.run(
+        [*common, "--a", "llmp.importance.LOSS_CHUNK_BYTES=0", "--b", "llmp.importance.LOSS_CHUNK_BYTES=1048576",
+         "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    assert [len(result[side]["runs"]) for side in "ab"] == [3, 3] and result["threads"] >= 1
+    assert all(run["s"] > 0 for side in "ab" for run in result[side]["runs"])
+    assert result["score_relative_difference"] < 1e-5
+    bad = subprocess.run([*common, "--a", "llmp.importance.NO_SUCH=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "has no attribute 'NO_SUCH'" in bad.stderr
+
+
 def test_sitting_table(tmp_path):
     """`bench/reference/sitting_table.py` puts each tool's runs of a sitting side by side."""
     import subprocess
