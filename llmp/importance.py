@@ -409,8 +409,15 @@ def _gradient_scores(model, params, tracked, keys, calibration, criterion, batch
     def finish(name: str, p: torch.Tensor, g: torch.Tensor | None) -> None:
         # Final scores of one parameter from its summed gradient (first order, mix). ``g`` is
         # used up: the first-order criteria work in place on it.
-        w = as_float(p.detach(), "weight")  # scores in float32 whatever the weights' dtype
-        g = torch.zeros_like(w) if g is None else as_float(g.detach(), "gradient")  # None: unused by the forward
+        # Scores in float32 whatever the weights' dtype. The first-order criteria multiply the
+        # float32 gradient by the weight as it is (a bf16/fp16 weight is promoted exactly, on the
+        # fly): no float32 copy of it, 46 MB less for the 1.1B shape's biggest bf16 weight.
+        first_order = criterion in ("taylor", "vectorwise")
+        w = p.detach() if first_order else as_float(p.detach(), "weight")
+        if g is None:  # unused by the forward
+            g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        else:
+            g = as_float(g.detach(), "gradient")
         if criterion == "vectorwise":
             prod = g.mul_(w)
             for dim in keys.get(name, ()):
