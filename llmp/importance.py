@@ -508,9 +508,10 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     hidden = head_inputs(model, head, input_ids=batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch[:, 1:].reshape(-1).to(hidden.device)
-    chunk = _loss_chunk(labels.numel(), head.out_features, head.weight.element_size())
-    total = head_loss(head, hidden, labels, chunk)
+    size = head.weight.element_size()
+    total = head_loss(head, hidden, labels, _loss_chunk(labels.numel(), head.out_features, size))
     if total is None:
+        chunk = _loss_chunk(labels.numel(), head.out_features, size, copies=3)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, labels.numel(), chunk):
             part = slice(start, start + chunk)
@@ -520,13 +521,17 @@ def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return total / labels.numel()
 
 
-def _loss_chunk(tokens: int, vocab: int, element_size: int = 4) -> int:
+def _loss_chunk(tokens: int, vocab: int, element_size: int = 4, copies: int = 1) -> int:
     """Tokens per chunk of :func:`calibration_loss`: as few chunks as :data:`LOSS_CHUNK_BYTES` of
     logits allow (at least 16 tokens each), of even sizes (SmolLM2's 630 in two chunks of 315, not
-    341 and 289: the shorter chunk's products would run slower). A half-precision head has half
-    the bytes, for its logits and their float32 copy (6 bytes a logit in bf16): its peak stays
-    next to its weights' size, as :func:`_checkpoint_plan`'s budget does."""
-    per_logit = 4 if element_size >= 4 else 4 + element_size
+    341 and 289: the shorter chunk's products would run slower).
+
+    ``copies``: float32 copies of a chunk's logits that exist at once (the fused loss: 1; autograd's
+    cross-entropy, for a head that is scored: 3, the logits, their log-softmax and its gradient).
+    A half-precision head also holds its logits in its own dtype (6 bytes a logit in bf16, fused),
+    and has half the bytes: its peak stays next to its weights' size, as
+    :func:`_checkpoint_plan`'s budget does."""
+    per_logit = 4 * copies + (element_size if element_size < 4 else 0)
     most = max(16, LOSS_CHUNK_BYTES * min(element_size, 4) // 4 // (per_logit * vocab))
     chunks = -(-tokens // most)
     return -(-tokens // chunks)

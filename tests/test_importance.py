@@ -166,6 +166,7 @@ def test_loss_chunks_are_even_and_within_their_bytes(monkeypatch):
             assert chunk <= most and -(-tokens // chunk) == -(-tokens // most)
     # bf16: 32 MiB for its logits and their float32 copy, 6 bytes a logit (174 tokens of a 32k vocabulary)
     assert importance._loss_chunk(2032, 32000, 2) == 170 and importance._loss_chunk(2032, 32000) == 508
+    assert importance._loss_chunk(2032, 49152, copies=3) == 113  # a scored head under autograd: 3 copies
     monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)
     assert importance._loss_chunk(60, 128) == 15 and importance._loss_chunk(17, 128) == 9  # 16 at most
 
