@@ -197,6 +197,14 @@ def test_sitting_table(tmp_path):
     row = next(line for line in out.splitlines() if line.startswith("| smollm2"))
     assert "5.00 s (4.00, 6.00), 2.00 GiB" in row and "2.50 s (2.00, 3.00), 1.00 GiB" in row
     assert "| 0.50× | 0.50× | 2.00× |" in row
+    assert "plain autograd" not in out  # no floor runs in this sitting
+    for i, (plain, products) in enumerate(((3.0, 2.0), (4.0, 2.2)), 1):
+        floor = {"threads": 2, "fwd_bwd_s": [plain], "peak_rss_gib": 2.0, "gemm_floor_s": products}
+        (tmp_path / "sitting" / f"floor_smollm2_{i}.json").write_text(json.dumps(floor))
+    out = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True, check=True).stdout
+    floors = out.split("plain autograd")[1]
+    row = next(line for line in floors.splitlines() if line.startswith("| smollm2"))
+    assert row == "| smollm2 | 5.00 s | 3.50 s (0.70×) | 2.10 s (0.42×) | 2.50 s (0.50×) |"
 
 
 def test_prune_streamed_then_again_in_memory(model_dir, tmp_path, capsys):

@@ -18,6 +18,9 @@ paper=(--calibration c4 --num-samples 10 --seq-len 64 --no-ppl --attention kv --
 for i in 1 2 3; do
   FROM=$i STAGE=run RUNS=smollm2 REPEATS=1 bash "$HERE/run_reference.sh"
   $LOCK "$PY" "$MAIN/bench/prune.py" --model "$BENCH/smollm2-hf" "${paper[@]}" --ratio 0.192932048 --layers 4:26 > "$OUT/llmp_smollm2_$i.json"
+  # What an exact score costs at least: plain autograd once in a fresh process, the products alone.
+  $LOCK "$PY" "$HERE/autograd_floor.py" "$BENCH/smollm2-hf" "$BENCH/calib_smollm2_10x64.pt" --layers 4:26 \
+    --repeats 1 > "$OUT/floor_smollm2_$i.json"
 done
 for i in 1 2; do
   FROM=$i STAGE=run RUNS=tl-fp32 REPEATS=1 bash "$HERE/run_reference.sh"

@@ -5,7 +5,10 @@ peak against the weights' bytes. Stdlib only.
     python bench/reference/sitting_table.py [BENCH]      (default /work/bench)
 
 Reads ``BENCH/ref_results/<run>_run<i>.json`` (LLM-Pruner) and ``BENCH/sitting/llmp_<run>_<i>.json``
-(llmp's ``bench/prune.py``); peaks are GiB of the process's ``ru_maxrss``.
+(llmp's ``bench/prune.py``); peaks are GiB of the process's ``ru_maxrss``. Where the sitting has
+``BENCH/sitting/floor_<run>_<i>.json`` (``autograd_floor.py --repeats 1``), a second table sets
+what an exact score costs at least beside both tools: one plain autograd forward and backward in
+a fresh process, and the matrix products alone, each as a share of LLM-Pruner's time.
 """
 
 from __future__ import annotations
@@ -55,7 +58,29 @@ def table(bench: Path) -> str:
         lines.append(
             f"| {run} | {their} | {_times(t)}, {peak:.2f} GiB | {share} | {peak_share} | {over_weights:.2f}× |"
         )
-    return "\n".join(lines)
+    floors = floor_table(bench)
+    return "\n".join(lines) + ("\n\n" + floors if floors else "")
+
+
+def floor_table(bench: Path) -> str:
+    """The runs with ``floor_<run>_<i>.json`` files: LLM-Pruner, plain autograd, the products
+    alone and llmp, median seconds and their share of LLM-Pruner's."""
+    lines = [
+        "| run | LLM-Pruner | plain autograd | products alone | llmp |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for run in RUNS:
+        floors = [_read_json(f) for f in sorted((bench / "sitting").glob(f"floor_{run}_[0-9]*.json"))]
+        ref = [_read_json(f)["prune_total_s"] for f in sorted((bench / "ref_results").glob(f"{run}_run*.json"))]
+        ours = [_read_json(f)["prune_total_s"] for f in sorted((bench / "sitting").glob(f"llmp_{run}_[0-9]*.json"))]
+        if not floors or not ref or not ours:
+            continue
+        base = statistics.median(ref)
+        cells = [f"{base:.2f} s"]
+        for values in ([f["fwd_bwd_s"][0] for f in floors], [f["gemm_floor_s"] for f in floors], ours):
+            cells.append(f"{statistics.median(values):.2f} s ({statistics.median(values) / base:.2f}×)")
+        lines.append(f"| {run} | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 if __name__ == "__main__":
