@@ -580,11 +580,14 @@ def _group_scores(group: Group, sums, totals, params, reduction: str) -> torch.T
     return out
 
 
-def element_parameters(group: Group, model: nn.Module) -> torch.Tensor:
-    """Parameters removed with each element of ``group`` (shared weights counted once)."""
+def element_parameters(group: Group, model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> torch.Tensor:
+    """Parameters removed with each element of ``group`` (shared weights counted once).
+
+    ``params``: ``dict(model.named_parameters())``, where the caller has it (walking the model's
+    modules for each of SmolLM2's 44 groups took 0.07 s)."""
     if group.kind is Kind.LAYERS:
         counts = [sum(p.numel() for p in model.get_submodule(m).parameters()) for m in group.modules]
         return torch.tensor(counts, dtype=torch.long)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if params is None else params
     per = sum(s.width * math.prod(params[s.param].shape) // params[s.param].shape[s.dim] for s in group.slices)
     return torch.full((group.size,), per, dtype=torch.long)

@@ -128,7 +128,8 @@ def prune_layerwise(
     total = count_parameters(model)
     reference = total if reference_params is None else reference_params
     target = round(config.ratio * reference - (reference - total))
-    params = {g.name: element_parameters(g, model) for g in groups}
+    named = dict(model.named_parameters())
+    params = {g.name: element_parameters(g, model, named) for g in groups}
     settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
     owners = activations.projections(Structure(structure.family, groups))
     device = model.get_input_embeddings().weight.device
