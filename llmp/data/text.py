@@ -99,7 +99,7 @@ def calibration_samples(
         source = "the calibration text"
     generator = torch.Generator().manual_seed(seed)
     head = docs[: max(64, num_samples * 8)]
-    ids = tokenizer(head, add_special_tokens=False).input_ids if head else []  # one batch: 0.08 s -> 0.02 s
+    ids = tokenizer(head, add_special_tokens=False).input_ids if head else []  # one batch: 0.05 s, not 0.08, on SmolLM2
     long_enough = [t for t in ids if len(t) > seq_len]
     samples = []
     if len(long_enough) >= num_samples:
