@@ -580,11 +580,16 @@ def _group_scores(group: Group, sums, totals, params, reduction: str) -> torch.T
     return out
 
 
-def element_parameters(group: Group, model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> torch.Tensor:
-    """Parameters removed with each element of ``group`` (shared weights counted once).
+def groups_element_parameters(groups: list[Group], model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`element_parameters` of each group, by name, walking the model's modules once (once
+    per group took 0.07 s for SmolLM2's 44 groups)."""
+    params = dict(model.named_parameters())
+    return {g.name: element_parameters(g, model, params) for g in groups}
 
-    ``params``: ``dict(model.named_parameters())``, where the caller has it (walking the model's
-    modules for each of SmolLM2's 44 groups took 0.07 s)."""
+
+def element_parameters(group: Group, model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> torch.Tensor:
+    """Parameters removed with each element of ``group`` (shared weights counted once);
+    ``params``: ``dict(model.named_parameters())``, where the caller has it."""
     if group.kind is Kind.LAYERS:
         counts = [sum(p.numel() for p in model.get_submodule(m).parameters()) for m in group.modules]
         return torch.tensor(counts, dtype=torch.long)

@@ -184,7 +184,7 @@ def _global_counts(candidates: list[_Candidate], counts: dict[int, int]) -> dict
             if j != result[id(c)]:  # units of one group go in order
                 continue
             result[id(c)] = j + 1
-            spent += int(c.params[c.order[:, j]].sum())
+            spent += c.removed[j + 1] - c.removed[j]
         for c in members:
             result[id(c)] = c.rounded(result[id(c)])
     return result

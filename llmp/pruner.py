@@ -337,8 +337,7 @@ def prune(
                 config.checkpointing,
             )
         t1 = time.perf_counter()
-        named = dict(model.named_parameters())
-        params = {g.name: importance.element_parameters(g, model, named) for g in groups}
+        params = importance.groups_element_parameters(groups, model)
         allowed = {g.name: _layer_mask(g, ranges[Kind.LAYERS]) for g in groups if g.kind is Kind.LAYERS}
         settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
         plan = make_plan(groups, scores, params, target, settings, allowed)

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmp import activations, surgery
-from llmp.importance import element_parameters
+from llmp.importance import groups_element_parameters
 from llmp.plan import PlanSettings, choose, layer_counts, make_plan
 from llmp.record import PruningRecord
 from llmp.structure import Structure, adapter_for
@@ -128,8 +128,7 @@ def prune_layerwise(
     total = count_parameters(model)
     reference = total if reference_params is None else reference_params
     target = round(config.ratio * reference - (reference - total))
-    named = dict(model.named_parameters())
-    params = {g.name: element_parameters(g, model, named) for g in groups}
+    params = groups_element_parameters(groups, model)
     settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
     owners = activations.projections(Structure(structure.family, groups))
     device = model.get_input_embeddings().weight.device
