@@ -1,13 +1,12 @@
 """Benchmark: two settings of llmp's scoring, alternating in one process (an A/B that a shared
 machine's drift between processes and sittings does not swamp).
 
-    python bench/ab_score.py --model /work/bench/smollm2-hf --attention kv --layers 4:26 \\
-        --ratio 0.192932048 --a llmp.importance.LOSS_CHUNK_BYTES=16777216 \\
-        --b llmp.importance.LOSS_CHUNK_BYTES=67108864 --rounds 4
+    python bench/ab_score.py --model smollm2-135m --attention kv --layers 4:26 \\
+        --ratio 0.192932048 --a loss_chunk_bytes=16777216 --b loss_chunk_bytes=67108864 --rounds 4
 
 The model is loaded once; each round runs ``importance.score`` (the groups ``llmp prune`` would
-score with these options) under setting A and B, in turns (A B, then B A, ...). A setting is
-``module.NAME=value`` with a Python literal value, set before its run and restored after it.
+score with these options) under settings A and B, in turns (A B, then B A, ...). A setting is
+``NAME=value``, a field of :class:`llmp.importance.ScoringSettings` with a Python literal value.
 Prints one JSON object: each setting's seconds, system seconds and minor page faults per run,
 their means, and the largest relative difference of B's scores from A's. The first run pays the
 process's first touch of its memory: compare means without it too (``mean_after_first_s``).
@@ -18,49 +17,35 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib
 import json
 import resource
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
 from llmp import LlmpError, PruneConfig, importance, load_model
 from llmp.cli import add_dtype_arg, add_prune_args
 from llmp.data import calibration_samples
+from llmp.importance import ScoringSettings
 from llmp.memory import return_freed_memory
-from llmp.pruner import layer_ranges
+from llmp.pruning import layer_ranges
 from llmp.structure import adapter_for
 
 
-def parse_setting(text: str) -> tuple[object, str, object]:
-    """``module.NAME=value`` → (module, NAME, value); a clear error for anything else."""
-    target, sep, value = text.partition("=")
-    module_name, _, name = target.rpartition(".")
-    if not sep or not module_name or not name:
-        raise ValueError(f"a setting is module.NAME=value (e.g. llmp.importance.LOSS_CHUNK_BYTES=1024); got {text!r}")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, name):
-        raise ValueError(f"{module_name} has no attribute {name!r} (from {text!r})")
+def parse_setting(text: str) -> tuple[str, object]:
+    """``NAME=value`` → (NAME, value); a clear error for anything else."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"a setting is NAME=value (e.g. loss_chunk_bytes=1024); got {text!r}")
+    if name not in ScoringSettings.field_names():
+        raise ValueError(f"ScoringSettings has no field {name!r} (from {text!r}); choose from "
+                         f"{', '.join(ScoringSettings.field_names())}")  # fmt: skip
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as err:
         raise ValueError(f"the value of {text!r} is not a Python literal") from err
-    return module, name, parsed
-
-
-@contextmanager
-def applied(settings: list[tuple[object, str, object]]):
-    before = [(module, name, getattr(module, name)) for module, name, _ in settings]
-    for module, name, value in settings:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(before):
-            setattr(module, name, value)
+    return name, parsed
 
 
 def main() -> None:
@@ -69,15 +54,17 @@ def main() -> None:
     parser.add_argument("--calibration", default="c4", help="calibration text (built-in c4, or a file)")
     parser.add_argument("--num-samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--a", action="append", default=[], metavar="MODULE.NAME=VALUE", help="setting A (repeatable)")
-    parser.add_argument("--b", action="append", default=[], metavar="MODULE.NAME=VALUE", help="setting B (repeatable)")
+    parser.add_argument("--a", action="append", default=[], metavar="NAME=VALUE", help="setting A (repeatable)")
+    parser.add_argument("--b", action="append", default=[], metavar="NAME=VALUE", help="setting B (repeatable)")
     parser.add_argument("--rounds", type=int, default=4, help="runs of each setting")
     add_dtype_arg(parser)
     add_prune_args(parser)
     args = parser.parse_args()
     try:
-        sides = {"a": [parse_setting(s) for s in args.a], "b": [parse_setting(s) for s in args.b]}
         config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
+        sides = {
+            side: config.scoring.replace(**dict(parse_setting(s) for s in getattr(args, side))) for side in ("a", "b")
+        }
     except (ValueError, LlmpError) as err:
         parser.error(str(err))
     if args.rounds < 1:
@@ -86,7 +73,6 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, args.dtype)
     config = config.resolved(model)
-    config.check()
     calib = calibration_samples(args.calibration, tokenizer, args.num_samples, args.seq_len, config.seed)
     adapter = adapter_for(model)
     structure = adapter.discover(model, config.kinds)
@@ -97,13 +83,11 @@ def main() -> None:
     first_scores: dict[str, dict[str, torch.Tensor]] = {}
     for i in range(args.rounds):
         for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
-            with applied(sides[side]):
-                before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                scores = importance.score(
-                    model, structure, calib, config.criterion, config.reduction, config.batch_size,
-                    config.seed, config.checkpointing,
-                )  # fmt: skip
-                seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            scores = importance.score(
+                model, structure, calib, config.criterion, config.reduction, config.batch_size, config.seed, sides[side]
+            )
+            seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
             first_scores.setdefault(side, scores)
             runs[side].append(
                 {

@@ -3,7 +3,7 @@
     python bench/scale.py --shape llama-7b --dtype bfloat16 --folder /tmp/llama7b-bf16
 
 Writes the model with ``bench/make_model.py`` first (in a child process, so its memory does not
-count) when ``--folder`` holds none, then prunes it layer by layer (``llmp.streamed``) into
+count) when ``--folder`` holds none, then prunes it layer by layer (``llmp.pruning.streamed``) into
 ``--output`` and prints one JSON object: time, peak RSS of this process against the weights'
 bytes, shards written. The weights are random: this measures memory and time, not quality.
 """
@@ -24,7 +24,7 @@ from llmp import PruneConfig
 from llmp.data import calibration_samples
 from llmp.memory import return_freed_memory
 from llmp.models import model_folder
-from llmp.streamed import prune_streamed
+from llmp.pruning.streamed import prune_streamed
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
-from llmp.pruner import PruneConfig, count_parameters, prune
+from llmp.pruning import PruneConfig, count_parameters, prune
 from llmp.record import Calibration, PruningRecord, checkpoint_record
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,12 @@ class StructuredPruning(L.Callback):
         num_samples: int = 16,
         seq_len: int = 128,
     ) -> None:
-        self.config = config or PruneConfig()
-        self.config.check()
+        self.config = config or PruneConfig()  # checked when it was made
         problems = []
-        if not 0.0 < self.config.ratio < 1.0:
-            problems.append(f"`config.ratio` must be in (0, 1) for StructuredPruning; got {self.config.ratio}")
-        if num_samples < 1 or seq_len < 2:
-            problems.append(f"`num_samples` must be >= 1 and `seq_len` >= 2; got {num_samples}, {seq_len}")
+        if num_samples < 1:
+            problems.append(f"`num_samples` must be >= 1; got {num_samples}")
+        if seq_len < 2:
+            problems.append(f"`seq_len` must be >= 2; got {seq_len}")
         try:
             self.targets = self._targets(schedule, self.config.ratio)
         except LlmpError as err:

@@ -4,7 +4,7 @@ from llmp import _layout
 from llmp.errors import LlmpError
 from llmp.io import load_pruned, save_pruned
 from llmp.models import load_model
-from llmp.pruner import PruneConfig, prune
+from llmp.pruning import PruneConfig, prune
 
 __all__ = ["LlmpError", "PruneConfig", "RecoveryModule", "load_model", "load_pruned", "prune", "save_pruned"]
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ from llmp.eval import perplexity
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
-from llmp.pruner import PruneConfig, prune, replay
+from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
 from llmp.report import generate_samples, samples_entry, write_report

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from llmp.errors import LlmpError
 from llmp.io import load_pruned
 from llmp.outdir import follow_umask_tree
+from llmp.remote_code import allow_remote_code, remote_code_error
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +40,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMP_CACHE", Path.home() / ".cache" / "llmp"))
 
 
-TRUST_ENV = "LLMP_TRUST_REMOTE_CODE"
-
-
-def allow_remote_code(value: bool | None = None) -> bool:
-    """Whether a model folder's own Python code (``auto_map`` in config.json) may run: never unless asked.
-
-    ``None`` reads ``LLMP_TRUST_REMOTE_CODE=1`` (what ``llmp --trust-remote-code`` sets, so that
-    ``llmp fit`` and every launched rank see it too).
-    """
-    return os.environ.get(TRUST_ENV) == "1" if value is None else value
-
-
-def remote_code_error(where: str | Path, err: Exception) -> LlmpError | None:
-    """The clear error for a model that needs its own code when that is not allowed, else ``None``."""
-    if "trust_remote_code" not in str(err):
-        return None
-    return LlmpError(
-        f"{where} needs its own Python code to load (config.json `auto_map`), and llmp runs no code from "
-        "model files unless asked: read that code, then pass --trust-remote-code (or set "
-        f"{TRUST_ENV}=1; in Python `trust_remote_code=True`)"
-    )
 
 
 def hub_endpoint() -> str:
@@ -167,7 +147,7 @@ def load_model(
 
 def model_folder(spec: str | Path) -> tuple[Path, PreTrainedTokenizerBase]:
     """The local safetensors folder of ``spec`` (a built-in name or a folder) and its tokenizer,
-    without loading the weights: what :mod:`llmp.streamed` reads.
+    without loading the weights: what :mod:`llmp.pruning.streamed` reads.
 
     Raises:
         LlmpError: ``spec`` is a GGUF file, a hub id, or no model folder.

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from llmp.errors import LlmpError
 from llmp.structure import Group, Kind
@@ -212,3 +213,20 @@ def choose(group: Group, scores: torch.Tensor, per_block: int) -> list[int]:
     order = scores.double().view(group.blocks, group.block_size).argsort(dim=1, stable=True)
     order = order + torch.arange(group.blocks)[:, None] * group.block_size
     return sorted(order[:, :per_block].flatten().tolist())
+
+
+def groups_element_parameters(groups: list[Group], model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`element_parameters` of each group, by name, reading the model's parameters once."""
+    params = dict(model.named_parameters())
+    return {g.name: element_parameters(g, model, params) for g in groups}
+
+
+def element_parameters(group: Group, model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> torch.Tensor:
+    """Parameters removed with each element of ``group`` (shared weights counted once);
+    ``params``: ``dict(model.named_parameters())``, where the caller has it."""
+    if group.kind is Kind.LAYERS:
+        counts = [sum(p.numel() for p in model.get_submodule(m).parameters()) for m in group.modules]
+        return torch.tensor(counts, dtype=torch.long)
+    params = dict(model.named_parameters()) if params is None else params
+    per = sum(s.width * math.prod(params[s.param].shape) // params[s.param].shape[s.dim] for s in group.slices)
+    return torch.full((group.size,), per, dtype=torch.long)

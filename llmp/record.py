@@ -1,7 +1,7 @@
 """The record of a pruning run: what was removed, from what, and how it went afterwards.
 
 One schema for every place a run is written down: a model folder's ``pruning_report.json``,
-the ``llmp`` entry of a Lightning checkpoint, and the input of :func:`llmp.pruner.replay`::
+the ``llmp`` entry of a Lightning checkpoint, and the input of :func:`llmp.pruning.replay`::
 
     PruningRecord                       what llmp prune / llmp fit / RecoveryModule record
     ├─ model, family, settings          the input, and what was asked (a PruneConfig as a dict)

@@ -36,7 +36,7 @@ from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, temp_dir
-from llmp.pruner import count_parameters, replay
+from llmp.pruning import count_parameters, replay
 from llmp.record import PruningRecord, checkpoint_record
 from llmp.structure import adapter_for
 

@@ -16,7 +16,7 @@ import yaml
 import llmp
 from llmp import importance, surgery
 from llmp.io import save_pruned
-from llmp.plan import PlanSettings, make_plan
+from llmp.plan import PlanSettings, element_parameters, make_plan
 from llmp.record import PruningRecord
 from llmp.structure import adapter_for
 
@@ -28,7 +28,7 @@ def prune_and_mask(model, kinds, share=0.5, criterion="taylor", calib=None, redu
     structure = adapter.discover(pruned, kinds)
     if plan is None:
         scores = importance.score(pruned, structure, calib, criterion, reduction)
-        params = {g.name: importance.element_parameters(g, pruned) for g in structure.groups}
+        params = {g.name: element_parameters(g, pruned) for g in structure.groups}
         most = sum(int(params[g.name].sort().values[: g.size - g.blocks].sum()) for g in structure.groups)
         plan = make_plan(structure.groups, scores, params, int(share * most), PlanSettings())
     surgery.mask(masked, adapter.discover(masked, kinds), plan, adapter)

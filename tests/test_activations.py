@@ -13,7 +13,8 @@ from conftest import tiny_model
 from helpers import logits, n_params
 from transformers import AutoModelForCausalLM
 
-from llmp import LlmpError, PruneConfig, activations, importance, load_pruned, prune, save_pruned
+from llmp import LlmpError, PruneConfig, importance, load_pruned, prune, save_pruned
+from llmp.importance import activations
 from llmp.io import REPORT
 from llmp.structure import Kind, adapter_for
 
@@ -205,7 +206,7 @@ def test_replay_rebuilds_the_biases(calib, inputs, layout):
     model = copy.deepcopy(original)
     record = prune(model, PruneConfig(ratio=0.2, criterion="flap", compensate="bias", layout=layout), calib)
     assert record.steps[0].biases
-    from llmp.pruner import replay
+    from llmp.pruning import replay
 
     replay(original, record.steps)
     original.load_state_dict(model.state_dict())  # strict: the same parameters, biases included

@@ -20,7 +20,7 @@ from llmp.errors import LlmpError
 from llmp.fit import main as fit_main
 from llmp.fit import prune_again
 from llmp.models import load_model
-from llmp.pruner import PruneConfig, count_parameters, prune
+from llmp.pruning import PruneConfig, count_parameters, prune
 from llmp.record import Calibration
 from llmp.recovery import RecoveryModule, read_checkpoint_state
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_tokenizer
+from conftest import run_cli, tiny_model, tiny_tokenizer
 from helpers import FAMILIES, logits, pruned_folder, recipe
 
 import llmp
@@ -236,9 +236,14 @@ def test_decilm_refuses_layers_with_different_query_heads(tmp_path, tokenizer):
 
 
 def test_target_settings_and_their_refusals():
-    assert llmp.PruneConfig(target="hf").layout == "uniform"
-    assert llmp.PruneConfig(target="gguf").round_to == 32
-    assert llmp.PruneConfig(target="vllm", round_to=48).round_to == 192  # a multiple of both
+    """The user's config stays as written; resolved for a model it takes the target's envelope."""
+    model = tiny_model("llama-mha")
+    assert llmp.PruneConfig(target="hf").layout == "heterogeneous"
+    assert llmp.PruneConfig(target="hf").resolved(model).layout == "uniform"
+    assert llmp.PruneConfig(target="gguf").resolved(model).round_to == 32
+    assert llmp.PruneConfig(target="vllm", round_to=48).resolved(model).round_to == 192  # a multiple of both
+    with pytest.raises(LlmpError, match="`layout` uniform prunes every layer alike"):
+        llmp.PruneConfig(target="hf", ranking="global")
     with pytest.raises(LlmpError, match="`target` vllm keeps the query heads of every layer"):
         llmp.PruneConfig(target="vllm", attention="query")
     with pytest.raises(LlmpError, match="`target` must be one of any, gguf, vllm, hf; got 'onnx'"):

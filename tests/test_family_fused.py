@@ -21,7 +21,7 @@ from transformers import (
 
 from llmp import LlmpError, PruneConfig, importance, load_pruned, prune, save_pruned, surgery
 from llmp.io import REPORT
-from llmp.plan import PlanSettings, make_plan
+from llmp.plan import PlanSettings, element_parameters, make_plan
 from llmp.structure import Kind, adapter_for
 
 # name → (model class, config): every head layout, ALiBi and rotary, parallel and sequential
@@ -98,7 +98,7 @@ def prune_and_mask(model, kinds, plan=None, calib=None):
     structure = adapter.discover(pruned, kinds)
     if plan is None:
         scores = importance.score(pruned, structure, calib, "taylor")
-        params = {g.name: importance.element_parameters(g, pruned) for g in structure.groups}
+        params = {g.name: element_parameters(g, pruned) for g in structure.groups}
         most = sum(int(params[g.name].sort().values[: g.size - g.blocks].sum()) for g in structure.groups)
         plan = make_plan(structure.groups, scores, params, most // 2, PlanSettings())
     surgery.mask(masked, adapter.discover(masked, kinds), plan, adapter)

@@ -8,7 +8,11 @@ from conftest import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmp import importance
+from llmp.importance import ScoringSettings, checkpointing
+from llmp.importance.loss import loss_chunk
 from llmp.structure import Kind, adapter_for
+
+LOSS_CHUNK_BYTES = ScoringSettings().loss_chunk_bytes
 
 
 def test_taylor_matches_its_definition(calib):
@@ -54,20 +58,20 @@ def test_second_order_is_the_fisher_term(calib):
 
 @pytest.mark.parametrize("criterion", ["taylor", "taylor2"])
 @pytest.mark.parametrize("budget", [0, 1 << 40], ids=["full", "selective"])
-def test_checkpointing_does_not_change_scores(calib, criterion, budget, monkeypatch):
+def test_checkpointing_does_not_change_scores(calib, criterion, budget):
     model = tiny_model("llama-gqa")
     structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
-    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", budget)
-    full, selective = importance._checkpoint_plan(model, structure, calib.numel())
+    settings = ScoringSettings(activation_budget=budget)
+    full, selective = checkpointing.plan(model, structure, calib.numel(), settings)
     assert len(full if budget == 0 else selective) == len(model.model.layers) - 1  # the last one: neither
-    plain = importance.score(model, structure, calib, criterion, checkpointing=False)
-    kept = importance.score(model, structure, calib, criterion, checkpointing=True)
+    plain = importance.score(model, structure, calib, criterion, settings=ScoringSettings(checkpointing=False))
+    kept = importance.score(model, structure, calib, criterion, settings=settings)
     for name in plain:
         torch.testing.assert_close(plain[name], kept[name], rtol=1e-5, atol=1e-12)
     assert "forward" not in vars(model.model.layers[0])  # the layers' own forward again
 
 
-def test_selective_checkpointing_fills_the_budget_from_the_top(calib, monkeypatch):
+def test_selective_checkpointing_fills_the_budget_from_the_top(calib):
     model = tiny_model("llama-gqa")
     layers = model.model.layers
     structure = adapter_for(model).discover(model, (Kind.MLP,))
@@ -75,14 +79,14 @@ def test_selective_checkpointing_fills_the_budget_from_the_top(calib, monkeypatc
     linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
     tokens = 4096  # enough that two layers' worth is an absolute budget (over a quarter of the weights)
     per_layer = tokens * 4 * sum(m.out_features for m in linears[:-1])  # the last one's output: not kept
-    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", 2 * per_layer)
-    full, selective = importance._checkpoint_plan(model, structure, tokens)
+    settings = ScoringSettings(activation_budget=2 * per_layer)
+    full, selective = checkpointing.plan(model, structure, tokens, settings)
     n = len(layers)
     assert selective == [layers[n - 2], layers[n - 3]]  # the last layer is not checkpointed at all
     assert full == list(layers[1 : n - 3])  # layer 0 needs no gradient: not checkpointed
 
 
-def test_a_big_models_budget_is_a_share_of_its_weights(calib, monkeypatch):
+def test_a_big_models_budget_is_a_share_of_its_weights(calib):
     model = tiny_model("llama-gqa")
     layers = model.model.layers
     structure = adapter_for(model).discover(model, (Kind.MLP,))
@@ -90,15 +94,15 @@ def test_a_big_models_budget_is_a_share_of_its_weights(calib, monkeypatch):
     tokens = 64
     per_layer = tokens * 4 * sum(m.out_features for m in linears[:-1])
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    monkeypatch.setattr(importance, "ACTIVATION_BUDGET", 1)  # the model is "big": over four bytes
-    for layers_worth in (0, 1, 2):
-        monkeypatch.setattr(importance, "ACTIVATION_SHARE", weights // (layers_worth * per_layer + per_layer // 2))
-        full, selective = importance._checkpoint_plan(model, structure, tokens)
+    for layers_worth in (0, 1, 2):  # the model is "big": over four budgets of one byte
+        share = weights // (layers_worth * per_layer + per_layer // 2)
+        settings = ScoringSettings(activation_budget=1, activation_share=share)
+        full, selective = checkpointing.plan(model, structure, tokens, settings)
         assert len(selective) == layers_worth and len(full) == len(layers) - 1 - layers_worth
     # bf16: a layer keeps half the bytes; the budget is half the share of half the bytes (a quarter).
     model.to(torch.bfloat16)
-    monkeypatch.setattr(importance, "ACTIVATION_SHARE", weights // (2 * per_layer + per_layer // 2))
-    assert len(importance._checkpoint_plan(model, structure, tokens)[1]) == 1
+    settings = ScoringSettings(activation_budget=1, activation_share=weights // (2 * per_layer + per_layer // 2))
+    assert len(checkpointing.plan(model, structure, tokens, settings)[1]) == 1
 
 
 class _CountProducts(TorchDispatchMode):
@@ -112,17 +116,17 @@ class _CountProducts(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-def test_selective_checkpointing_recomputes_no_product(calib, family, monkeypatch):
+def test_selective_checkpointing_recomputes_no_product(calib, family):
     """With every layer selective, scoring runs exactly the matrix products that it runs without
     checkpointing: the backward recomputes no projection (the counter does see full checkpointing's)."""
     model = tiny_model(family)
     structure = adapter_for(model).discover(model, (Kind.KV_GROUPS, Kind.MLP))
     counts = {}
-    for budget, checkpointing in ((0, False), (1 << 40, True), (0, True)):
-        monkeypatch.setattr(importance, "ACTIVATION_BUDGET", budget)
+    for budget, recompute in ((0, False), (1 << 40, True), (0, True)):
+        settings = ScoringSettings(checkpointing=recompute, activation_budget=budget)
         with _CountProducts() as counter:
-            importance.score(model, structure, calib, "taylor", checkpointing=checkpointing)
-        counts[budget, checkpointing] = counter.products
+            importance.score(model, structure, calib, "taylor", settings=settings)
+        counts[budget, recompute] = counter.products
     assert counts[1 << 40, True] == counts[0, False] < counts[0, True]
 
 
@@ -138,15 +142,15 @@ def test_bf16_weights_are_scored_in_float32(calib):
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # no float32 copy kept
 
 
-def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
+def test_chunked_calibration_loss_is_the_model_loss(calib):
     """The head runs on a few tokens at a time; the loss and every gradient are the model's own."""
     model = tiny_model("llama-gqa")
-    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # chunks of 16 tokens at most: several
+    settings = ScoringSettings(loss_chunk_bytes=0)  # chunks of 16 tokens at most: several
     plain = model(input_ids=calib, labels=calib, use_cache=False).loss
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked = importance.calibration_loss(model, calib)
+    chunked = importance.calibration_loss(model, calib, settings)
     chunked.backward()
     torch.testing.assert_close(chunked, plain)
     for name, p in model.named_parameters():
@@ -154,21 +158,21 @@ def test_chunked_calibration_loss_is_the_model_loss(calib, monkeypatch):
     assert "forward" not in vars(model.lm_head)  # the head's own forward again
 
 
-def test_loss_chunks_are_even_and_within_their_bytes(monkeypatch):
+def test_loss_chunks_are_even_and_within_their_bytes():
     """As few chunks as the logits' bytes allow, of sizes that differ by one token at most."""
-    assert importance._loss_chunk(630, 49152) == 315  # SmolLM2's 10 x 64 tokens: 2 of 315, not 341 + 289
-    assert importance._loss_chunk(2032, 49152) == 339  # 16 x 128: 6 chunks
-    assert importance._loss_chunk(10, 49152) == 10
+    budget = LOSS_CHUNK_BYTES
+    assert loss_chunk(630, 49152, budget) == 315  # SmolLM2's 10 x 64 tokens: 2 of 315, not 341 + 289
+    assert loss_chunk(2032, 49152, budget) == 339  # 16 x 128: 6 chunks
+    assert loss_chunk(10, 49152, budget) == 10
     for tokens in (1, 15, 16, 17, 60, 631, 4096):
         for vocab in (128, 32000, 128256):
-            chunk = importance._loss_chunk(tokens, vocab)
-            most = max(16, importance.LOSS_CHUNK_BYTES // (4 * vocab))
+            chunk = loss_chunk(tokens, vocab, budget)
+            most = max(16, budget // (4 * vocab))
             assert chunk <= most and -(-tokens // chunk) == -(-tokens // most)
     # bf16: 32 MiB for its logits and their float32 copy, 6 bytes a logit (174 tokens of a 32k vocabulary)
-    assert importance._loss_chunk(2032, 32000, 2) == 170 and importance._loss_chunk(2032, 32000) == 508
-    assert importance._loss_chunk(2032, 49152, copies=3) == 113  # a scored head under autograd: 3 copies
-    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)
-    assert importance._loss_chunk(60, 128) == 15 and importance._loss_chunk(17, 128) == 9  # 16 at most
+    assert loss_chunk(2032, 32000, budget, 2) == 170 and loss_chunk(2032, 32000, budget) == 508
+    assert loss_chunk(2032, 49152, budget, copies=3) == 113  # a scored head under autograd: 3 copies
+    assert loss_chunk(60, 128, 0) == 15 and loss_chunk(17, 128, 0) == 9  # 16 at most
 
 
 def _taylor_by_definition(model, structure, calib) -> dict[str, torch.Tensor]:
@@ -241,17 +245,17 @@ def test_head_loss_is_cross_entropy_and_its_gradient(dtype, bias):
     assert head_loss(head, hidden, labels, chunk=16) is None  # the head is scored: autograd runs it
 
 
-def test_fused_calibration_loss_gives_the_model_gradients(calib, monkeypatch):
+def test_fused_calibration_loss_gives_the_model_gradients(calib):
     """With the head frozen (its weights are not pruned) the loss's gradients are the model's own."""
     model = tiny_model("llama-gqa")
-    monkeypatch.setattr(importance, "LOSS_CHUNK_BYTES", 0)  # chunks of 16 tokens at most: several
+    settings = ScoringSettings(loss_chunk_bytes=0)  # chunks of 16 tokens at most: several
     model.lm_head.requires_grad_(False)
     model.model.embed_tokens.requires_grad_(False)
     plain = model(input_ids=calib, labels=calib, use_cache=False).loss
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    fused = importance.calibration_loss(model, calib)
+    fused = importance.calibration_loss(model, calib, settings)
     fused.backward()
     torch.testing.assert_close(fused, plain)
     for name, grad in expected.items():

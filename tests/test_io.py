@@ -47,12 +47,11 @@ def test_uniform_layout_loads_with_plain_transformers(calib, inputs, tmp_path):
     torch.testing.assert_close(plain(inputs).logits, model(inputs).logits, rtol=0, atol=1e-6)
 
 
-def test_zero_ratio_changes_nothing(calib, inputs):
-    model = tiny_model("llama-mha")
-    before = model(inputs).logits
-    report = prune(model, PruneConfig(ratio=0.0, attention="query"), calib)
-    assert report.params_after == report.params_before
-    torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=0)
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
+def test_a_ratio_outside_zero_to_one_is_refused_when_the_config_is_made(ratio):
+    """One range for every front door (CLI, Python, callback): a run that removes nothing is a mistake."""
+    with pytest.raises(LlmpError, match=rf"`ratio` must be between 0 and 1, both excluded.*got {ratio}"):
+        PruneConfig(ratio=ratio)
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):

@@ -208,7 +208,7 @@ def _prune_command(tiny_dir: Path, out: Path) -> list[str]:
 def test_sigterm_during_prune_writes_nothing_and_says_so(tiny_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    slow = "import time, llmp.pruner as p; real = p.prune\n"  # hold the run inside prune()
+    slow = "import time, llmp.pruning as p; real = p.prune\n"  # hold the run inside prune()
     slow += (
         "def prune(*a, **k):\n    print('pruning', flush=True); time.sleep(30); return real(*a, **k)\np.prune = prune\n"
     )

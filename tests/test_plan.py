@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmp import LlmpError, PruneConfig, prune
-from llmp.pruner import parse_range
+from llmp.pruning import parse_range
 
 
 def medium_model() -> LlamaForCausalLM:
@@ -52,7 +52,7 @@ def test_layer_range_is_respected():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(ratio=1.5), "`ratio` must be in"),
+        (dict(ratio=1.5), "`ratio` must be between 0 and 1"),
         (dict(ratio=0.2, layers="4:40"), "goes beyond the model, which has 6 layers"),
         (dict(ratio=0.2, layers="5:2"), "must look like A:B"),
         (dict(ratio=0.2, criterion="magic"), "`criterion` must be one of"),
@@ -91,7 +91,7 @@ def test_parse_range():
 def test_reference_params_makes_the_ratio_a_fraction_of_the_original(calib):
     from conftest import tiny_model
 
-    from llmp.pruner import count_parameters
+    from llmp.pruning import count_parameters
 
     model = tiny_model("llama-gqa")
     original = count_parameters(model)

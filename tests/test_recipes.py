@@ -20,7 +20,7 @@ from llmp.data.recovery import RecoveryData
 from llmp.distill import DistillSettings
 from llmp.fit import LAUNCHER_ENV
 from llmp.fit import main as fit_main
-from llmp.pruner import PruneConfig
+from llmp.pruning import PruneConfig
 from llmp.recovery import LoraSettings, RecoveryModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from conftest import tiny_model
 from helpers import logits
 
 from llmp import LlmpError, PruneConfig, prune
-from llmp.pruner import replay
+from llmp.pruning import replay
 from llmp.record import SCHEMA, PruningRecord, Step, checkpoint_record, read_record, write_record
 from llmp.report import write_report
 

@@ -15,11 +15,12 @@ from helpers import logits, recipe
 
 from llmp import load_pruned
 from llmp.callbacks import StructuredPruning
-from llmp.data.instruct import InstructionData, alpaca_prompt
+from llmp.data.instruct import alpaca_prompt
+from llmp.data.recovery import InstructionData
 from llmp.errors import LlmpError
 from llmp.fit import launcher_args
 from llmp.fit import main as fit_main
-from llmp.pruner import PruneConfig, count_parameters
+from llmp.pruning import PruneConfig, count_parameters
 from llmp.record import checkpoint_record
 from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint, read_checkpoint_state
 
@@ -113,13 +114,14 @@ def test_data_errors_at_setup(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(config=dict(ratio=0.0)), r"`config.ratio` must be in \(0, 1\)"),
-        (dict(config=dict(ratio=1.0)), r"`ratio` must be in \[0, 1\)"),  # PruneConfig refuses it when built
+        (dict(config=dict(ratio=0.0)), "`ratio` must be between 0 and 1"),  # PruneConfig refuses it when built
+        (dict(config=dict(ratio=1.0)), "`ratio` must be between 0 and 1"),
         (dict(schedule="steep:3"), "'linear:N' or 'cubic:N'"),
         (dict(schedule="linear:0"), "'linear:N' or 'cubic:N'"),
         (dict(schedule={0: 0.2, 1: 0.1}), "ratios must grow"),
         (dict(schedule={-1: 0.2}), "epochs >= 0"),
         (dict(num_samples=0), "`num_samples` must be >= 1"),
+        (dict(seq_len=1), "`seq_len` must be >= 2"),
     ],
 )
 def test_bad_callback_settings(kwargs, message):

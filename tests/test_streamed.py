@@ -1,4 +1,4 @@
-"""Layer-by-layer pruning (llmp.sequential) and its streamed form (llmp.streamed) against the
+"""Layer-by-layer pruning (llmp.pruning.layerwise) and its streamed form (llmp.pruning.streamed) against the
 in-memory paths: the same plans and the same weights."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import tiny_model
 from helpers import logits
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune
-from llmp.streamed import INDEX, prune_streamed
+from llmp.pruning.streamed import INDEX, prune_streamed
 
 
 def _config(**kw):
@@ -116,3 +116,52 @@ def test_streamed_on_cuda_equals_cpu(calib, tmp_path):
     a, b = load_pruned(tmp_path / "cpu").state_dict(), load_pruned(tmp_path / "gpu").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def _phi3_folder(folder):
+    """A tiny Phi-3 folder, its weights scaled up so that a wrong map shows in the logits."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0 if p.dim() == 2 else 1.0)
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("family", "settings", "messages"),
+    [
+        ("llama-mqa", dict(attention="kv"), ("single key/value head",) * 2),
+        ("phi3", dict(attention="none", target="gguf"), ("`target` gguf: llmp exports the Llama layout",) * 2),
+        # llmp's Phi-3 adapter unregistered: in memory, the automatic map fails the check on query
+        # heads (Phi-3 slices q/k/v by the config's head count); streamed, any automatic family is
+        # refused by name (discovery traces real weights, which streaming never holds).
+        ("phi3-unknown", dict(attention="query", mlp=False), ("equivalence check failed.*query_heads", "needs a family adapter")),
+    ],
+)
+def test_streaming_refuses_what_the_in_memory_path_refuses(family, settings, messages, tmp_path, calib, monkeypatch):
+    """One preflight for every driver: `prune_streamed` refuses whatever `prune` refuses, before
+    anything is scored or written."""
+    from transformers import AutoModelForCausalLM
+
+    import llmp.structure.adapters as registry
+
+    source = tmp_path / "source"
+    if family.startswith("phi3"):
+        _phi3_folder(source)
+    else:
+        tiny_model(family).save_pretrained(source)
+    if family == "phi3-unknown":
+        monkeypatch.setattr(registry, "_ADAPTERS", {k: v for k, v in registry._ADAPTERS.items() if k != "phi3"})
+    config = _config(**{"criterion": "flap", **settings})
+    with pytest.raises(LlmpError, match=messages[0]):
+        prune(AutoModelForCausalLM.from_pretrained(source), config, calib)
+    with pytest.raises(LlmpError, match=messages[1]):
+        prune_streamed(source, tmp_path / "out", config, calib)
+    assert not (tmp_path / "out").exists()

@@ -85,11 +85,3 @@ def encode_record(tokenizer, record: dict, cutoff_len: int, train_on_inputs: boo
         labels[:n] = [-100] * n
     return {"input_ids": ids, "labels": labels}
 
-
-def __getattr__(name: str):
-    # The datamodule lives in llmp.data.recovery (it also packs general text); its old home still works.
-    if name in ("InstructionData", "EpochShuffle"):
-        from llmp.data import recovery
-
-        return getattr(recovery, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,18 +48,6 @@ def beside(folder: str | Path, format: str) -> Path:
     return folder.with_name(folder.name + (".gguf" if format == "gguf" else ".decilm"))
 
 
-def engines_for(family: str | None, layer_shapes: list[dict], plain: bool) -> list[str]:
-    """Where a model of ``family`` with these per-layer counts runs (the report's "loads in")."""
-    from llmp.pruner import EXPORT_FAMILIES
-
-    engines = ["llmp.load_pruned"] + (["transformers"] if plain else [])
-    if family in EXPORT_FAMILIES:
-        engines.append("llama.cpp (llmp export --format gguf)")
-        if len({s["heads"] for s in layer_shapes}) <= 1:
-            engines.append("vLLM (llmp export --format decilm)")
-    return engines
-
-
 def check_export(model: str | Path, format: str, output: str | Path, dtype: str, overwrite: bool) -> Path:
     """Refuse, before reading any weights, an export that cannot be done; return the output's real path.
 

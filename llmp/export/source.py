@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from llmp.errors import LlmpError, raise_all
-from llmp.io import read_header, read_safetensors
-from llmp.pruner import EXPORT_FAMILIES
 from llmp.record import REPORT
+from llmp.targets import EXPORT_FAMILIES
+from llmp.tensorfile import read_header, read_safetensors
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")

@@ -55,8 +55,9 @@ class AutoAdapter(Adapter):
     kinds = ALL_KINDS
     automatic = True
 
-    def __init__(self):
+    def __init__(self, known: tuple[str, ...] = ()):
         self._cache: dict[tuple, Analysis] = {}
+        self._known = known  # the model types with a family adapter, for the refusal's message
 
     # -- discovery -------------------------------------------------------------------------------
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -93,15 +94,13 @@ class AutoAdapter(Adapter):
         return self._cache[key]
 
     def _refusal(self, model: PreTrainedModel, problems: list[str], kinds=None) -> str:
-        from llmp.structure.adapters import supported_model_types
-
         model_type = getattr(model.config, "model_type", None)
         what = f" for {', '.join(k.value for k in kinds)}" if kinds else ""
         return (
             f"unsupported architecture `{model_type}` ({type(model).__name__}): automatic discovery cannot "
             f"map it with certainty{what}: {'; '.join(problems[:8])}"
             f"{f' (and {len(problems) - 8} more)' if len(problems) > 8 else ''}. llmp refuses to prune it rather "
-            f"than risk a wrong model; supported model types: {', '.join(supported_model_types())}. "
+            f"than risk a wrong model; supported model types: {', '.join(self._known) or 'see llmp.structure.adapters'}. "
             f"To add this family, write an adapter in one file (see {DOCS})."
         )
 

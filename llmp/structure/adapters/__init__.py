@@ -52,7 +52,7 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _ADAPTERS:
-        from llmp.structure.auto import AutoAdapter  # it reads this registry: imported when needed
+        from llmp.structure.auto import AutoAdapter  # auto imports adapters.base, whose package is this one
 
-        return AutoAdapter()
+        return AutoAdapter(known=tuple(supported_model_types()))
     return _ADAPTERS[model_type]()

@@ -2,7 +2,7 @@
 
 The model is a skeleton on the ``meta`` device, shaped from the safetensors headers (so a folder
 llmp pruned before, with its own per-layer counts, streams too). The embeddings, final norm and
-head are read first; then each decoder layer's tensors are read when :mod:`llmp.sequential`
+head are read first; then each decoder layer's tensors are read when :mod:`llmp.pruning.layerwise`
 reaches it, pruned there in float32 on CPU (the model's dtype on CUDA), and written, in the
 input's dtype, as their own shard of the output folder before the next layer is read::
 
@@ -18,6 +18,7 @@ and the calibration activations: it does not grow with depth. The folder is writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -27,22 +28,24 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmp.errors import LlmpError
-from llmp.io import (
-    _add_biases,
-    _current_names,
-    _materialize_buffers,
-    finish_config,
+from llmp.io import finish_config
+from llmp.outdir import write_folder, write_json_atomic
+from llmp.pruning.config import PruneConfig
+from llmp.pruning.layerwise import Layers, prune_layerwise
+from llmp.pruning.preflight import preflight
+from llmp.record import REPORT, PruningRecord
+from llmp.structure import adapter_for
+from llmp.structure.adapters.base import module_name
+from llmp.surgery import sync_module_sizes
+from llmp.tensorfile import (
+    add_biases,
+    current_names,
+    materialize_buffers,
     model_files,
     put_tensors,
     read_header,
     read_safetensors,
 )
-from llmp.outdir import write_folder, write_json_atomic
-from llmp.record import REPORT, PruningRecord
-from llmp.sequential import Layers, prune_layerwise
-from llmp.structure import adapter_for
-from llmp.structure.adapters.base import module_name
-from llmp.surgery import sync_module_sizes
 
 INDEX = "model.safetensors.index.json"
 
@@ -115,12 +118,12 @@ def open_skeleton(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     stored = {name: (file, name) for file, entries in headers.items() for name in entries}
-    where = _current_names(model, stored)  # current name → (file, name in the file)
+    where = current_names(model, stored)  # current name → (file, name in the file)
     shapes = {}
     for name, (file, key) in where.items():
         info = headers[file][key]
         shapes[name] = torch.empty(info["shape"], dtype=dtype or info["dtype"], device="meta")
-    _add_biases(model, shapes)
+    add_biases(model, shapes)
     expected = set(model.state_dict())
     unexpected = sorted(set(shapes) - expected)
     if unexpected:
@@ -128,18 +131,24 @@ def open_skeleton(
     put_tensors(model, shapes)
     sync_module_sizes(model)
     adapter = adapter_for(model)
+    if adapter.automatic:
+        raise LlmpError(
+            f"streamed pruning needs a family adapter, and llmp has none for `{config.model_type}`: automatic "
+            "discovery traces the model with real weights, which streaming never holds. Prune it in memory "
+            "(without --stream), or write an adapter for the family in one file (docs/adapters.md)"
+        )
     adapter.sync(model)
     prefix = adapter.layers_path + "."
     read_tensors(model, where, [n for n in where if not n.startswith(prefix)], dtype)
     model.tie_weights()
-    _materialize_buffers(model, skip=prefix)  # the layers stay on meta until their turn
+    materialize_buffers(model, skip=prefix)  # the layers stay on meta until their turn
     return model.eval(), where
 
 
 def prune_streamed(
     path: str | Path,
     output: str | Path,
-    config,
+    config: PruneConfig,
     calibration: torch.Tensor,
     tokenizer=None,
     record_fields: dict | None = None,
@@ -149,19 +158,19 @@ def prune_streamed(
 ) -> PruningRecord:
     """Prune the model folder ``path`` into ``output`` one layer at a time (module docstring).
 
-    ``config`` takes an activation criterion (see :func:`llmp.sequential.prune_layerwise`);
+    ``config`` takes an activation criterion (layer by layer: :mod:`llmp.pruning.layerwise`) and is
+    checked by :func:`llmp.pruning.preflight` as the in-memory path checks it, before any layer is read;
     ``record_fields`` are set on the record before it is written (model name, calibration);
     ``device``: where the layers run (``cuda``: the embeddings, head and one layer at a time on the GPU).
 
     Raises:
-        LlmpError: as :func:`open_skeleton`, :func:`llmp.sequential.prune_layerwise`, or the output
+        LlmpError: as :func:`open_skeleton` and :func:`llmp.pruning.preflight`, or the output
             may not be written (see :func:`llmp.outdir.check_output_dir`).
     """
-    import dataclasses
-
     path = Path(path)
-    config = dataclasses.replace(config, layerwise=True)
+    config = dataclasses.replace(config, layerwise=True)  # refused by its check unless the criterion allows it
     model, where = open_skeleton(path, dtype)
+    config = preflight(model, config)
     _outside_to(model, device)
     with write_folder(output, overwrite, inputs=[path]) as tmp:
         layers = StreamedLayers(model, where, dtype, tmp, device)

@@ -1,29 +1,12 @@
-"""Gradient-free pruning from the inputs of the output projections: criteria and compensation.
+"""Statistics of the output projections' inputs, and the activation criteria scored from them.
 
 Every head / KV group and MLP channel writes into the residual stream through the input columns
 of one output projection (``o_proj``, ``down_proj``: the group's ``writes`` slice). A forward over
 the calibration text (no backward) records, per input channel ``j`` of those projections, the
-token count, ``Σx_j`` and ``Σx_j²`` (and for ``lstsq`` the whole ``XᵀX``):
-
-=============  ===============================================  =========================
-criterion      per input channel ``j`` of the output projection  from
-=============  ===============================================  =========================
-``flap``       ``Var(x_j) · ‖W[:, j]‖²`` (fluctuation, WIFV)     FLAP (An et al., 2024)
-``wanda``      ``‖x_j‖₂ · Σ_i |W[i, j]|``                          Wanda-sp (FLAP's form)
-=============  ===============================================  =========================
-
-summed over an element's channels (a head owns ``head_dim`` of them). Compensation keeps what the
-removed channels contributed on average:
-
-- ``bias``: ``b += W[:, R] · mean(x_R)`` (FLAP's baseline bias), the expected output of the
-  removed columns ``R`` moves into the projection's bias.
-- ``lstsq``: the kept columns ``K`` are refit to the dense output on the calibration inputs
-  (centred ridge regression), and the bias takes the mean:
-  ``W_K' = W_K + W_R Σ_RK (Σ_KK + λI)⁻¹``, ``b += W μ − W_K' μ_K``, with ``λ`` the mean of
-  ``diag Σ_KK`` (:data:`RIDGE` 1.0). Chosen by measurement, not by analogy: SparseGPT's 1%
-  dampening overfits the few thousand calibration tokens (SmolLM2-135M, 20% of MLP channels,
-  64 × 128 C4 tokens, WikiText-2 PPL: λ = 0.01 → 98.3, 1.0 → 93.2, 3.0 → 94.3; bias alone 99.7;
-  ``python bench/criteria.py --runs flap:lstsq:0.01,flap:lstsq:1.0,flap:lstsq:3.0``).
+token count, ``Σx_j`` and ``Σx_j²`` (and for the least-squares refit the whole ``XᵀX``). The
+criteria (:class:`~llmp.importance.criteria.Flap`, :class:`~llmp.importance.criteria.Wanda`) score
+each channel from them, and an element sums its channels (a head owns ``head_dim`` of them);
+:mod:`llmp.pruning.compensation` uses the same statistics.
 """
 
 from __future__ import annotations
@@ -36,10 +19,8 @@ import torch
 from torch import nn
 
 from llmp.errors import LlmpError
+from llmp.importance.criteria import CRITERIA
 from llmp.structure import Group, Kind, Structure, adapter_for
-
-RIDGE = 1.0
-"""λ of the ``lstsq`` refit, as a fraction of the mean input variance (see the module docstring)."""
 
 
 @dataclass
@@ -178,16 +159,6 @@ def require_calibration(calibration: torch.Tensor | None) -> None:
         )
 
 
-def channel_scores(weight: torch.Tensor, stats: InputStats, criterion: str) -> torch.Tensor:
-    """Score of every input channel of a linear ``weight`` ``[out, in]`` (float64)."""
-    w = weight.detach().double()
-    if criterion == "flap":
-        return stats.variance * w.pow(2).sum(0)
-    if criterion == "wanda":
-        return stats.norm * w.abs().sum(0)
-    raise LlmpError(f"unknown activation criterion {criterion!r}; expected flap or wanda")
-
-
 def group_scores(group: Group, channels: torch.Tensor) -> torch.Tensor:
     """Per-element scores of ``group`` from its output projection's per-channel scores."""
     (writes,) = [s for s in group.slices if s.writes]
@@ -198,82 +169,11 @@ def group_scores(group: Group, channels: torch.Tensor) -> torch.Tensor:
 def score(
     model: nn.Module, structure: Structure, stats: dict[str, InputStats], criterion: str
 ) -> dict[str, torch.Tensor]:
-    """Group name → float64 scores of its elements (higher = more important)."""
+    """Group name → float64 scores of its elements (higher = more important), by an activation
+    criterion of :data:`llmp.importance.criteria.CRITERIA`."""
+    spec = CRITERIA[criterion]
     owners = projections(structure)
     return {
-        g.name: group_scores(
-            g, channel_scores(model.get_submodule(owners[g.name]).weight, stats[owners[g.name]], criterion)
-        )
+        g.name: group_scores(g, spec.channel_scores(model.get_submodule(owners[g.name]).weight, stats[owners[g.name]]))
         for g in structure.groups
     }
-
-
-@dataclass
-class Refit:
-    """What compensation writes into one output projection after surgery."""
-
-    module: str
-    bias: torch.Tensor  # the whole new bias (float64)
-    weight: torch.Tensor | None = None  # lstsq: the kept columns, refit (float64)
-
-
-@torch.no_grad()
-def compensation(
-    model: nn.Module, structure: Structure, plan: dict[str, list[int]], stats: dict[str, InputStats], mode: str
-) -> list[Refit]:
-    """The bias (and for ``lstsq`` weight) of every output projection that loses columns in ``plan``.
-
-    Computed before surgery, from the full weights; :func:`install` puts them in after it.
-    """
-    if mode == "none":
-        return []
-    owners = projections(structure)
-    refits = []
-    for group in structure.groups:
-        elements = plan.get(group.name, [])
-        if not elements:
-            continue
-        name = owners[group.name]
-        module, s = model.get_submodule(name), stats[owners[group.name]]
-        (writes,) = [sl for sl in group.slices if sl.writes]
-        removed = writes.indices(torch.as_tensor(sorted(elements)))
-        keep = torch.ones(module.in_features, dtype=torch.bool)
-        keep[removed] = False
-        kept = keep.nonzero().squeeze(1)
-        w = module.weight.detach().double()
-        bias = module.bias.detach().double() if module.bias is not None else w.new_zeros(module.out_features)
-        mean = s.mean.to(w.device)
-        if mode == "bias":
-            refits.append(Refit(name, bias + w[:, removed] @ mean[removed]))
-            continue
-        if mode != "lstsq":
-            raise LlmpError(f"`compensate` must be none, bias or lstsq; got {mode!r}")
-        if s.gram is None:
-            raise LlmpError("lstsq compensation needs the inputs' Gram matrix (collect(..., gram=True))")
-        c_kk, c_kr = s.covariance(kept, kept).to(w.device), s.covariance(kept, removed).to(w.device)
-        c_kk.diagonal().add_(RIDGE * float(c_kk.diagonal().mean()) + 1e-12)
-        # W_K' = W_K + W_R Σ_RK Σ_KK⁻¹ (solve Σ_KK Xᵀ = Σ_KR W_Rᵀ, Σ symmetric)
-        rhs = c_kr @ w[:, removed].T
-        factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work
-        correction = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(c_kk, rhs)).T
-        new_w = w[:, kept] + correction
-        refits.append(Refit(name, bias + w @ mean - new_w @ mean[kept], new_w))
-    return refits
-
-
-def install(model: nn.Module, refits: list[Refit]) -> list[str]:
-    """Write ``refits`` into their (already pruned) modules; a module without a bias gets one.
-
-    Returns the names of the modules that gained a bias.
-    """
-    gained = []
-    for refit in refits:
-        module = model.get_submodule(refit.module)
-        dtype, device = module.weight.dtype, module.weight.device
-        if refit.weight is not None:
-            module.weight.data = refit.weight.to(dtype=dtype, device=device)
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.empty(module.out_features, dtype=dtype, device=device))
-            gained.append(refit.module)
-        module.bias.data = refit.bias.to(dtype=dtype, device=device)
-    return gained

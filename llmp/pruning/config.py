@@ -1,0 +1,249 @@
+"""``PruneConfig``: what to remove and how to choose it, checked once when it is made.
+
+The user's fields stay as written; :meth:`PruneConfig.resolved` returns a new config with the
+unset fields decided for a model (what the record keeps). Layer ranges (``"A:B"``) are parsed
+here and checked against a model by :func:`layer_ranges`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from llmp import importance
+from llmp.errors import LlmpError, raise_all
+from llmp.importance import ACTIVATION, CRITERIA, Criterion, Reduction, ScoringSettings, needs_calibration
+from llmp.importance.activations import projections
+from llmp.structure import Kind, adapter_for
+from llmp.targets import TARGET_ALIGN, Target
+from llmp.validate import literal_problems
+
+Scope = Literal["block", "channel", "layer"]
+Attention = Literal["query", "kv", "none"]
+
+
+@dataclass
+class PruneConfig:
+    """What to remove and how to choose it (each field's docstring is its ``--help`` text).
+
+    Unset ``criterion``, ``compensate`` and ``layerwise`` take the defaults measured best
+    (docs/pruning.md), decided per model by :meth:`resolved`.
+    """
+
+    ratio: float = 0.2
+    """fraction of all model parameters to remove, in [0, 1)"""
+    scope: Scope = "block"
+    """block (attention heads and MLP channels inside layers), channel (hidden channels of the
+    whole model) or layer (whole decoder layers)"""
+    attention: Attention = "none"
+    """in block scope: remove query heads evenly inside each KV group (query), whole KV groups
+    (kv; the same as heads for MHA), or no heads (none: MLP only)"""
+    mlp: bool = True
+    """in block scope, remove MLP channels"""
+    layers: str | None = None
+    """A:B range of layers (0-based, B excluded) that may be pruned, for heads, MLP channels and
+    whole layers; unset: every layer but the first and the last, which are the most sensitive"""
+    attn_layers: str | None = None
+    """range for heads alone (overrides layers)"""
+    mlp_layers: str | None = None
+    """range for MLP channels alone (overrides layers)"""
+    criterion: Criterion | None = None
+    """importance criterion: taylor, taylor2, taylor_mix, vectorwise (calibration gradients), flap,
+    wanda (calibration activations, no gradients), l1, l2, random (weights only); see
+    llmp.importance; unset: flap for heads and MLP channels, taylor for hidden channels and layers"""
+    reduction: Reduction = "sum"
+    """how one element's slice scores combine"""
+    ranking: Literal["layer", "global"] = "layer"
+    """layer (the same fraction in every layer) or global (one ranking over all layers)"""
+    min_keep: float = 0.0
+    """fraction of every group always kept (at least one head per KV group)"""
+    round_to: int = 1
+    """kept MLP / hidden channels are a multiple of this"""
+    compensate: Literal["none", "bias", "lstsq"] | None = None
+    """after removing heads / MLP channels, keep their mean output as a bias of the output
+    projection (bias, FLAP's), or also refit the kept columns by ridge least squares on the
+    calibration inputs (lstsq); see llmp.activations; unset: lstsq with flap and wanda, else none"""
+    layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
+    """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
+    target: Target = "any"
+    """where the model will run, which keeps the pruning inside what that engine loads: gguf
+    (llama.cpp via `llmp export --format gguf`: kept MLP/hidden channels a multiple of 32, so q8_0
+    takes every matrix), vllm (vLLM's DeciLM via `llmp export --format decilm`: the same query heads
+    in every layer, so attention none; channels a multiple of 64), hf (plain transformers: layout
+    uniform), any (llmp.load_pruned; llama.cpp too for Llama-layout families)"""
+    steps: int = 1
+    """prune in this many steps, re-scoring between them"""
+    layerwise: bool | None = None
+    """activation criteria: score, prune and compensate one decoder layer at a time, each on the
+    outputs of the layers already pruned (SparseGPT/FLAP order; what --stream does); off: every
+    layer scored on the dense model in one forward; unset: on for flap and wanda in one step"""
+    batch_size: int | None = None
+    """calibration samples per forward/backward; unset: all in one, the fastest, and then no summed
+    gradient of every weight is kept between batches (first-order criteria)"""
+    checkpointing: bool = True
+    """recompute activations in the calibration backward instead of keeping them: the top layers
+    keep their projections' outputs within a budget (llmp.importance.ScoringSettings) and recompute
+    only elementwise work and attention, the others keep only their input (off: faster, more memory)"""
+    seed: int = 0
+    """for sampling and the random criterion"""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def resolved(self, model: PreTrainedModel) -> PruneConfig:
+        """A new config with everything decided for ``model`` (what the record keeps); this one is
+        left as the user wrote it:
+
+        - ``criterion``: :func:`llmp.importance.default_for` whether the activation criteria can
+          score every pruned group (heads and MLP channels of families with ``nn.Linear``
+          projections), else taylor (hidden channels, layers, GPT-2's ``Conv1D``);
+        - ``compensate``: lstsq with an activation criterion, unless a uniform layout could then
+          not declare its biases to plain transformers (a family without ``bias_flags``); else none;
+        - ``layerwise``: on for an activation criterion in one step;
+        - ``target``'s envelope: hf takes a uniform layout, gguf and vllm round kept channels to
+          their alignment (:data:`llmp.targets.TARGET_ALIGN`).
+        """
+        adapter = adapter_for(model)
+        layout = "uniform" if self.target == "hf" else self.layout
+        round_to = math.lcm(self.round_to, TARGET_ALIGN.get(self.target, 1))
+        criterion, compensate, layerwise = self.criterion, self.compensate, self.layerwise
+        if criterion is None:
+            criterion = importance.default_for(self.scope == "block" and _activation_ready(model, self))
+        by_activations = CRITERIA[criterion].needs == "activations"
+        if compensate is None:
+            flags = adapter.bias_flags
+            declarable = layout == "heterogeneous" or (flags and all(hasattr(model.config, f) for f in flags))
+            compensate = "lstsq" if by_activations and declarable else "none"
+        if layerwise is None:
+            layerwise = by_activations and self.steps == 1
+        return dataclasses.replace(
+            self, criterion=criterion, compensate=compensate, layerwise=layerwise, layout=layout, round_to=round_to
+        )
+
+    def check(self) -> None:
+        """Validate what can be checked without a model (on construction: a config that exists is valid).
+
+        Raises:
+            LlmpError: every problem found, in one message.
+        """
+        problems = literal_problems(self)
+        if not 0.0 < self.ratio < 1.0:
+            problems.append(
+                f"`ratio` must be between 0 and 1, both excluded (a fraction of all parameters, e.g. 0.2); got {self.ratio}"
+            )
+        if self.steps < 1:
+            problems.append(f"`steps` must be >= 1; got {self.steps}")
+        if not 0.0 <= self.min_keep < 1.0:
+            problems.append(f"`min_keep` must be in [0, 1) (a fraction of every group); got {self.min_keep}")
+        if self.round_to < 1:
+            problems.append(f"`round_to` must be >= 1 (1: no rounding; e.g. 8, 64, 128); got {self.round_to}")
+        if self.batch_size is not None and self.batch_size < 1:
+            problems.append(f"`batch_size` must be >= 1 (calibration samples per forward); got {self.batch_size}")
+        if self.seed < 0:
+            problems.append(f"`seed` must be >= 0; got {self.seed}")
+        if "uniform" in (self.layout, "uniform" if self.target == "hf" else None) and (
+            self.ranking == "global" or self.layers or self.attn_layers or self.mlp_layers
+        ):
+            problems.append("`layout` uniform prunes every layer alike: it takes no layer ranges and no global ranking")
+        if self.scope != "block" and self.criterion in ACTIVATION:
+            problems.append(
+                f"`criterion` {self.criterion} scores heads and MLP channels only: use it with `scope` block "
+                f"(got {self.scope!r}), or a criterion such as taylor"
+            )
+        if self.scope != "block" and self.compensate not in (None, "none"):
+            problems.append(
+                f"`compensate` {self.compensate} works on heads and MLP channels only: use it with `scope` block "
+                f"(got {self.scope!r}), or `compensate` none"
+            )
+        if self.layerwise is True and self.criterion not in (None, *ACTIVATION):
+            problems.append(
+                f"`layerwise` scores each layer from its activations: `criterion` must be one of "
+                f"{', '.join(ACTIVATION)}; got {self.criterion!r}"
+            )
+        if self.layerwise is True and self.steps != 1:
+            problems.append(f"`layerwise` prunes in one pass; `steps` must be 1, got {self.steps}")
+        if self.target == "vllm" and self.scope == "block" and self.attention != "none":
+            problems.append(
+                f"`target` vllm keeps the query heads of every layer (vLLM's DeciLM has one head count for all "
+                f"layers), so it prunes no heads: use `attention` none (MLP channels), `scope` channel or "
+                f"`scope` layer; got `attention` {self.attention}"
+            )
+        if self.scope == "block" and self.attention == "none" and not self.mlp:
+            problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
+        for name in ("layers", "attn_layers", "mlp_layers"):
+            if getattr(self, name) is not None:
+                try:
+                    parse_range(getattr(self, name), None)
+                except LlmpError as err:
+                    problems.append(str(err))
+        raise_all(problems)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration text (the criterion's gradients or activations, or
+        compensation; an unset criterion is flap or taylor, which both do)."""
+        if self.criterion is None:
+            return True
+        return needs_calibration(self.criterion) or self.compensate not in (None, "none")
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        if self.scope == "channel":
+            return (Kind.HIDDEN,)
+        if self.scope == "layer":
+            return (Kind.LAYERS,)
+        kinds = {"query": (Kind.QUERY_HEADS,), "kv": (Kind.KV_GROUPS,), "none": ()}[self.attention]
+        return kinds + ((Kind.MLP,) if self.mlp else ())
+
+    @property
+    def scoring(self) -> ScoringSettings:
+        """The gradient engine's settings this config asks for."""
+        return ScoringSettings(checkpointing=self.checkpointing)
+
+
+def _activation_ready(model: PreTrainedModel, config: PruneConfig) -> bool:
+    """Whether the activation criteria can score this model's groups of ``config``'s kinds."""
+    try:
+        modules = projections(adapter_for(model).discover(model, config.kinds)).values()
+    except LlmpError:
+        return False
+    return all(isinstance(model.get_submodule(name), torch.nn.Linear) for name in modules)
+
+
+def parse_range(text: str, n_layers: int | None, name: str = "layers") -> range:
+    """``"A:B"`` → ``range(A, B)``; an empty side means the start or end of the model.
+
+    Raises:
+        LlmpError: malformed, empty, or beyond the model's ``n_layers``.
+    """
+    start, sep, stop = str(text).partition(":")
+    try:
+        a = int(start) if start.strip() else 0
+        b = int(stop) if stop.strip() else n_layers
+    except ValueError:
+        b = a = None
+    if not sep or a is None or (b is not None and (a < 0 or a >= b)):
+        raise LlmpError(f"`{name}` must look like A:B with 0 <= A < B (e.g. 4:30); got {text!r}")
+    if n_layers is not None and b > n_layers:
+        raise LlmpError(f"`{name}` {text} goes beyond the model, which has {n_layers} layers (0:{n_layers})")
+    return range(a, b if b is not None else a + 1)
+
+
+def layer_ranges(config: PruneConfig, n: int) -> dict[Kind, range]:
+    default_attn = f"1:{n - 1}" if n > 2 else f"0:{n}"
+    attn = config.attn_layers or config.layers or default_attn
+    mlp = config.mlp_layers or config.layers or default_attn
+    if config.layout == "uniform":
+        attn = mlp = f"0:{n}"
+    ranges = {
+        Kind.QUERY_HEADS: parse_range(attn, n, "attn_layers"),
+        Kind.MLP: parse_range(mlp, n, "mlp_layers"),
+        Kind.LAYERS: parse_range(config.layers or f"0:{n}", n),
+    }
+    ranges[Kind.KV_GROUPS] = ranges[Kind.QUERY_HEADS]
+    return ranges

@@ -1,0 +1,26 @@
+"""Where a pruned model runs: each engine's envelope, and which engines a pruned model fits.
+
+Pruning reads the envelope (``PruneConfig.target``), saving records the engines a folder fits,
+and export refuses what falls outside: one home for the facts all three share.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Target = Literal["any", "gguf", "vllm", "hf"]
+TARGET_ALIGN = {"gguf": 32, "vllm": 64}
+"""Kept MLP / hidden channels are a multiple of this per target: q8_0's block of 32 values; 64
+keeps vLLM's shards of up to 8 GPUs whole multiples of 8."""
+EXPORT_FAMILIES = ("llama", "mistral", "qwen2")
+"""The families :mod:`llmp.export` writes (the Llama layout)."""
+
+
+def engines_for(family: str | None, layer_shapes: list[dict], plain: bool) -> list[str]:
+    """Where a model of ``family`` with these per-layer counts runs (the report's "loads in")."""
+    engines = ["llmp.load_pruned"] + (["transformers"] if plain else [])
+    if family in EXPORT_FAMILIES:
+        engines.append("llama.cpp (llmp export --format gguf)")
+        if len({s["heads"] for s in layer_shapes}) <= 1:
+            engines.append("vLLM (llmp export --format decilm)")
+    return engines

@@ -1,0 +1,179 @@
+"""Safetensors files, read and put into a model: what loading, streaming and export share.
+
+Files are read into the process's own memory, never memory-mapped (:func:`read_safetensors`),
+and their headers are checked against the file before any tensor is read (:func:`read_header`).
+Tensors are put into a model whatever their old shape or device (:func:`put_tensors`), under the
+names the model uses now (:func:`current_names`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from llmp.errors import LlmpError
+from llmp.structure import adapter_for
+from llmp.structure.adapters.base import BIASES_KEY
+
+
+def model_files(path: Path) -> list[Path]:
+    """The ``*.safetensors`` files of model folder ``path``.
+
+    Raises:
+        LlmpError: no config.json, or no safetensors weights.
+    """
+    if not (path / "config.json").is_file():
+        raise LlmpError(f"{path} is not a model folder: config.json is missing")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    return files
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a ``.safetensors`` file's header (name → dtype, shape, offsets,
+    checked against the file's size) and where the data starts.
+
+    Raises:
+        ValueError: the file is not a valid safetensors file (header, dtypes or offsets).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb", buffering=0) as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 * 1024**2):
+            raise ValueError(f"{path}: header length {length} does not fit the file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    base, entries = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        kind = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if kind is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+        start, end = offsets
+        nbytes = math.prod(shape) * kind.itemsize
+        if not 0 <= start <= end <= size - base or end - start != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} has offsets {offsets} that do not fit its shape or the file")
+        entries[name] = {"dtype": kind, "shape": shape, "start": base + start, "nbytes": nbytes}
+    return entries, base
+
+
+def read_safetensors(
+    path: str | Path, dtype: torch.dtype | None = None, names: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (only ``names``, if given), read into the process's
+    own memory, floating ones converted to ``dtype`` one at a time if given.
+
+    Not memory-mapped: a mapped file's pages stay counted in the process's memory for as long as
+    any tensor of it lives, so pruning a mapped model would hold the original weights and the
+    pruned copies at once. Read this way, a sliced-away weight's memory is freed at once.
+
+    Raises:
+        ValueError: the file is not a valid safetensors file (header, dtypes or offsets).
+    """
+    path = Path(path)
+    entries, _ = read_header(path)
+    wanted = entries if names is None else {n: entries[n] for n in names}
+    tensors = {}
+    with path.open("rb", buffering=0) as f:
+        for name, info in wanted.items():
+            tensor = torch.empty(info["shape"], dtype=info["dtype"])
+            f.seek(info["start"])
+            if info["nbytes"] and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != info["nbytes"]:
+                raise ValueError(f"{path}: tensor {name!r} is cut short")
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor
+    return tensors
+
+
+def put_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make each of ``state`` the parameter (or buffer) of that name, whatever its old shape or device."""
+    for name, tensor in state.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        else:
+            module._buffers[attr] = tensor
+
+
+def current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the renamings transformers applies on save (GPT-NeoX writes ``lm_head`` as ``embed_out``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+
+
+def add_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """Give the layer modules that compensation gave a bias (config ``llmp_biases``) the bias the
+    config alone does not create, where the weights hold one."""
+    added = getattr(model.config, BIASES_KEY, None) or ()
+    if not added:
+        return
+    adapter = adapter_for(model)
+    for i, layer in enumerate(adapter.layers(model)):
+        for name in added:
+            module = layer.get_submodule(name)
+            key = f"{adapter.layers_path}.{i}.{name}.bias"
+            if key in state and isinstance(module, nn.Linear) and module.bias is None:
+                module.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))
+
+
+def non_persistent(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(module_name)._non_persistent_buffers_set
+
+
+def materialize_buffers(model: PreTrainedModel, skip: str | None = None) -> None:
+    """Compute the buffers no checkpoint holds (rotary frequencies) with the model's own init;
+    then every tensor (but those under ``skip``, a name prefix) must be real."""
+    for module in model.modules():
+        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        # The init runs per module and would redraw the loaded tensors beside the buffer (Gemma's
+        # embedding holds its weight and the √hidden normaliser); transformers' init skips flagged ones.
+        loaded = [*module._parameters.values(), *(b for n, b in module._buffers.items() if n not in meta)]
+        for tensor in loaded:
+            if tensor is not None:
+                tensor._is_hf_initialized = True
+        model._init_weights(module)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    leftover = [n for n in leftover if skip is None or not n.startswith(skip)]
+    if leftover:
+        raise LlmpError(f"these tensors were not restored: {leftover[:5]}; the folder is incomplete")

@@ -1,0 +1,219 @@
+"""``prune_folder``: what ``llmp prune`` does as a whole, as one library call.
+
+::
+
+    model ─► load ─► (perplexity, generations: dense) ─► calibration ─► prune ─► (perplexity,
+        generations: pruned) ─► save + report.md ─► (export beside it)
+
+    streamed: model folder ─► calibration ─► prune_streamed (read, prune, write a layer at a time)
+        ─► report.md ─► (export beside it)
+
+Every argument is checked, and the output claimed, before the model is read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmp import pruning
+from llmp.errors import LlmpError, raise_all
+from llmp.pruning import PruneConfig
+from llmp.record import Calibration, Perplexity, PruningRecord
+
+
+@dataclass
+class PruneFolderResult:
+    """Where the pruned model went, its record, and the export written beside it (if any)."""
+
+    output: Path
+    record: PruningRecord
+    report: Path
+    export: Path | None = None
+    export_details: dict | None = None  # the export's dtype and its notes for the user
+    prune_s: float = 0.0
+
+
+def prune_folder(
+    model: str,
+    output: str | Path,
+    config: PruneConfig,
+    calibration: str = "c4",
+    num_samples: int = 16,
+    seq_len: int = 128,
+    eval_data: str | None = None,
+    eval_tokens: int = 16384,
+    samples: int = 4,
+    stream: bool = False,
+    export: str | None = None,
+    export_dtype: str = "auto",
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> PruneFolderResult:
+    """Prune ``model`` (a built-in name, folder, ``.gguf`` or hub id) into the folder ``output``.
+
+    Args:
+        model: the model to prune.
+        output: the folder to write (weights, config, tokenizer, ``pruning_report.json``, ``report.md``).
+        config: what to remove.
+        calibration: calibration text: ``c4`` (built-in sample), a .txt/.jsonl file or a datasets id.
+        num_samples: calibration samples.
+        seq_len: tokens per calibration sample.
+        eval_data: also measure perplexity before and after on this text (in memory only).
+        eval_tokens: token budget of that perplexity.
+        samples: greedy generations before and after, kept in the report (in memory only).
+        stream: read, prune and write one decoder layer at a time (a local folder; activation criteria).
+        export: also write the export of ``output`` beside it: ``gguf`` or ``decilm``.
+        export_dtype: that export's weights.
+        overwrite: replace an output (and export) that llmp wrote before.
+        dtype: the weights' dtype (``auto`` keeps the checkpoint's).
+
+    Raises:
+        LlmpError: bad arguments (checked before the model is read), or as the steps it runs.
+    """
+    from llmp.models import input_paths
+    from llmp.outdir import check_output_dir, output_lock
+
+    _check(config, num_samples, seq_len, eval_tokens, samples, stream, eval_data)
+    calibration_file = check_data("calibration", calibration)
+    eval_file = check_data("eval_data", eval_data)
+    check_seq_len("seq_len", seq_len, model)
+    inputs = [*input_paths(model), calibration_file, eval_file]
+    real = check_output_dir(output, overwrite, inputs, flag="output")
+    if export:
+        from llmp.export import beside, check_export
+
+        check_export(output, export, beside(real, export), export_dtype, overwrite)
+    run = _Run(model, output, config, calibration, num_samples, seq_len, samples, overwrite, dtype, inputs)
+    run.eval_data, run.eval_tokens = eval_data, eval_tokens
+    with output_lock(real):  # held from here: a second run to the same output stops now
+        result = _streamed(run, calibration_file) if stream else _in_memory(run, calibration_file, eval_file)
+    if export:
+        result = _export_beside(result, export, export_dtype, overwrite)
+    return result
+
+
+@dataclass
+class _Run:
+    model: str
+    output: str | Path
+    config: PruneConfig
+    calibration: str
+    num_samples: int
+    seq_len: int
+    samples: int
+    overwrite: bool
+    dtype: str
+    inputs: list
+    eval_data: str | None = None
+    eval_tokens: int = 16384
+
+    def calibration_entry(self) -> Calibration:
+        return Calibration(str(self.calibration), self.num_samples, self.seq_len)
+
+
+def _check(config, num_samples, seq_len, eval_tokens, samples, stream, eval_data) -> None:
+    problems = [
+        f"`{name}` must be a positive whole number; got {value}"
+        for name, value in (("num_samples", num_samples), ("eval_tokens", eval_tokens))
+        if value is None or value < 1
+    ]
+    if samples < 0:
+        problems.append(f"`samples` must be 0 (none) or more; got {samples}")
+    if seq_len < 2:
+        problems.append(f"`seq_len` must be at least 2; got {seq_len}")
+    if stream and eval_data:
+        problems.append(
+            "`stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
+            f"`eval_data` {eval_data} and run `llmp eval ppl --model OUTPUT --data {eval_data}` afterwards"
+        )
+    if stream and config.criterion not in (None, *pruning.config.ACTIVATION):
+        problems.append(
+            f"`stream` scores each layer from its activations, without gradients: use `criterion` flap (or "
+            f"wanda); got `criterion` {config.criterion}"
+        )
+    raise_all(problems)
+
+
+def check_data(name: str, source: str | None) -> str | None:
+    """A data argument's file (built-in names resolved); a missing file is refused now, not after loading."""
+    from llmp.data.resources import resolve
+
+    if source is None:
+        return None
+    path = resolve(source)
+    if (Path(path).suffix or str(source).startswith((".", "/", "~"))) and not Path(path).is_file():
+        raise LlmpError(f"`{name}` file {source} does not exist; give a .txt/.jsonl file or a built-in name")
+    return path
+
+
+def check_seq_len(name: str, seq_len: int, spec: str) -> None:
+    from llmp.models import max_positions
+
+    limit = max_positions(spec)
+    if limit is not None and seq_len > limit:
+        raise LlmpError(
+            f"`{name}` {seq_len} exceeds the model's max_position_embeddings ({limit}); give at most {limit}"
+        )
+
+
+def _in_memory(run: _Run, calibration_file: str | None, eval_file: str | None) -> PruneFolderResult:
+    from llmp.data import calibration_samples, read_text
+    from llmp.data.text import read_documents
+    from llmp.eval import perplexity
+    from llmp.io import save_pruned
+    from llmp.models import load_model
+    from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
+
+    # Local data is read (and refused if unreadable) before the model loads.
+    text = read_text(eval_file) if eval_file else None
+    needed = run.config.needs_calibration
+    source = read_documents(calibration_file) if needed and Path(calibration_file).is_file() else calibration_file
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(run.model, run.dtype)
+    load_s = time.perf_counter() - t0
+    dense = perplexity(model, tokenizer, text, 128, run.eval_tokens) if text else None
+    dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=run.samples)
+    t1 = time.perf_counter()
+    calib = None
+    if run.config.needs_calibration:
+        calib = calibration_samples(source, tokenizer, run.num_samples, run.seq_len, run.config.seed)
+    record = pruning.prune(model, run.config, calib)
+    prune_s = time.perf_counter() - t1
+    record.model, record.calibration = run.model, run.calibration_entry()
+    record.timings.update(load_s=round(load_s, 3), prune_s=round(prune_s, 3))
+    record.dense_layer_shapes = dense_shapes
+    if run.samples > 0:
+        record.generations = samples_entry(dense_samples, generate_samples(model, tokenizer, count=run.samples))
+    if text:
+        pruned = perplexity(model, tokenizer, text, 128, run.eval_tokens)
+        record.perplexity = Perplexity(str(run.eval_data), dense.ppl, pruned.ppl, protocol=dense.protocol)
+    out = save_pruned(model, run.output, tokenizer, record, overwrite=run.overwrite, inputs=run.inputs)
+    return PruneFolderResult(out, record, write_report(out)[0], prune_s=prune_s)
+
+
+def _streamed(run: _Run, calibration_file: str | None) -> PruneFolderResult:
+    from llmp.data import calibration_samples
+    from llmp.data.text import read_documents
+    from llmp.models import model_folder, resolve_dtype
+    from llmp.outdir import real_path
+    from llmp.report import write_report
+
+    source = read_documents(calibration_file) if Path(calibration_file).is_file() else calibration_file
+    folder, tokenizer = model_folder(run.model)
+    t0 = time.perf_counter()
+    calib = calibration_samples(source, tokenizer, run.num_samples, run.seq_len, run.config.seed)
+    fields = {"model": run.model, "calibration": run.calibration_entry()}
+    dtype = resolve_dtype(run.dtype)
+    record = pruning.prune_streamed(folder, run.output, run.config, calib, tokenizer, fields, run.overwrite, dtype)
+    out = real_path(run.output)
+    return PruneFolderResult(out, record, write_report(out)[0], prune_s=time.perf_counter() - t0)
+
+
+def _export_beside(result: PruneFolderResult, format: str, dtype: str, overwrite: bool) -> PruneFolderResult:
+    from llmp.export import beside, export
+
+    done = export(result.output, format, beside(result.output, format), dtype, overwrite)
+    result.export, result.export_details = done.path, done.details
+    return result
