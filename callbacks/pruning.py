@@ -198,7 +198,7 @@ class StructuredPruning(L.Callback):
         path = trainer.ckpt_path
         if not path:
             return None
-        from llmp.recovery import read_checkpoint_state
+        from llmp.checkpoints import read_checkpoint_state
 
         state = read_checkpoint_state(path)
         saved = checkpoint_record(state, str(path)) or PruningRecord("unknown", 0, 0)  # none: nothing was pruned

@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
-from unittest import mock
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -33,6 +32,7 @@ from llmp import (
     outdir,
     strategies,  # registers the llmp_deepspeed* strategy names
 )
+from llmp.checkpoints import weights_only_loads
 from llmp.data import calibration_samples, read_text
 from llmp.data.recovery import RecoveryData
 from llmp.data.resources import resolve
@@ -43,7 +43,7 @@ from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
 from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, read_record, write_record
-from llmp.recovery import RecoveryModule, export_checkpoint, weights_only_loads
+from llmp.recovery import RecoveryModule, export_checkpoint
 from llmp.report import generate_samples, samples_entry, write_report
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ def launcher_args(environ: dict[str, str] | None = None) -> list[str]:
 
 
 class FitCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        # `llmp fit` always passes its arguments as `args` (sys.argv holds `llmp fit ...` too):
+        # parse them without LightningCLI's warning about both.
+        self.config = parser.parse_args(args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output", type=str | None, default=None, help="model folder to write after the fit")
         parser.add_argument("--overwrite", type=bool, default=False, help="replace --output if it exists")
@@ -139,17 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fabric run settings mapped onto the Trainer: %s", " ".join(overrides))
     written = len(outdir.WRITTEN)
     try:
-        # LightningCLI warns when it is given `args` while sys.argv has some (`llmp fit ...` does).
-        with mock.patch.object(sys, "argv", sys.argv[:1]):
-            cli = FitCLI(
-                RecoveryModule,
-                RecoveryData,
-                args=argv + overrides,
-                run=False,
-                seed_everything_default=42,
-                save_config_callback=None,  # the resolved recipe is saved into --output instead
-                parser_kwargs={"prog": "llmp fit"},
-            )
+        cli = FitCLI(
+            RecoveryModule,
+            RecoveryData,
+            args=argv + overrides,
+            run=False,
+            seed_everything_default=42,
+            save_config_callback=None,  # the resolved recipe is saved into --output instead
+            parser_kwargs={"prog": "llmp fit"},
+        )
         with outdir.sigterm_as_interrupt():  # Lightning sets its own handler while it trains
             return _run(cli)
     except LlmpError as err:

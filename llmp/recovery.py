@@ -16,21 +16,19 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-from unittest import mock
 
 import lightning as L
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torchmetrics.text import Perplexity
 
+from llmp.checkpoints import CHECKPOINT_KEY, read_trained
 from llmp.distill import DistillSettings, Teacher, recovery_loss
 from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
@@ -42,7 +40,6 @@ from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "llmp"
 
 
 @dataclass
@@ -363,66 +360,6 @@ def _summed_timings(steps) -> dict[str, float]:
     return timings
 
 
-def safe_load(path: str | Path, mmap: bool = False):
-    """``torch.load`` of tensors and plain data only: unpickling cannot run code from the file."""
-    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every ``torch.load`` inside (DeepSpeed's and Lightning's consolidation ask ``weights_only=False``)
-    loads tensors and plain data only; DeepSpeed's few own classes in its files are allowed by name."""
-    real = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real(*args, **kwargs)
-
-    with mock.patch.object(torch, "load", load), torch.serialization.safe_globals(_deepspeed_globals()):
-        yield
-
-
-def _deepspeed_globals() -> list:
-    """The non-tensor classes DeepSpeed writes into ZeRO checkpoints (plain data holders, no code run)."""
-    found = []
-    for module, name in (
-        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-        ("deepspeed.utils.tensor_fragment", "fragment_address"),
-    ):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return found
-
-
-def read_checkpoint_state(path: str | Path) -> dict:
-    """llmp's entry of a Lightning checkpoint (a file, or a DeepSpeed checkpoint folder).
-
-    Raises:
-        LlmpError: the checkpoint is missing or unreadable.
-    """
-    path = Path(path)
-    if path.is_dir():  # DeepSpeed: the client state sits beside rank 0's model states
-        candidates = sorted(path.glob("*/*mp_rank_00_model_states.pt")) + sorted(
-            path.glob("*mp_rank_00_model_states.pt")
-        )
-        if not candidates:
-            raise LlmpError(f"{path} is a folder but not a DeepSpeed checkpoint (no *mp_rank_00_model_states.pt)")
-        path = candidates[0]
-    if not path.is_file():
-        raise LlmpError(f"checkpoint {path} does not exist")
-    try:
-        # weights_only: tensors and plain data only, so a crafted file cannot run code (llmp's entry
-        # is plain data); mmap keeps the weights on disk while the small llmp entry is read.
-        checkpoint = safe_load(path, mmap=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        raise LlmpError(f"cannot read checkpoint {path}: {err}; it is corrupt or not a Lightning checkpoint") from err
-    return checkpoint.get(CHECKPOINT_KEY, {})
-
-
 def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: dict | None = None, overwrite=False):
     """Turn a Lightning checkpoint of a :class:`RecoveryModule` into a pruned model folder.
 
@@ -433,33 +370,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: dict
     Raises:
         LlmpError: the checkpoint is unreadable or was not written by a RecoveryModule.
     """
-
-    checkpoint = Path(checkpoint)
     check_output_dir(output, overwrite)  # before the consolidation, which takes a while
-    with temp_dir(output) as tmp:
-        if checkpoint.is_dir():
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-            consolidated = Path(tmp) / "fp32.ckpt"
-            try:
-                with weights_only_loads():
-                    convert_zero_checkpoint_to_fp32_state_dict(checkpoint, consolidated)
-            except Exception as err:  # DeepSpeed raises many types for incomplete folders
-                raise LlmpError(f"cannot consolidate the DeepSpeed checkpoint {checkpoint}: {err}") from err
-            checkpoint = consolidated
-        try:
-            state = safe_load(checkpoint)
-        except Exception as err:
-            raise LlmpError(
-                f"cannot read checkpoint {checkpoint}: {err}; it is corrupt or not a Lightning checkpoint"
-            ) from err
-        saved = state.get(CHECKPOINT_KEY)
-        record = checkpoint_record(saved, str(checkpoint)) if isinstance(saved, dict) else None
-        if record is None or "state_dict" not in state:
-            raise LlmpError(f"{checkpoint} was not written by a llmp RecoveryModule (no {CHECKPOINT_KEY!r} entry)")
+    with temp_dir(output) as scratch:
+        state, saved = read_trained(checkpoint, scratch)
         module = RecoveryModule(
             saved["model"], mode=saved["mode"], lora=LoraSettings(**saved["lora_settings"]), dtype=saved["dtype"]
         )
-        module.rebuild(record)
+        module.rebuild(checkpoint_record(saved, str(checkpoint)))
         module.load_state_dict(state["state_dict"])
         return module.export(output, recovery, overwrite=overwrite)

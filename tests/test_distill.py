@@ -13,6 +13,7 @@ from helpers import recipe_file
 from test_recovery import data, trainer
 
 from llmp.callbacks import StructuredPruning
+from llmp.checkpoints import read_checkpoint_state
 from llmp.data import RecoveryData, calibration_samples
 from llmp.data.recovery import EpochShuffle, pack, source_format
 from llmp.distill import DistillSettings, Teacher, divergence, position_logits, recovery_loss
@@ -22,7 +23,7 @@ from llmp.fit import prune_again
 from llmp.models import load_model
 from llmp.pruning import PruneConfig, count_parameters, prune
 from llmp.record import Calibration
-from llmp.recovery import RecoveryModule, read_checkpoint_state
+from llmp.recovery import RecoveryModule
 
 
 def batch_of(dm: RecoveryData) -> dict[str, torch.Tensor]:

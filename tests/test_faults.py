@@ -12,10 +12,11 @@ import torch
 from helpers import logits, recipe
 
 from llmp import load_pruned
+from llmp.checkpoints import read_checkpoint_state
 from llmp.errors import LlmpError
 from llmp.fit import main as fit_main
 from llmp.record import checkpoint_record
-from llmp.recovery import export_checkpoint, read_checkpoint_state
+from llmp.recovery import export_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 
@@ -72,6 +73,20 @@ class _RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_loads_inside_weights_only_loads_run_no_code_even_when_asked_to(tmp_path, monkeypatch):
+    """DeepSpeed's consolidation calls `torch.load(..., weights_only=False)`: inside
+    `weights_only_loads` that load still refuses code, and the environment is as before after."""
+    from llmp.checkpoints import weights_only_loads
+
+    marker, crafted = tmp_path / "pwned", tmp_path / "crafted.pt"
+    torch.save({"x": _RunsCode(marker)}, crafted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # a user's setting: set aside, then restored
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(crafted, weights_only=False)
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_a_crafted_checkpoint_runs_no_code(tmp_path, capsys, tiny_dir):

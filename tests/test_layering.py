@@ -2,6 +2,7 @@
 chain of imports, at module level or inside a function, leads from a module back to itself."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,24 @@ def test_imports_inside_functions_are_seen(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from llmp.pruning import steps\n    import llmp.io\n")
     assert module_imports(source) == {"llmp.pruning.steps", "llmp.io"}
+
+
+def test_the_package_patches_nothing_at_run_time():
+    """No `unittest.mock` in the package: settings are passed down, not patched in."""
+    files = [*LLMP.rglob("*.py"), *(LLMP.parent / "callbacks").rglob("*.py")]
+    patching = sorted(str(p.relative_to(LLMP.parent)) for p in files if "unittest" in imports(p))
+    assert not any(name.startswith("unittest") for p in files for name in imports(p)), patching
+
+
+def test_no_machine_local_paths_and_a_short_readme():
+    """No absolute path of a particular machine in the repository's code, scripts and pages, and
+    the README a user's page of at most 300 lines."""
+    root = LLMP.parent
+    suffixes = {".py", ".md", ".sh", ".yaml", ".toml", ".cfg", ".patch"}
+    files = [p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()]
+    skip = ("/.venv/", "/llmp/resources/", "/.git/", "/out/", "/bench/work/")
+    files = [p for p in files if not any(s in f"/{p.relative_to(root)}".replace("\\", "/") for s in skip)]
+    local = re.compile(r"(?<![\w.~$])/(?:work|root|home)/\w")
+    found = sorted(str(p.relative_to(root)) for p in files if local.search(p.read_text(errors="ignore")))
+    assert not found, found
+    assert len((root / "README.md").read_text().splitlines()) <= 300

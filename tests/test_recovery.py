@@ -15,6 +15,7 @@ from helpers import logits, recipe
 
 from llmp import load_pruned
 from llmp.callbacks import StructuredPruning
+from llmp.checkpoints import read_checkpoint_state
 from llmp.data.instruct import alpaca_prompt
 from llmp.data.recovery import InstructionData
 from llmp.errors import LlmpError
@@ -22,7 +23,7 @@ from llmp.fit import launcher_args
 from llmp.fit import main as fit_main
 from llmp.pruning import PruneConfig, count_parameters
 from llmp.record import checkpoint_record
-from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint, read_checkpoint_state
+from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint
 
 
 def data(tiny_dir, **kwargs) -> InstructionData:

@@ -7,7 +7,7 @@ product, the input gradients from the top down to the layer above the first prun
 weight gradients of the pruned layers, on random data of the run's shapes in reused buffers (no
 page faults). No implementation that computes the same gradients in float32 can be faster.
 
-    python bench/reference/autograd_floor.py /work/bench/smollm2-hf /work/bench/calib_smollm2_10x64.pt --layers 4:26
+    python bench/reference/autograd_floor.py bench/work/smollm2-hf bench/work/calib_smollm2_10x64.pt --layers 4:26
 
 Prints one JSON line: each repeat's seconds and the process's peak RSS (GiB, loading included).
 """

@@ -9,21 +9,21 @@
 #   RESULTS=DIR ... writes the results there instead of $BENCH/ref_results
 #   FROM=N ... numbers the repeats from N (run_N.json): side_by_side.sh interleaves single runs
 #
-# Heavy steps run under `flock /tmp/bench.lock` so they never overlap other benchmarks/tests.
+# Heavy steps run under `flock "${TMPDIR:-/tmp}/bench.lock"` so they never overlap other benchmarks/tests.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 MAIN=$(cd "$HERE/../.." && pwd)                       # the llmp repo
-REF=${REF:-/work/ref}                                 # LLM-Pruner work tree + its venv
-BENCH=${BENCH:-/work/bench}                           # models, calibration ids, results
-GITDIR=${LLMPRUNER_GITDIR:-/work/.mirror/horseee+LLM-Pruner/repo}  # bare clone of horseee/LLM-Pruner
+REF=${REF:-$(pwd)/bench/work/ref}                     # LLM-Pruner work tree + its venv
+BENCH=${BENCH:-$(pwd)/bench/work}                      # models, calibration ids, results
+GITDIR=${LLMPRUNER_GITDIR:?set LLMPRUNER_GITDIR to a clone of github.com/horseee/LLM-Pruner}
 COMMIT=${LLMPRUNER_COMMIT:-128a07d977f9b205d60ab14cfbc6a78f8a8e39d2}
 LLMP_VENV=${LLMP_VENV:-$MAIN/.venv}
 STAGE=${STAGE:-all}
 FROM=${FROM:-1}
 RUNS=${RUNS:-"smollm2 tl-fp32"}
 REPEATS=${REPEATS:-2}
-LOCK="flock /tmp/bench.lock"
+LOCK="flock "${TMPDIR:-/tmp}/bench.lock""
 
 setup() {
   # 1. LLM-Pruner source at the pinned commit (only the paths needed: the mirror lacks a blob

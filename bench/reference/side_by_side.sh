@@ -6,10 +6,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 MAIN=$(cd "$HERE/../.." && pwd)
-BENCH=${BENCH:-/work/bench}
+BENCH=${BENCH:-$(pwd)/bench/work}
 OUT=$BENCH/sitting
 PY=$MAIN/.venv/bin/python
-LOCK="flock /tmp/bench.lock"
+LOCK="flock "${TMPDIR:-/tmp}/bench.lock""
 mkdir -p "$OUT"
 paper=(--calibration c4 --num-samples 10 --seq-len 64 --no-ppl --attention kv --criterion taylor)
 

@@ -2,7 +2,7 @@
 each tool's median and single runs, llmp's time and peak as a share of LLM-Pruner's, and llmp's
 peak against the weights' bytes. Stdlib only.
 
-    python bench/reference/sitting_table.py [BENCH]      (default /work/bench)
+    python bench/reference/sitting_table.py [BENCH]      (default bench/work)
 
 Reads ``BENCH/ref_results/<run>_run<i>.json`` (LLM-Pruner) and ``BENCH/sitting/llmp_<run>_<i>.json``
 (llmp's ``bench/prune.py``); peaks are GiB of the process's ``ru_maxrss``. Where the sitting has
@@ -84,4 +84,4 @@ def floor_table(bench: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/bench")))
+    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/work")))
