@@ -24,7 +24,9 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from typing_extensions import override
 
+from llmp.checkpoints import CHECKPOINT_KEY
 from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
 from llmp.pruning import PruneConfig, count_parameters, prune
@@ -46,6 +48,8 @@ class Prunable(Protocol):
     def merge_adapters(self) -> None: ...  # fold LoRA into the weights before a step
     def prepare(self) -> None: ...  # new adapters / trainable parameters after a step
     def rebuild(self, saved: PruningRecord) -> None: ...  # repeat a record's steps (resume)
+    def start_schedule(self, settings: dict, schedule: dict[str, float], calibration: Calibration) -> None: ...
+    def add_pruning(self, result: PruningRecord, epoch: int, target_ratio: float) -> None: ...
     def to(self, device) -> Any: ...
 
 
@@ -129,36 +133,42 @@ class StructuredPruning(L.Callback):
 
     # -- hooks: a few lines each ----------------------------------------------------------------
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: Prunable, stage: str) -> None:
         if stage != "fit":
             return
         self._check_strategy(trainer)
         self.check_epochs(trainer)
         pl_module.load_base()
-        record = pl_module.record
-        record.settings = dataclasses.asdict(self.config.resolved(pl_module.base_model))  # what each step runs
-        record.schedule = {str(epoch): ratio for epoch, ratio in self.targets.items()}
-        record.calibration = Calibration(str(self.calibration or "datamodule"), self.num_samples, self.seq_len)
+        pl_module.start_schedule(
+            dataclasses.asdict(self.config.resolved(pl_module.base_model)),  # what each step runs
+            {str(epoch): ratio for epoch, ratio in self.targets.items()},
+            Calibration(str(self.calibration or "datamodule"), self.num_samples, self.seq_len),
+        )
         resumed = self._resumed(trainer)
         if resumed is not None:  # rebuild the checkpoint's shapes; its weights load next
             saved, self.done = resumed
-            if saved.steps != record.steps:
+            if saved.steps != pl_module.record.steps:
                 pl_module.rebuild(saved)
             return
         if 0 in self.targets and 0 not in self.done:
             self._step(trainer, pl_module, 0, rewrap=False)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Prunable) -> None:
         epoch = trainer.current_epoch
         if epoch in self.targets and epoch not in self.done:
             self._step(trainer, pl_module, epoch, rewrap=True)
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint.setdefault("llmp", {})["pruning_done"] = list(self.done)
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Prunable, checkpoint: dict) -> None:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_done"] = list(self.done)  # read at setup, before load_state_dict
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "targets": self.targets}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("targets") not in (None, self.targets):
             log.warning("resuming with another pruning schedule than the checkpoint's; the new one applies")
@@ -226,9 +236,7 @@ class StructuredPruning(L.Callback):
         result = prune(
             model, config, calibration, agree=lambda plan: strategy.broadcast(plan, src=0), reference_params=original
         )
-        (step,) = result.steps
-        step.epoch, step.target_ratio = epoch, self.targets[epoch]
-        pl_module.record.extend(result)  # so checkpoints carry the step
+        pl_module.add_pruning(result, epoch, self.targets[epoch])
         self.done.append(epoch)
         params = count_parameters(model)
         metrics = {
@@ -246,7 +254,7 @@ class StructuredPruning(L.Callback):
             f"{current:,}",
             f"{params:,}",
             100 * metrics["pruning/ratio"],
-            plan_digest(step.plan),
+            plan_digest(result.steps[0].plan),
         )
         if rewrap:
             pl_module.prepare()

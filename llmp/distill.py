@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from llmp.errors import LlmpError
 from llmp.head import head_inputs, plain_head
+from llmp.validate import literal_problems
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,7 @@ class DistillSettings:
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, each naming the key, the value and the fix."""
-        found = []
-        if self.loss not in ("forward_kl", "reverse_kl"):
-            found.append(f"`distill.loss` must be forward_kl or reverse_kl; got {self.loss!r}")
+        found = literal_problems(self, "distill.")
         if not 0 <= self.weight <= 1:
             found.append(f"`distill.weight` must be in [0, 1] (the distillation share); got {self.weight}")
         if not self.temperature > 0:
@@ -79,14 +78,10 @@ class DistillSettings:
             found.append(
                 f"`distill.top_k` must be >= 1 and needs `loss: forward_kl`; got {self.top_k} with {self.loss}"
             )
-        if self.tokens not in ("labels", "all"):
-            found.append(f"`distill.tokens` must be labels or all; got {self.tokens!r}")
         if self.cache is not None and self.top_k is None:
             found.append(
                 f"`distill.cache` {self.cache} keeps the teacher's top-k logits: set `distill.top_k` (e.g. 64)"
             )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            found.append(f"`distill.dtype` must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
         return found
 
 

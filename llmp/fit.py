@@ -35,7 +35,6 @@ from llmp import (
 from llmp.checkpoints import weights_only_loads
 from llmp.data import calibration_samples, read_text
 from llmp.data.recovery import RecoveryData
-from llmp.data.resources import resolve
 from llmp.errors import LlmpError, raise_all
 from llmp.eval import perplexity
 from llmp.export import beside, check_export, export
@@ -45,6 +44,7 @@ from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint
 from llmp.report import generate_samples, samples_entry, write_report
+from llmp.workflow import check_data
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +77,20 @@ class EvalSettings:
     dense: bool = True
     samples: int = 3
 
-    def check(self) -> None:
-        """Refuse settings that would fail only after the whole fit.
-
-        Raises:
-            LlmpError: every problem found, in one message.
-        """
-
+    def problems(self) -> list[str]:
+        """What would fail only after the whole fit, each naming the key, the value and the fix."""
         problems = []
-        if self.data is not None:
-            path = Path(resolve(self.data))
-            if (path.suffix or str(self.data).startswith((".", "/", "~"))) and not path.is_file():
-                problems.append(f"`eval.data` file {self.data} does not exist; give a text file or `wikitext2`")
+        try:
+            check_data("eval.data", self.data)
+        except LlmpError as err:
+            problems.append(str(err))
         if self.seq_len < 2:
             problems.append(f"`eval.seq_len` must be at least 2; got {self.seq_len}")
         if self.max_tokens is not None and self.max_tokens < 1:
             problems.append(f"`eval.max_tokens` must be a positive number of tokens or null; got {self.max_tokens}")
         if self.samples < 0:
             problems.append(f"`eval.samples` must be 0 (none) or more; got {self.samples}")
-        raise_all(problems)
+        return problems
 
 
 def launcher_args(environ: dict[str, str] | None = None) -> list[str]:
@@ -171,7 +166,7 @@ def _run(cli: FitCLI) -> int:
         raise LlmpError(f"`--export {config.export}` exports the saved model: give `--output` too")
     if output is not None:  # before hours of training, not after
         check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
-        EvalSettings(**vars(config.eval)).check()
+        raise_all(EvalSettings(**vars(config.eval)).problems())
         if config.export:
             check_export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
     for callback in trainer.callbacks:  # a schedule the fit never reaches, before the data is tokenized

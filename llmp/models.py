@@ -156,7 +156,7 @@ def model_folder(spec: str | Path) -> tuple[Path, PreTrainedTokenizerBase]:
     folder = _builtin_folder(spec) if spec in BUILTINS else Path(spec).expanduser()
     if not (folder / "config.json").is_file():
         raise LlmpError(
-            f"`--stream` reads a local model folder (config.json + *.safetensors); {spec!r} is not one: download "
+            f"streamed pruning reads a local model folder (config.json + *.safetensors); `model` {spec!r} is not one: download "
             "a hub model first (huggingface-cli download ID --local-dir DIR) or convert a .gguf with `llmp prune` in memory"
         )
     return folder, _tokenizer(folder)

@@ -35,7 +35,7 @@ from llmp.io import save_pruned
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, temp_dir
 from llmp.pruning import count_parameters, replay
-from llmp.record import PruningRecord, checkpoint_record
+from llmp.record import Calibration, PruningRecord, checkpoint_record
 from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,17 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one message per key."""
+        found = []
+        if self.r < 1:
+            found.append(f"`lora.r` must be >= 1; got {self.r}")
+        if self.alpha <= 0:
+            found.append(f"`lora.alpha` must be > 0; got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            found.append(f"`lora.dropout` must be in [0, 1); got {self.dropout}")
+        return found
 
 
 class RecoveryModule(L.LightningModule):
@@ -101,13 +112,13 @@ class RecoveryModule(L.LightningModule):
         problems = []
         if mode not in ("lora", "full"):
             problems.append(f"`mode` must be lora or full; got {mode!r}")
-        if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
-            problems.append(
-                f"`learning_rate` must be > 0, `weight_decay` and `warmup_steps` >= 0; got "
-                f"{learning_rate}, {weight_decay}, {warmup_steps}"
-            )
-        if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
-            problems.append(f"`lora` needs r >= 1, alpha > 0, 0 <= dropout < 1; got {lora}")
+        if learning_rate <= 0:
+            problems.append(f"`learning_rate` must be > 0; got {learning_rate}")
+        if weight_decay < 0:
+            problems.append(f"`weight_decay` must be >= 0; got {weight_decay}")
+        if warmup_steps < 0:
+            problems.append(f"`warmup_steps` must be >= 0; got {warmup_steps}")
+        problems += lora.problems()
         if dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"`dtype` must be float32, bfloat16 or float16; got {dtype!r}")
         if distill is not None:
@@ -315,6 +326,17 @@ class RecoveryModule(L.LightningModule):
                 "(set `trainer.ckpt_path` before `fit` to skip the needless pruning at setup)"
             )
         self.rebuild(saved)
+
+    def start_schedule(self, settings: dict, schedule: dict[str, float], calibration: Calibration) -> None:
+        """What :class:`~llmp.callbacks.StructuredPruning` will run (resolved settings, epoch →
+        ratio, calibration), kept in the record: the module is the record's one writer."""
+        self.record.settings, self.record.schedule, self.record.calibration = settings, schedule, calibration
+
+    def add_pruning(self, result: PruningRecord, epoch: int, target_ratio: float) -> None:
+        """A pruning step the callback just applied at ``epoch``: into the record, which checkpoints carry."""
+        (step,) = result.steps
+        step.epoch, step.target_ratio = epoch, target_ratio
+        self.record.extend(result)
 
     def rebuild(self, saved: PruningRecord) -> None:
         """Reload the original model and repeat ``saved``'s steps on it, ready to train (see :meth:`prepare`)."""

@@ -1,5 +1,10 @@
-"""The one validation convention of llmp's settings dataclasses: choices come from the field's
-``Literal`` type, and every problem names its field (``\\`name\\```), the value and what is allowed."""
+"""The one validation convention of llmp's settings dataclasses.
+
+Each has ``problems() -> list[str]``: one message per bad field, naming the field (as the user
+writes it: ``\\`distill.loss\\``` in a recipe), the value and what is allowed; choices come from
+the field's ``Literal`` type (:func:`literal_problems`). The boundary that takes the settings
+raises them all at once (:func:`llmp.errors.raise_all`): :class:`~llmp.PruneConfig` when it is
+made, ``llmp fit`` and :class:`~llmp.RecoveryModule` before any model loads."""
 
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ def literal_choices(hint) -> tuple:
     return next((literal_choices(arg) for arg in typing.get_args(hint) if typing.get_origin(arg) is Literal), ())
 
 
-def literal_problems(settings) -> list[str]:
+def literal_problems(settings, prefix: str = "") -> list[str]:
     """One message per ``Literal`` field of the dataclass ``settings`` whose value is not allowed
-    (``None`` passes where the type admits it: a field decided later)."""
+    (``None`` passes where the type admits it: a field decided later); ``prefix`` names the
+    settings' key (``distill.``)."""
     hints = typing.get_type_hints(type(settings))
     problems = []
     for field in dataclasses.fields(settings):
@@ -25,5 +31,5 @@ def literal_problems(settings) -> list[str]:
         value = getattr(settings, field.name)
         if not allowed or value in allowed or (value is None and type(None) in typing.get_args(hints[field.name])):
             continue
-        problems.append(f"`{field.name}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        problems.append(f"`{prefix}{field.name}` must be one of {', '.join(map(str, allowed))}; got {value!r}")
     return problems

@@ -9,8 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
-from helpers import logits, n_params
+from helpers import logits, n_params, tiny_model
 from transformers import AutoModelForCausalLM
 
 from llmp import LlmpError, PruneConfig, importance, load_pruned, prune, save_pruned

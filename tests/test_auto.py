@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 from torch.nn import functional as F
 

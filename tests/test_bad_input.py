@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 from llmp.io import load_pruned

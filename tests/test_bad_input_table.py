@@ -13,8 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from conftest import make_tiny_folder, tiny_model
-from helpers import blank_record
+from helpers import blank_record, make_tiny_folder, tiny_model
 
 from llmp.cli import main
 from llmp.io import save_pruned

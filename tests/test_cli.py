@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli as run
+from helpers import run_cli as run
 from transformers import GPT2Config, GPT2LMHeadModel
 
 

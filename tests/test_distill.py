@@ -124,12 +124,12 @@ def test_all_tokens_include_the_prompt(tiny_dir):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"loss": "js"}, "`distill.loss` must be forward_kl or reverse_kl; got 'js'"),
+        ({"loss": "js"}, "`distill.loss` must be one of forward_kl, reverse_kl; got 'js'"),
         ({"weight": 1.5}, "`distill.weight` must be in [0, 1]"),
         ({"temperature": 0}, "`distill.temperature` must be > 0; got 0"),
         ({"top_k": 8, "loss": "reverse_kl"}, "`distill.top_k` must be >= 1 and needs `loss: forward_kl`"),
-        ({"tokens": "prompt"}, "`distill.tokens` must be labels or all; got 'prompt'"),
-        ({"dtype": "int8"}, "`distill.dtype` must be auto, float32, bfloat16 or float16; got 'int8'"),
+        ({"tokens": "prompt"}, "`distill.tokens` must be one of labels, all; got 'prompt'"),
+        ({"dtype": "int8"}, "`distill.dtype` must be one of auto, float32, bfloat16, float16; got 'int8'"),
     ],
 )
 def test_bad_distill_settings(settings, message):

@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_model, tiny_tokenizer
-from helpers import FAMILIES, logits, pruned_folder, recipe
+from helpers import FAMILIES, logits, pruned_folder, recipe, run_cli, tiny_model, tiny_tokenizer
 
 import llmp
 from llmp.errors import LlmpError

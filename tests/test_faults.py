@@ -152,6 +152,6 @@ def test_remote_code_never_runs_unless_asked(tmp_path, capsys, monkeypatch):
 
 
 def _run(capsys, *argv):
-    from conftest import run_cli
+    from helpers import run_cli
 
     return run_cli(capsys, *argv)

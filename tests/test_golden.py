@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
+from helpers import TINY, tiny_model
 
 from llmp import LlmpError, PruneConfig, prune
 
@@ -76,7 +76,7 @@ def assert_matches(found: dict, golden: dict) -> None:
 
 
 def test_default_cli_run_matches_the_golden_numbers(tmp_path, one_thread):
-    from conftest import make_tiny_folder
+    from helpers import make_tiny_folder
 
     assert_matches(cli_digest(make_tiny_folder(tmp_path / "tiny")), json.loads(GOLDEN.read_text())["cli/default"])
 
@@ -94,7 +94,7 @@ if __name__ == "__main__":  # rewrite the golden file (one thread, as the test r
     GOLDEN.parent.mkdir(exist_ok=True)
     import tempfile
 
-    from conftest import make_tiny_folder
+    from helpers import make_tiny_folder
 
     numbers = {f"{n}/{s}": digest(n, s) for n, s in CASES}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmp import importance

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from helpers import blank_record
+from helpers import blank_record, tiny_model
 from transformers import AutoModelForCausalLM
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune, save_pruned

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tokenizer
-from helpers import FAMILIES, pruned_folder
+from helpers import FAMILIES, pruned_folder, tiny_tokenizer
 
 from llmp.export import export
 
@@ -72,7 +71,7 @@ def _smollm2_gguf() -> Path:
 def test_smollm2_pruned_by_default_runs_in_llamacpp(tmp_path, capsys):
     """The issue's command pair, then llama.cpp against llmp: logits, 16 greedy tokens, and
     WikiText-2 perplexity (first 16,384 tokens, 128-token windows) within 1%."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     from llmp.data import read_text
     from llmp.eval import perplexity
@@ -126,7 +125,7 @@ def test_dense_export_agrees_with_the_gguf_it_came_from(tmp_path):
 def test_sentencepiece_style_tokenizer_tokenizes_as_in_transformers(tmp_path, one_thread):
     """Llama 2 and Mistral tokenizers (byte fallback, "▁" for spaces, BOS) become ggml's `llama`
     tokenizer: llama.cpp splits text into the same ids, BOS included, and computes the same logits."""
-    from conftest import tiny_spm_tokenizer
+    from helpers import tiny_spm_tokenizer
 
     tokenizer = tiny_spm_tokenizer()
     folder, model, _ = pruned_folder(tmp_path / "p", "mistral", tokenizer=tokenizer)
@@ -164,7 +163,7 @@ def test_rope_scaling_is_carried(tmp_path, tokenizer, rope, one_thread):
 def test_eval_ppl_runs_a_gguf_in_llamacpp(tmp_path, tokenizer, capsys, one_thread):
     import json
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     from llmp.data import read_text
     from llmp.eval import perplexity

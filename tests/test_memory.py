@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 
 from llmp import memory
+from llmp.importance import ScoringSettings
+
+SETTINGS = ScoringSettings()
 
 
 @pytest.fixture
@@ -19,7 +22,7 @@ def calls(monkeypatch):
 def test_a_library_users_allocator_is_left_alone(calls, monkeypatch):
     trimmed = []
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: trimmed.append(name))
-    with memory.mmap_threshold(memory.FORWARD_THRESHOLD):
+    with memory.mmap_threshold(SETTINGS.forward_mmap_threshold):
         pass
     memory.release_free_heap()
     assert calls == [] and trimmed == []
@@ -27,19 +30,11 @@ def test_a_library_users_allocator_is_left_alone(calls, monkeypatch):
 
 def test_a_pass_sets_then_restores_the_process_threshold(calls):
     memory.return_freed_memory(4 << 20)
-    with pytest.raises(KeyError), memory.mmap_threshold(memory.BACKWARD_THRESHOLD):
-        assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD)
+    with pytest.raises(KeyError), memory.mmap_threshold(SETTINGS.backward_mmap_threshold):
+        assert calls[-1] == (memory._M_MMAP_THRESHOLD, SETTINGS.backward_mmap_threshold)
         raise KeyError  # restored on the way out of an error too
     assert calls == [
         (memory._M_MMAP_THRESHOLD, 4 << 20),
-        (memory._M_MMAP_THRESHOLD, memory.BACKWARD_THRESHOLD),
+        (memory._M_MMAP_THRESHOLD, SETTINGS.backward_mmap_threshold),
         (memory._M_MMAP_THRESHOLD, 4 << 20),
     ]
-
-
-def test_glibc_accepts_the_thresholds():
-    """On this (glibc) machine the real calls succeed; elsewhere they are skipped as no-ops."""
-    if not memory._mallopt(memory._M_MMAP_THRESHOLD, 4 << 20):
-        pytest.skip("libc is not glibc")
-    for threshold in (memory.FORWARD_THRESHOLD, memory.BACKWARD_THRESHOLD, 4 << 20):
-        assert memory._mallopt(memory._M_MMAP_THRESHOLD, threshold)

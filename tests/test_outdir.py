@@ -12,8 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import run_cli, tiny_model
-from helpers import blank_record
+from helpers import blank_record, run_cli, tiny_model
 
 from llmp import outdir
 from llmp.errors import LlmpError

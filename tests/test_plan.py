@@ -89,7 +89,7 @@ def test_parse_range():
 
 
 def test_reference_params_makes_the_ratio_a_fraction_of_the_original(calib):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from llmp.pruning import count_parameters
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from helpers import logits
+from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, prune
 from llmp.pruning import replay

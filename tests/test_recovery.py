@@ -143,7 +143,9 @@ def test_schedules():
     [
         (dict(mode="adapters"), "`mode` must be lora or full"),
         (dict(learning_rate=0), "`learning_rate` must be > 0"),
-        (dict(lora=LoraSettings(r=0)), "`lora` needs r >= 1"),
+        (dict(lora=LoraSettings(r=0)), "`lora.r` must be >= 1; got 0"),
+        (dict(lora=LoraSettings(dropout=1.0)), r"`lora.dropout` must be in \[0, 1\)"),
+        (dict(weight_decay=-1), "`weight_decay` must be >= 0; got -1"),
         (dict(dtype="int8"), "`dtype` must be float32"),
     ],
 )

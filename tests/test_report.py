@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli as run
+from helpers import run_cli as run
 
 from llmp.cli import main
 from llmp.errors import LlmpError

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from helpers import logits
+from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune
 from llmp.pruning.streamed import INDEX, prune_streamed

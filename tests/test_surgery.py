@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from helpers import n_params, prune_and_mask
+from helpers import n_params, prune_and_mask, tiny_model
 
 from llmp import importance, surgery
 from llmp.errors import LlmpError

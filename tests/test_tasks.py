@@ -9,8 +9,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import DATA
-from conftest import run_cli as run
+from helpers import DATA
+from helpers import run_cli as run
 
 from llmp.errors import LlmpError
 from llmp.eval.task_files import find_task_file, load_local_task

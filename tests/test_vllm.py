@@ -17,7 +17,7 @@ pytestmark = [
 
 
 def test_vllm_serves_the_pruned_smollm2(tmp_path, capsys):
-    from conftest import run_cli
+    from helpers import run_cli
     from vllm import LLM, SamplingParams
 
     from llmp.models import load_model

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from llmp.cli.common import add_dtype_arg, positive
+from llmp.cli.common import add_dtype_arg, flags_named, positive
 from llmp.errors import LlmpError, raise_all
 from llmp.workflow import check_data, check_seq_len
 
@@ -113,11 +113,12 @@ def _eval_tasks(args) -> int:
         raise LlmpError(f"`--output` {args.output}: its folder does not exist; create it or choose another path")
     if args.output and not os.access(Path(args.output).parent, os.W_OK | os.X_OK):
         raise LlmpError(f"`--output` {args.output}: its folder is not writable; choose another path")
-    if args.data_dir is not None:
-        for name in names:  # every file found before the model loads
-            find_task_file(name, args.data_dir)
-    model, tokenizer = load_model(args.model, args.dtype)
-    results = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size, str(args.model))
+    with flags_named(("data_dir", "model")):
+        if args.data_dir is not None:
+            for name in names:  # every file found before the model loads
+                find_task_file(name, args.data_dir)
+        model, tokenizer = load_model(args.model, args.dtype)
+        results = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size, str(args.model))
     if args.output:
         from llmp.io import write_json_atomic
 

@@ -49,7 +49,7 @@ def find_task_file(name: str, data_dir: str | Path) -> tuple[Path, str]:
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise LlmpError(f"`--data-dir` {data_dir} is not a folder")
+        raise LlmpError(f"`data_dir` {data_dir} is not a folder")
     candidates = []
     for folder in (data_dir / name, data_dir / ALIASES.get(name, name)):
         candidates += sorted(folder.glob("*.jsonl")) if folder.is_dir() else []

@@ -93,7 +93,7 @@ class PruneConfig:
     """for sampling and the random criterion"""
 
     def __post_init__(self) -> None:
-        self.check()
+        raise_all(self.problems())  # a config that exists is valid
 
     def resolved(self, model: PreTrainedModel) -> PruneConfig:
         """A new config with everything decided for ``model`` (what the record keeps); this one is
@@ -125,12 +125,8 @@ class PruneConfig:
             self, criterion=criterion, compensate=compensate, layerwise=layerwise, layout=layout, round_to=round_to
         )
 
-    def check(self) -> None:
-        """Validate what can be checked without a model (on construction: a config that exists is valid).
-
-        Raises:
-            LlmpError: every problem found, in one message.
-        """
+    def problems(self) -> list[str]:
+        """What is wrong without looking at a model, one message per argument (raised on construction)."""
         problems = literal_problems(self)
         if not 0.0 < self.ratio < 1.0:
             problems.append(
@@ -181,7 +177,7 @@ class PruneConfig:
                     parse_range(getattr(self, name), None)
                 except LlmpError as err:
                     problems.append(str(err))
-        raise_all(problems)
+        return problems
 
     @property
     def needs_calibration(self) -> bool:
