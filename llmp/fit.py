@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer.states import TrainerFn
 
 from llmp import (
     outdir,
@@ -219,23 +220,32 @@ def _run(cli: FitCLI) -> int:
 
 
 def _checkpoint_path(trainer, value: str) -> str | None:
-    """``last`` (the newest ``last*.ckpt`` of the ModelCheckpoint folders; none yet starts afresh,
-    so a requeued job can always pass it) and ``hpc`` (SLURM's) as Lightning resolves them; a
-    path unchanged.
+    """``last``: the newest ``last*.ckpt`` in the folders of the recipe's ModelCheckpoint callbacks
+    (none yet starts afresh, so a requeued job can always pass it); ``hpc``: SLURM's newest
+    ``hpc_ckpt_N.ckpt`` in the Trainer's ``default_root_dir``; a path unchanged. Resolved here,
+    before ``fit``, so that StructuredPruning sees the path at setup (Lightning resolves these
+    names only after setup).
 
     Raises:
         LlmpError: ``hpc`` without an HPC checkpoint, or a path that does not exist.
     """
-    if value in ("last", "hpc"):
-        try:  # Lightning resolves these names only for `fit(ckpt_path=...)`, after setup
-            path = trainer._checkpoint_connector._parse_ckpt_path(
-                TrainerFn.FITTING, value, model_provided=True, model_connected=False
-            )
-        except ValueError as err:
-            raise LlmpError(f"`--ckpt_path {value}`: {err}") from err
-        if path is None:
+    if value == "last":
+        found = [
+            path
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath
+            for path in Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
+        ]
+        if not found:
             log.info("`--ckpt_path last`: no last checkpoint yet, so the fit starts from the beginning")
-        return path
+            return None
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    if value == "hpc":
+        versions = {int(m.group(1)): p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+                    if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))}  # fmt: skip
+        if not versions:
+            raise LlmpError(f"`--ckpt_path hpc`: no hpc_ckpt_N.ckpt in {trainer.default_root_dir}")
+        return str(versions[max(versions)])
     if not Path(value).exists():
         raise LlmpError(f"`--ckpt_path` {value} does not exist: give a checkpoint file or folder, `last` or `hpc`")
     return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 
@@ -105,3 +106,23 @@ def test_sitting_table(tmp_path):
     floors = out.split("plain autograd")[1]
     row = next(line for line in floors.splitlines() if line.startswith("| smollm2"))
     assert row == "| smollm2 | 5.00 s | 3.50 s (0.70×) | 2.10 s (0.42×) | 2.50 s (0.50×) |"
+
+
+def test_ab_versions_runs_two_commits_in_one_process(tiny_dir):
+    """`bench/ab_versions.py` imports an earlier commit's llmp beside the working tree's and prunes
+    with both: against HEAD (the same code in CI's clean clone) the weights are the same."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    script = root / "bench" / "ab_versions.py"
+    out = subprocess.run(
+        [sys.executable, script, "--old", "HEAD", "--model", tiny_dir, "--rounds", "1"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    assert result["taylor"]["same_weights"] and result["default"]["same_weights"]
+    assert len(result["default"]["old_s"]) == len(result["default"]["new_s"]) == 1

@@ -365,3 +365,29 @@ def test_fit_prunes_with_activation_criteria_between_epochs(tiny_dir, tmp_path, 
     assert count_parameters(model) == module.record.params_after
     ids = torch.randint(0, 200, (1, 8))
     torch.testing.assert_close(logits(model, ids), logits(module.model, ids), rtol=0, atol=1e-5)  # merged by export
+
+
+def test_ckpt_path_names_resolve_before_fit(tmp_path):
+    """`last` and `hpc` resolve as Lightning resolves them, before `fit` (no private Lightning API)."""
+    import os
+    import time
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from llmp.fit import _checkpoint_path
+
+    ckpts = tmp_path / "ckpts"
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=ckpts)], logger=False)
+    assert _checkpoint_path(trainer, "last") is None  # nothing yet: the fit starts afresh
+    ckpts.mkdir()
+    for i, name in enumerate(("last.ckpt", "last-v1.ckpt", "epoch=0.ckpt")):
+        (ckpts / name).write_bytes(b"x")
+        os.utime(ckpts / name, (time.time() + i, time.time() + i))
+    assert _checkpoint_path(trainer, "last") == str(ckpts / "last-v1.ckpt")  # the newest last*, not epoch=0
+    with pytest.raises(LlmpError, match="no hpc_ckpt_N.ckpt"):
+        _checkpoint_path(trainer, "hpc")
+    for n in (2, 10):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
+    assert _checkpoint_path(trainer, "hpc") == str(tmp_path / "hpc_ckpt_10.ckpt")
+    with pytest.raises(LlmpError, match="does not exist"):
+        _checkpoint_path(trainer, str(tmp_path / "missing.ckpt"))

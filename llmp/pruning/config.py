@@ -67,7 +67,7 @@ class PruneConfig:
     compensate: Literal["none", "bias", "lstsq"] | None = None
     """after removing heads / MLP channels, keep their mean output as a bias of the output
     projection (bias, FLAP's), or also refit the kept columns by ridge least squares on the
-    calibration inputs (lstsq); see llmp.activations; unset: lstsq with flap and wanda, else none"""
+    calibration inputs (lstsq); see llmp.pruning.compensation; unset: lstsq with flap and wanda, else none"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     target: Target = "any"

@@ -2,7 +2,7 @@
 
 The calibration tokens go through the embeddings once; their hidden states enter decoder layer 0.
 Each layer then in turn: runs on its inputs while its output projections' input statistics are
-recorded (:mod:`llmp.activations`), is scored, loses its planned elements, is compensated, and
+recorded (:mod:`llmp.importance.activations`), is scored, loses its planned elements, is compensated, and
 runs again, pruned, so that its output (the next layer's input) is the pruned model's, as in
 SparseGPT and FLAP. Only one layer's activations and statistics exist at a time.
 

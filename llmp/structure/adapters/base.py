@@ -224,7 +224,7 @@ class Adapter(ABC):
 
     def plain_biases(self, model: PreTrainedModel, add: bool = True) -> bool:
         """Declare the biases that compensation added (``config.llmp_biases``, see
-        :mod:`llmp.activations`) the way the family's config can: each :attr:`bias_flags` set that
+        :mod:`llmp.pruning.compensation`) the way the family's config can: each :attr:`bias_flags` set that
         holds one of them gets a bias in every module of every layer (zeros where there was none)
         and its flag is set.
 
