@@ -19,19 +19,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torchmetrics.text import Perplexity
 
 from llmp.checkpoints import CHECKPOINT_KEY, read_trained
 from llmp.distill import DistillSettings, Teacher, recovery_loss
 from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
+from llmp.lora import LoraSettings
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, temp_dir
 from llmp.pruning import count_parameters, replay
@@ -40,35 +41,6 @@ from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters (peft).
-
-    Attributes:
-        r: rank of the adapters.
-        alpha: scaling numerator (the update is scaled by alpha / r).
-        dropout: dropout on the adapters' input.
-        target_modules: module names to adapt; ``all-linear`` means every linear layer but the
-            output head (for Llama: q, k, v, o, gate, up, down, as in the paper).
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-
-    def problems(self) -> list[str]:
-        """What is wrong with the settings, one message per key."""
-        found = []
-        if self.r < 1:
-            found.append(f"`lora.r` must be >= 1; got {self.r}")
-        if self.alpha <= 0:
-            found.append(f"`lora.alpha` must be > 0; got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            found.append(f"`lora.dropout` must be in [0, 1); got {self.dropout}")
-        return found
 
 
 class RecoveryModule(L.LightningModule):
@@ -179,14 +151,7 @@ class RecoveryModule(L.LightningModule):
         if self.mode != "lora" or self.is_lora_wrapped:
             return
 
-        config = LoraConfig(
-            r=self.lora.r,
-            lora_alpha=self.lora.alpha,
-            lora_dropout=self.lora.dropout,
-            target_modules=self.lora.target_modules,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        config = self.lora.peft_config()
         # Seeded by the pruning step: a resumed fit re-creates the adapters an uninterrupted one did.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + len(self.record.steps))

@@ -73,7 +73,8 @@ def prune_folder(
         LlmpError: bad arguments (checked before the model is read), or as the steps it runs.
     """
     from llmp.models import input_paths
-    from llmp.outdir import check_output_dir, output_lock
+    from llmp.outdir import check_output_dir
+    from llmp.outlock import output_lock
 
     _check(config, num_samples, seq_len, eval_tokens, samples, stream, eval_data)
     calibration_file = check_data("calibration", calibration)

@@ -127,3 +127,16 @@ def test_no_machine_local_paths_and_a_short_readme():
     found = sorted(str(p.relative_to(root)) for p in files if local.search(p.read_text(errors="ignore")))
     assert not found, found
     assert len((root / "README.md").read_text().splitlines()) <= 300
+
+
+def test_modules_and_functions_stay_small():
+    """A concept per module: no module over 400 lines, no function over 60."""
+    files = [*LLMP.rglob("*.py"), *(LLMP.parent / "callbacks").rglob("*.py")]
+    big = [f"{p.relative_to(LLMP.parent)} ({n})" for p in files if (n := len(p.read_text().splitlines())) > 400]
+    long = [
+        f"{p.relative_to(LLMP.parent)}:{node.name} ({node.end_lineno - node.lineno + 1})"
+        for p in files
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not big and not long, big + long

@@ -154,7 +154,7 @@ def test_stale_temporaries_are_removed_by_the_next_write(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from llmp.outdir import output_lock; import time\nwith output_lock({str(out)!r}):\n"
+        [sys.executable, "-c", f"from llmp.outlock import output_lock; import time\nwith output_lock({str(out)!r}):\n"
          "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

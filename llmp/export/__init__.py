@@ -110,7 +110,8 @@ def export(
             format's own refusals (a shape it cannot express).
     """
     from llmp.export.source import open_source
-    from llmp.outdir import output_lock, write_file, write_folder
+    from llmp.outdir import write_file, write_folder
+    from llmp.outlock import output_lock
 
     path = check_export(model, format, output, dtype, overwrite)
     source = open_source(model)

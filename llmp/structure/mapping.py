@@ -15,8 +15,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmp.structure.groups import Group, Kind, Slice
-from llmp.structure.layouts import attr_rule, config_rules, dedupe, make_slices, rms_form
-from llmp.structure.trace import SHIFT, trace_model
+from llmp.structure.layouts import config_rules, dedupe, make_slices, rms_form
+from llmp.structure.mapping_attention import AttentionMapping
+from llmp.structure.trace import trace_model
 
 ALL_KINDS = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.HIDDEN, Kind.LAYERS)
 
@@ -30,7 +31,7 @@ class Analysis:
     info: dict = field(default_factory=dict)
 
 
-class Mapping:
+class Mapping(AttentionMapping):
     """Turns one :class:`Trace` into groups (one object per analysis; see the module doc)."""
 
     def __init__(self, model: PreTrainedModel, layers: nn.ModuleList, layers_path: str):
@@ -227,14 +228,22 @@ class Mapping:
                 op = self.tainted[s]
                 problems.append(f"`{self._module(s)}` output goes through `{op.op}` in `{op.module}`")
                 break
-        norms = set()
+        problems += self._hidden_norms(element_of, len(roots))
+        size = len(roots)
+        if not problems:
+            self.out.groups[kind].append(Group("hidden", kind, None, size, tuple(dedupe(slices))))
+
+    def _hidden_norms(self, element_of: dict[int, int], size: int) -> list[str]:
+        """The norms over the residual stream: each an RMSNorm whose weight loses the removed
+        channels (recorded in the info with its form), else a problem; and the config's eps keys."""
+        problems, norms = [], set()
         for stat, rows in self.stat_roots:
             if any(r in element_of for row in rows for r in row):
                 norms.add(stat.module)
                 if any(r >= 0 and r not in element_of for row in rows for r in row):
                     problems.append(f"`{stat.module}` pools hidden channels with other channels ({stat.op})")
         for name in sorted(norms):
-            form = rms_form(self.model.get_submodule(name), len(roots))
+            form = rms_form(self.model.get_submodule(name), size)
             if form is None:
                 problems.append(
                     f"`{name}` ({type(self.model.get_submodule(name)).__name__}) normalises the residual stream "
@@ -253,126 +262,7 @@ class Mapping:
             for k, v in self.model.config.to_dict().items()
             if "eps" in k.lower() and isinstance(v, float) and v in eps
         ]
-        size = len(roots)
-        if not problems:
-            self.out.groups[kind].append(Group("hidden", kind, None, size, tuple(dedupe(slices))))
-
-    def _attention(self, e: int, att) -> set[int]:
-        kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS)
-        i = self._layer_of(att.module)
-        where = f"`{att.module}`"
-        problems: list[str] = []
-        if i is None:
-            for kind in kinds:
-                self.out.problems[kind].append(f"{where} attends outside the decoder layers")
-            return set()
-        n, d = att.q.shape
-        q_sets = [set(self._find(att.q[h])) for h in range(n)]
-        k_sets = [frozenset(self._find(att.k[h])) for h in range(n)]
-        v_sets = [frozenset(self._find(att.v[h])) for h in range(n)]
-        kv_ids: dict[tuple, int] = {}
-        group_of = [kv_ids.setdefault((k_sets[h], v_sets[h]), len(kv_ids)) for h in range(n)]
-        n_kv = len(kv_ids)
-        if len({k for k, _ in kv_ids}) != n_kv or len({v for _, v in kv_ids}) != n_kv:
-            problems.append(f"{where}: keys and values are not paired head by head")
-        per_group = n // n_kv if n % n_kv == 0 else 0
-        if not per_group or any(group_of.count(g) != per_group for g in range(n_kv)):
-            problems.append(f"{where}: KV heads serve unequal numbers of query heads")
-        if any(-1 in s for s in q_sets + [set(k) for k in k_sets] + [set(v) for v in v_sets]):
-            problems.append(f"{where}: queries, keys or values carry channels of no projection")
-        # o_proj: the one projection reading this call's output, and nothing else
-        base = att.out << SHIFT
-        readers = [k for k, sink in enumerate(self.trace.sinks) if ((sink.codes >> SHIFT) == att.out).any()]
-        o_cols: list[list[int]] = [[] for _ in range(n)]
-        if len(readers) != 1:
-            problems.append(f"{where}: its output is read by {len(readers)} projections (expected one)")
-        else:
-            sink = self.trace.sinks[readers[0]]
-            if not ((sink.codes >> SHIFT) == att.out).all():
-                problems.append(f"`{sink.module}` reads the attention output together with other channels")
-            else:
-                dv = self.trace.sources[att.out].size // n
-                for j, code in enumerate(sink.codes.tolist()):
-                    o_cols[(code - base) // dv].append(j)
-        owner = {("attention", e)}
-        for r in set().union(*q_sets, *k_sets, *v_sets):
-            self.claimed |= {s for s, _ in self.members.get(r, [])}
-        kv_sets = [set(k_sets[group_of.index(g)]) | set(v_sets[group_of.index(g)]) for g in range(n_kv)]
-        problems += self._check_elements(Kind.QUERY_HEADS, q_sets + kv_sets, owner, where)
-        order = sorted(range(n), key=lambda h: (group_of[h], h))  # query heads grouped by KV head
-        entry = self.out.info["per_layer"][i]
-        if problems or len(readers) != 1:
-            for kind in kinds:
-                self.out.problems[kind] += problems
-            return set(readers)
-        o_param = self.trace.sinks[readers[0]].param
-        # KV groups: each element = its query heads + its K/V head, and their o_proj columns
-        kv_elements = [
-            kv_sets[g] | set().union(*(q_sets[h] for h in range(n) if group_of[h] == g)) for g in range(n_kv)
-        ]
-        kv_slices, p1 = self._member_slices(kv_elements, False, where)
-        o_kv = [sorted(j for h in range(n) if group_of[h] == g for j in o_cols[h]) for g in range(n_kv)]
-        o_made = make_slices(o_param, 1, o_kv, True)
-        q_slices, p2 = self._member_slices([q_sets[h] for h in order], False, where)
-        o_q = make_slices(o_param, 1, [o_cols[h] for h in order], True)
-        if o_made is None or o_q is None:
-            p1.append(f"`{o_param}`: the attention output columns have no regular per-head layout")
-        if p1 or p2:
-            for kind in kinds:
-                self.out.problems[kind] += p1 + p2
-            return set(readers)
-        kv_group = Group(f"layers.{i}.kv_groups", Kind.KV_GROUPS, i, n_kv, tuple(dedupe(kv_slices + o_made)))
-        self.out.groups[Kind.KV_GROUPS].append(kv_group)
-        if per_group > 1:
-            q_group = Group(
-                f"layers.{i}.query_heads", Kind.QUERY_HEADS, i, n, tuple(dedupe(q_slices + o_q)), blocks=n_kv
-            )
-        else:
-            q_group = kv_group  # MHA / MQA with one query head per KV head: heads are KV groups
-        self.out.groups[Kind.QUERY_HEADS].append(q_group)
-        self._attention_info(i, att, entry, kv_slices, o_param, o_cols, n, n_kv, d)
-        return set(readers)
-
-    def _attention_info(self, i, att, entry, kv_slices, o_param, o_cols, n, n_kv, d) -> None:
-        """What sync() needs to re-derive head counts from weights and set the module attributes."""
-        o_rows = self.params[o_param].shape[1]
-        k_src = int(att.k.reshape(-1)[0]) >> SHIFT
-        k_param = self.trace.sources[k_src].param
-        k_total = self.params[k_param].shape[0]
-        width = {sl.param: 0 for sl in kv_slices}
-        for sl in kv_slices:
-            if sl.dim == 0:
-                width[sl.param] += sl.width
-        q_src = int(att.q.reshape(-1)[0]) >> SHIFT
-        with_q = int(self.trace.sources[q_src].param == k_param)
-        per_kv = width[k_param] - with_q * (n // n_kv) * d  # rows per KV group beside its queries
-        entry.update(
-            attn=self._rel(att.module, i) if att.module != f"{self.path}.{i}" else "",
-            head_dim=d,
-            o=self._rel(o_param, i),
-            o_base=o_rows - sum(len(c) for c in o_cols),
-            k=self._rel(k_param, i),
-            k_rows=[k_total - width[k_param] * n_kv, with_q, per_kv // d],
-            attrs={},
-        )
-        module = self.model.get_submodule(att.module)
-        layer = self.layers[i]
-        path = att.module
-        while True:  # the attention module and its parents up to the layer
-            for name, value in vars(module).items():
-                rule = attr_rule(name, value, n, n_kv, d)
-                if rule:
-                    rel = self._rel(path, i) if path != f"{self.path}.{i}" else ""
-                    entry["attrs"][f"{rel}.{name}" if rel else f".{name}"] = rule
-            if module is layer or "." not in path:
-                break
-            path = path.rpartition(".")[0]
-            module = self.model.get_submodule(path)
-        rules = self.out.info["config"]
-        for name, value in self.model.config.to_dict().items():
-            rule = attr_rule(name, value, n, n_kv, d)
-            if rule in ("heads", "kv_heads") and i == 0:
-                rules.setdefault(rule, []).append(name)
+        return problems
 
     def _mlp(self, i: int, o_sinks: set[int]) -> None:
         kind, t = Kind.MLP, self.trace
