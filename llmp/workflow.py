@@ -14,11 +14,12 @@ Every argument is checked, and the output claimed, before the model is read.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmp import pruning
 from llmp.errors import LlmpError, raise_all
+from llmp.importance import ACTIVATION
 from llmp.pruning import PruneConfig
 from llmp.record import Calibration, Perplexity, PruningRecord
 
@@ -76,18 +77,17 @@ def prune_folder(
     from llmp.outdir import check_output_dir
     from llmp.outlock import output_lock
 
-    _check(config, num_samples, seq_len, eval_tokens, samples, stream, eval_data)
+    run = _Run(model, output, config, calibration, num_samples, seq_len, eval_data, eval_tokens, samples, overwrite, dtype)
+    raise_all(run.problems(stream))
     calibration_file = check_data("calibration", calibration)
     eval_file = check_data("eval_data", eval_data)
     check_seq_len("seq_len", seq_len, model)
-    inputs = [*input_paths(model), calibration_file, eval_file]
-    real = check_output_dir(output, overwrite, inputs, flag="output")
+    run.inputs = [*input_paths(model), calibration_file, eval_file]
+    real = check_output_dir(output, overwrite, run.inputs, flag="output")
     if export:
         from llmp.export import beside, check_export
 
         check_export(output, export, beside(real, export), export_dtype, overwrite)
-    run = _Run(model, output, config, calibration, num_samples, seq_len, samples, overwrite, dtype, inputs)
-    run.eval_data, run.eval_tokens = eval_data, eval_tokens
     with output_lock(real):  # held from here: a second run to the same output stops now
         result = _streamed(run, calibration_file) if stream else _in_memory(run, calibration_file, eval_file)
     if export:
@@ -97,44 +97,46 @@ def prune_folder(
 
 @dataclass
 class _Run:
+    """The arguments of one :func:`prune_folder` run, checked before anything is read."""
+
     model: str
     output: str | Path
     config: PruneConfig
     calibration: str
     num_samples: int
     seq_len: int
+    eval_data: str | None
+    eval_tokens: int
     samples: int
     overwrite: bool
     dtype: str
-    inputs: list
-    eval_data: str | None = None
-    eval_tokens: int = 16384
+    inputs: list = field(default_factory=list)  # what the output must not overwrite
 
     def calibration_entry(self) -> Calibration:
         return Calibration(str(self.calibration), self.num_samples, self.seq_len)
 
-
-def _check(config, num_samples, seq_len, eval_tokens, samples, stream, eval_data) -> None:
-    problems = [
-        f"`{name}` must be a positive whole number; got {value}"
-        for name, value in (("num_samples", num_samples), ("eval_tokens", eval_tokens))
-        if value is None or value < 1
-    ]
-    if samples < 0:
-        problems.append(f"`samples` must be 0 (none) or more; got {samples}")
-    if seq_len < 2:
-        problems.append(f"`seq_len` must be at least 2; got {seq_len}")
-    if stream and eval_data:
-        problems.append(
-            "`stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
-            f"`eval_data` {eval_data} and run `llmp eval ppl --model OUTPUT --data {eval_data}` afterwards"
-        )
-    if stream and config.criterion not in (None, *pruning.config.ACTIVATION):
-        problems.append(
-            f"`stream` scores each layer from its activations, without gradients: use `criterion` flap (or "
-            f"wanda); got `criterion` {config.criterion}"
-        )
-    raise_all(problems)
+    def problems(self, stream: bool) -> list[str]:
+        """One message per bad argument (checked before the model is read)."""
+        problems = [
+            f"`{name}` must be a positive whole number; got {value}"
+            for name, value in (("num_samples", self.num_samples), ("eval_tokens", self.eval_tokens))
+            if value is None or value < 1
+        ]
+        if self.samples < 0:
+            problems.append(f"`samples` must be 0 (none) or more; got {self.samples}")
+        if self.seq_len < 2:
+            problems.append(f"`seq_len` must be at least 2; got {self.seq_len}")
+        if stream and self.eval_data:
+            problems.append(
+                "`stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
+                f"`eval_data` {self.eval_data} and run `llmp eval ppl --model OUTPUT --data {self.eval_data}` afterwards"
+            )
+        if stream and self.config.criterion not in (None, *ACTIVATION):
+            problems.append(
+                f"`stream` scores each layer from its activations, without gradients: use `criterion` flap (or "
+                f"wanda); got `criterion` {self.config.criterion}"
+            )
+        return problems
 
 
 def check_data(name: str, source: str | None) -> str | None:
