@@ -8,6 +8,7 @@ subprocess with ``PYTHONPATH`` set to this folder.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,10 @@ from llmp.plan import PlanSettings, element_parameters, make_plan
 from llmp.record import PruningRecord
 from llmp.structure import adapter_for
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ.get("LLMP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""Real public data the task tests read when it is there (zero-shot task files; see its README):
+``$LLMP_SHARED_DATA``, by default the workspace's ``shared/data`` beside the checkout. Tests that
+need it skip without it."""
 
 # name → (model class, config class, extra config): MHA, GQA, MQA, tied/untied, biases.
 TINY = {
