@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = launcher_args()
     if overrides:
         log.info("fabric run settings mapped onto the Trainer: %s", " ".join(overrides))
-    written = len(outdir.WRITTEN)
-    try:
+
+    def work() -> int:
         cli = FitCLI(
             RecoveryModule,
             RecoveryData,
@@ -149,14 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             save_config_callback=None,  # the resolved recipe is saved into --output instead
             parser_kwargs={"prog": "llmp fit"},
         )
-        with outdir.sigterm_as_interrupt():  # Lightning sets its own handler while it trains
-            return _run(cli)
-    except LlmpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {outdir.written_summary(since=written)}", file=sys.stderr)
-        return 130
+        return _run(cli)
+
+    return outdir.run_command(work)  # Lightning sets its own SIGTERM handler while it trains
 
 
 def _run(cli: FitCLI) -> int:

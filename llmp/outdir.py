@@ -28,9 +28,10 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +359,18 @@ def written_summary(since: int = 0) -> str:
     if not done:
         return "nothing was written"
     return "written completely: " + ", ".join(str(p) for p in dict.fromkeys(done))
+
+
+def run_command(work: Callable[[], int]) -> int:
+    """A command's exit status: ``work()``'s, 2 with one ``error: ...`` line for an
+    :class:`LlmpError`, 130 with what was written completely for Ctrl-C or SIGTERM."""
+    written = len(WRITTEN)
+    try:
+        with sigterm_as_interrupt():
+            return work()
+    except LlmpError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {written_summary(since=written)}", file=sys.stderr)
+        return 130

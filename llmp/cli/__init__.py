@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 
+from llmp import outdir
 from llmp.cli import evaluate, export, generate, prune, report
 from llmp.cli.common import add_dtype_arg, add_prune_args, field_help
-from llmp.errors import LlmpError
 from llmp.memory import return_freed_memory
 from llmp.remote_code import TRUST_ENV
 
@@ -50,18 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_remote_code:
         os.environ[TRUST_ENV] = "1"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from llmp import outdir
-
-    written = len(outdir.WRITTEN)
-    try:
-        with outdir.sigterm_as_interrupt():
-            return COMMANDS[args.command].run(args)
-    except LlmpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {outdir.written_summary(since=written)}", file=sys.stderr)
-        return 130
+    return outdir.run_command(lambda: COMMANDS[args.command].run(args))
 
 
 if __name__ == "__main__":
