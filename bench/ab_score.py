@@ -27,7 +27,6 @@ import torch
 from llmp import LlmpError, PruneConfig, importance, load_model
 from llmp.cli import add_dtype_arg, add_prune_args
 from llmp.data import calibration_samples
-from llmp.importance import ScoringSettings
 from llmp.memory import return_freed_memory
 from llmp.pruning import layer_ranges
 from llmp.structure import adapter_for
@@ -38,9 +37,6 @@ def parse_setting(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise ValueError(f"a setting is NAME=value (e.g. loss_chunk_bytes=1024); got {text!r}")
-    if name not in ScoringSettings.field_names():
-        raise ValueError(f"ScoringSettings has no field {name!r} (from {text!r}); choose from "
-                         f"{', '.join(ScoringSettings.field_names())}")  # fmt: skip
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as err:

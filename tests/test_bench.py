@@ -76,7 +76,7 @@ def test_ab_score_alternates_two_settings(tiny_dir):
     assert all(run["s"] > 0 for side in "ab" for run in result[side]["runs"])
     assert result["score_relative_difference"] < 1e-5
     bad = subprocess.run([*common, "--a", "no_such=1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "ScoringSettings has no field 'no_such'" in bad.stderr
+    assert bad.returncode == 2 and "ScoringSettings has no setting 'no_such'" in bad.stderr
 
 
 def test_sitting_table(tmp_path):

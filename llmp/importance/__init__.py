@@ -15,7 +15,6 @@
 from llmp.importance.criteria import (
     ACTIVATION,
     CRITERIA,
-    GRADIENT,
     REDUCTIONS,
     Criterion,
     CriterionSpec,
@@ -30,7 +29,6 @@ from llmp.importance.settings import ScoringSettings
 __all__ = [
     "ACTIVATION",
     "CRITERIA",
-    "GRADIENT",
     "REDUCTIONS",
     "Criterion",
     "CriterionSpec",

@@ -155,7 +155,6 @@ Reduction = Literal["sum", "mean", "max", "prod", "first"]
 REDUCTIONS: tuple[str, ...] = Reduction.__args__
 ACTIVATION: tuple[str, ...] = tuple(n for n, c in CRITERIA.items() if c.needs == "activations")
 """Criteria from calibration activations, without gradients."""
-GRADIENT: tuple[str, ...] = tuple(n for n, c in CRITERIA.items() if c.needs == "gradients")
 
 
 def needs_calibration(criterion: str) -> bool:

@@ -80,7 +80,7 @@ class GradientScorer:
         if isinstance(self.criterion, Taylor2):
             contribution = self.criterion.sample_salience(p.detach().float(), g, n)
             for dim in self.keys.get(name, ()):
-                part = reduce_to_double(self.criterion, contribution, dim)
+                part = self.criterion.reduce(contribution, dim).double()
                 self.sums[(name, dim)] = self.sums[(name, dim)] + part if (name, dim) in self.sums else part
             self.totals[name] += float(contribution.sum())
         else:  # taylor_mix: the mean gradient and the Fisher diagonal, for finish()
@@ -103,7 +103,7 @@ class GradientScorer:
             g = self._float(g.detach(), "gradient")
         salience = self.criterion.salience(w, g, self._fisher.pop(name, None))
         for dim in self.keys.get(name, ()):
-            self.sums[(name, dim)] = reduce_to_double(self.criterion, salience, dim)
+            self.sums[(name, dim)] = self.criterion.reduce(salience, dim).double()
         self.totals[name] = self.criterion.total(salience)
         p.grad = None
 
@@ -181,10 +181,6 @@ class GradientScorer:
             raise LlmpError(f"calibration loss is {float(loss)}: the model or the data is broken")
         with mmap_threshold(settings.backward_mmap_threshold):
             (loss if self.criterion.per_sample else loss * (batch.shape[0] / n)).backward()
-
-
-def reduce_to_double(criterion: CriterionSpec, salience: torch.Tensor, dim: int) -> torch.Tensor:
-    return criterion.reduce(salience, dim).double()
 
 
 def _progress(starts: list[int], name: str):
