@@ -3,7 +3,7 @@
     python bench/criteria.py --model smollm2-135m --runs taylor:none,flap:bias,flap:lstsq:1.0
 
 Each run is ``criterion:compensate[:ridge][:layerwise]`` (ridge: the lstsq λ as a fraction of the
-mean input variance, default :data:`llmp.pruning.compensation.RIDGE`; layerwise: ``PruneConfig.layerwise``,
+mean input variance, default ``PruneConfig.ridge``; layerwise: ``PruneConfig.layerwise``,
 each layer scored on the pruned model's activations); gradient criteria get ``--taylor-samples``
 calibration windows (llmp's default 16), activation criteria ``--samples`` (one forward, so more
 is cheap). Prints one JSON line per run (and one for the dense model): perplexity per text with
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ from llmp import PruneConfig, load_model, prune
 from llmp.data import calibration_samples, read_text
 from llmp.eval import perplexity
 from llmp.importance import ACTIVATION
-from llmp.pruning import compensation
 
 
 def main() -> None:
@@ -46,18 +46,17 @@ def main() -> None:
     ppl = {name: perplexity(dense, tokenizer, text, 128, args.eval_tokens) for name, text in texts.items()}
     print(json.dumps({"run": "dense", **{k: round(v.ppl, 2) for k, v in ppl.items()}}), flush=True)
     protocol = next(iter(ppl.values())).protocol
-    default_ridge = compensation.RIDGE
     for run in args.runs.split(","):
         criterion, compensate, *more = run.split(":")
         layerwise = "layerwise" in more
         ridge = [float(m) for m in more if m != "layerwise"]
-        compensation.RIDGE = ridge[0] if ridge else default_ridge
         n = args.samples if criterion in ACTIVATION else args.taylor_samples
         calib = calibration_samples(args.calibration, tokenizer, n, args.seq_len, 0)
         model = copy.deepcopy(dense)
         config = PruneConfig(
             ratio=args.ratio, attention=args.attention, criterion=criterion, compensate=compensate, layerwise=layerwise
         )
+        config = dataclasses.replace(config, ridge=ridge[0]) if ridge else config
         t0 = time.perf_counter()
         record = prune(model, config, calib)
         seconds = time.perf_counter() - t0
@@ -70,7 +69,7 @@ def main() -> None:
                     "removed": round(record.achieved_ratio, 4),
                     "prune_s": round(seconds, 2),
                     "calibration": f"{args.calibration}: {n} x {args.seq_len}",
-                    "ridge": compensation.RIDGE if compensate == "lstsq" else None,
+                    "ridge": config.ridge if compensate == "lstsq" else None,
                     "threads": torch.get_num_threads(),
                     "protocol": protocol,
                 }

@@ -47,7 +47,7 @@ class Prunable(Protocol):
     def load_base(self) -> None: ...  # load the (dense) model, before any strategy wraps it
     def merge_adapters(self) -> None: ...  # fold LoRA into the weights before a step
     def prepare(self) -> None: ...  # new adapters / trainable parameters after a step
-    def rebuild(self, saved: PruningRecord) -> None: ...  # repeat a record's steps (resume)
+    def rebuild(self, saved: PruningRecord | None) -> None: ...  # repeat a record's steps (resume)
     def start_schedule(self, settings: dict, schedule: dict[str, float], calibration: Calibration) -> None: ...
     def add_pruning(self, result: PruningRecord, epoch: int, target_ratio: float) -> None: ...
     def to(self, device) -> Any: ...
@@ -148,7 +148,7 @@ class StructuredPruning(L.Callback):
         resumed = self._resumed(trainer)
         if resumed is not None:  # rebuild the checkpoint's shapes; its weights load next
             saved, self.done = resumed
-            if saved.steps != pl_module.record.steps:
+            if (saved.steps if saved else []) != pl_module.record.steps:
                 pl_module.rebuild(saved)
             return
         if 0 in self.targets and 0 not in self.done:
@@ -211,8 +211,7 @@ class StructuredPruning(L.Callback):
         from llmp.checkpoints import read_checkpoint_state
 
         state = read_checkpoint_state(path)
-        saved = checkpoint_record(state, str(path)) or PruningRecord("unknown", 0, 0)  # none: nothing was pruned
-        return saved, list(state.get("pruning_done", []))
+        return checkpoint_record(state, str(path)), list(state.get("pruning_done", []))  # no record: nothing pruned
 
     def _step(self, trainer: L.Trainer, pl_module: Prunable, epoch: int, rewrap: bool) -> None:
         if rewrap:

@@ -37,14 +37,14 @@ from llmp.checkpoints import weights_only_loads
 from llmp.data import calibration_samples, read_text
 from llmp.data.recovery import RecoveryData
 from llmp.errors import LlmpError, raise_all
-from llmp.eval import perplexity
+from llmp.eval.stages import Stages
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, write_atomic
 from llmp.pruning import PruneConfig, prune, replay
-from llmp.record import Perplexity, read_record, write_record
+from llmp.record import Perplexity, Recovery, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint
-from llmp.report import generate_samples, samples_entry, write_report
+from llmp.report import write_report
 from llmp.workflow import check_data
 
 log = logging.getLogger(__name__)
@@ -180,19 +180,19 @@ def _run(cli: FitCLI) -> int:
     module.teacher = None  # its memory, before the export and the evaluation load models again
     if output is None:
         return 0
-    recovery = {
-        "mode": module.mode,
-        "lora": asdict(module.lora) if module.mode == "lora" else None,
-        "learning_rate": module.learning_rate,
-        "distill": asdict(module.distill) if module.distill is not None else None,
-        "epochs": trainer.current_epoch,
-        "optimizer_steps": trainer.global_step,
-        "world_size": trainer.world_size,
-        "strategy": type(trainer.strategy).__name__,
-        "precision": str(trainer.precision),
-        "fit_s": round(fit_s, 2),
-        "val_ppl": _metric(trainer, "val_ppl"),
-    }
+    recovery = Recovery(
+        mode=module.mode,
+        lora=asdict(module.lora) if module.mode == "lora" else None,
+        learning_rate=module.learning_rate,
+        distill=asdict(module.distill) if module.distill is not None else None,
+        epochs=trainer.current_epoch,
+        optimizer_steps=trainer.global_step,
+        world_size=trainer.world_size,
+        strategy=type(trainer.strategy).__name__,
+        precision=str(trainer.precision),
+        fit_s=round(fit_s, 2),
+        val_ppl=_metric(trainer, "val_ppl"),
+    )
     if isinstance(trainer.strategy, strategies.DeepSpeedStrategy):
         ckpt = output.with_name(f"{output.name}.zero-checkpoint")
         trainer.save_checkpoint(ckpt)  # every rank writes its shards
@@ -285,16 +285,12 @@ def prune_again(model, tokenizer, record):
 def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
     """Perplexity of the dense, pruned (no recovery) and recovered models, into the folder's record."""
     record = read_record(output)
-    text = read_text(settings.data)
-    found, runs = Perplexity(data=str(settings.data)), {}
+    stages = Stages(
+        str(settings.data), read_text(settings.data), settings.seq_len, settings.max_tokens, settings.samples
+    )
 
-    def measure(name: str, model, tokenizer) -> None:
-        result = perplexity(model, tokenizer, text, settings.seq_len, settings.max_tokens)
-        setattr(found, name, round(result.ppl, 4))
-        found.protocol = result.protocol
-        print(f"perplexity {name:>9}: {result.ppl:.2f}")
-        if settings.samples > 0:
-            runs[name] = generate_samples(model, tokenizer, count=settings.samples)
+    def measure(stage: str, model, tokenizer) -> None:
+        print(f"perplexity {stage:>9}: {stages.measure(stage, model, tokenizer):.2f}")
 
     with torch.inference_mode(False):
         model, tokenizer = load_model(record.model)
@@ -305,8 +301,6 @@ def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
         del model
         model, tokenizer = load_model(str(output))
         measure("recovered", model, tokenizer)
-    record.perplexity = found
-    if runs:
-        record.generations = samples_entry(*runs.values(), labels=tuple(runs))
+    stages.write(record)
     write_record(output, record)
-    return found
+    return record.perplexity

@@ -107,6 +107,38 @@ class Generations:
 
 @with_config(_STRICT)
 @dataclass
+class Recovery:
+    """How the pruned model was trained back (``llmp fit``), and how it ended.
+
+    Attributes:
+        mode: ``lora`` or ``full``.
+        lora: the adapter's settings (LoRA mode).
+        learning_rate: the peak learning rate.
+        distill: the distillation settings (teacher, weight, top-k ...), if any.
+        epochs: epochs completed.
+        optimizer_steps: optimizer steps taken.
+        world_size: processes that trained.
+        strategy: the Lightning strategy's class name.
+        precision: Lightning's precision setting.
+        fit_s: seconds in ``trainer.fit``.
+        val_ppl: the last validation perplexity.
+    """
+
+    mode: str
+    lora: dict[str, Any] | None = None
+    learning_rate: float | None = None
+    distill: dict[str, Any] | None = None
+    epochs: int | None = None
+    optimizer_steps: int | None = None
+    world_size: int | None = None
+    strategy: str | None = None
+    precision: str | None = None
+    fit_s: float | None = None
+    val_ppl: float | None = None
+
+
+@with_config(_STRICT)
+@dataclass
 class PruningRecord:
     """A pruning run (one :func:`llmp.prune` call, or all steps of a fit), as saved.
 
@@ -125,7 +157,7 @@ class PruningRecord:
         calibration: the calibration text of the gradient criteria.
         schedule: epoch → cumulative ratio of a pruning schedule inside a fit.
         perplexity: dense → pruned → recovered perplexity.
-        recovery: settings and results of the recovery run (shown as a table).
+        recovery: how the pruned model was trained back (shown as a table).
         generations: side-by-side greedy continuations.
         loads_with_plain_transformers: the folder's config holds the pruned counts.
         engines: where the saved model runs (llmp, transformers, llama.cpp and vLLM through ``llmp export``).
@@ -147,7 +179,7 @@ class PruningRecord:
     calibration: Calibration | None = None
     schedule: dict[str, float] | None = None
     perplexity: Perplexity | None = None
-    recovery: dict[str, Any] | None = None
+    recovery: Recovery | None = None
     generations: Generations | None = None
     loads_with_plain_transformers: bool | None = None
     engines: list[str] | None = None

@@ -35,12 +35,11 @@ from llmp.io import save_pruned
 from llmp.lora import LoraSettings
 from llmp.models import input_paths, load_model
 from llmp.outdir import check_output_dir, temp_dir
-from llmp.pruning import count_parameters, replay
-from llmp.record import Calibration, PruningRecord, checkpoint_record
+from llmp.pruning import RunInput, count_parameters, replay, unpruned_record
+from llmp.record import Calibration, PruningRecord, Recovery, checkpoint_record
 from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
-
 
 
 class RecoveryModule(L.LightningModule):
@@ -119,18 +118,7 @@ class RecoveryModule(L.LightningModule):
         self.model, self.tokenizer = load_model(self.spec, getattr(torch, self.dtype_name))
         self.model.config.use_cache = False
         self.model.train()
-        adapter, size = adapter_for(self.model), count_parameters(self.model)
-        shapes = adapter.layer_shapes(self.model)
-        self.record = PruningRecord(
-            family=adapter.family,
-            params_before=size,
-            params_after=size,
-            layer_shapes=shapes,
-            model=self.spec,
-            dense_layer_shapes=shapes,
-            hidden_size=self.model.config.hidden_size,
-            num_layers=len(adapter.layers(self.model)),
-        )
+        self.record = unpruned_record(self.model, RunInput(self.spec))
         cached = self.distill is not None and self.distill.cache is not None and Path(self.distill.cache).is_file()
         if self.distill is not None and self.teacher is None and not cached:  # before any pruning: the dense model
             self.teacher = Teacher.for_student(self.distill, self.model, self.spec)
@@ -303,29 +291,32 @@ class RecoveryModule(L.LightningModule):
         step.epoch, step.target_ratio = epoch, target_ratio
         self.record.extend(result)
 
-    def rebuild(self, saved: PruningRecord) -> None:
-        """Reload the original model and repeat ``saved``'s steps on it, ready to train (see :meth:`prepare`)."""
-        self.model = None
+    def rebuild(self, saved: PruningRecord | None) -> None:
+        """Reload the original model and repeat ``saved``'s steps on it (``None``: none), ready to
+        train (see :meth:`prepare`)."""
+        started, self.model = self.record, None
         self.load_base()
-        replay(self.model, saved.steps)
+        steps = list(saved.steps) if saved is not None else []
+        replay(self.model, steps)
+        plan = saved or started or self.record  # nothing pruned: the schedule already started
         adapter = adapter_for(self.model)
         self.record = dataclasses.replace(
             self.record,
             params_after=count_parameters(self.model),
             layer_shapes=adapter.layer_shapes(self.model),
-            settings=saved.settings,
+            settings=plan.settings,
             hidden_size=self.model.config.hidden_size,
             num_layers=len(adapter.layers(self.model)),
-            steps=list(saved.steps),
-            timings=_summed_timings(saved.steps),
-            calibration=saved.calibration,
-            schedule=saved.schedule,
+            steps=steps,
+            timings=_summed_timings(steps),
+            calibration=plan.calibration,
+            schedule=plan.schedule,
         )
         self.prepare()
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export(self, output: str | Path, recovery: dict | None = None, overwrite: bool = False) -> Path:
+    def export(self, output: str | Path, recovery: Recovery | None = None, overwrite: bool = False) -> Path:
         """Merge adapters and save a model folder loadable with :func:`llmp.load_pruned`.
 
         The folder's pruning record lists the pruning steps and ``recovery`` (settings and
@@ -347,7 +338,7 @@ def _summed_timings(steps) -> dict[str, float]:
     return timings
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: dict | None = None, overwrite=False):
+def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: Recovery | None = None, overwrite=False):
     """Turn a Lightning checkpoint of a :class:`RecoveryModule` into a pruned model folder.
 
     A DeepSpeed ZeRO checkpoint (a folder of shards) is consolidated to fp32 first. The original

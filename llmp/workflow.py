@@ -20,8 +20,8 @@ from pathlib import Path
 from llmp import pruning
 from llmp.errors import LlmpError, raise_all
 from llmp.importance import ACTIVATION
-from llmp.pruning import PruneConfig
-from llmp.record import Calibration, Perplexity, PruningRecord
+from llmp.pruning import PruneConfig, RunInput
+from llmp.record import Calibration, PruningRecord
 
 
 @dataclass
@@ -77,7 +77,9 @@ def prune_folder(
     from llmp.outdir import check_output_dir
     from llmp.outlock import output_lock
 
-    run = _Run(model, output, config, calibration, num_samples, seq_len, eval_data, eval_tokens, samples, overwrite, dtype)
+    run = _Run(
+        model, output, config, calibration, num_samples, seq_len, eval_data, eval_tokens, samples, overwrite, dtype
+    )
     raise_all(run.problems(stream))
     calibration_file = check_data("calibration", calibration)
     eval_file = check_data("eval_data", eval_data)
@@ -112,8 +114,11 @@ class _Run:
     dtype: str
     inputs: list = field(default_factory=list)  # what the output must not overwrite
 
-    def calibration_entry(self) -> Calibration:
-        return Calibration(str(self.calibration), self.num_samples, self.seq_len)
+    def given(self, load_s: float | None = None) -> RunInput:
+        """What the record keeps of this run's input (the calibration only where the criterion reads it)."""
+        used = self.config.needs_calibration
+        calibration = Calibration(str(self.calibration), self.num_samples, self.seq_len) if used else None
+        return RunInput(self.model, calibration, load_s)
 
     def problems(self, stream: bool) -> list[str]:
         """One message per bad argument (checked before the model is read)."""
@@ -164,10 +169,10 @@ def check_seq_len(name: str, seq_len: int, spec: str) -> None:
 def _in_memory(run: _Run, calibration_file: str | None, eval_file: str | None) -> PruneFolderResult:
     from llmp.data import calibration_samples, read_text
     from llmp.data.text import read_documents
-    from llmp.eval import perplexity
+    from llmp.eval.stages import Stages
     from llmp.io import save_pruned
     from llmp.models import load_model
-    from llmp.report import generate_samples, layer_shapes, samples_entry, write_report
+    from llmp.report import write_report
 
     # Local data is read (and refused if unreadable) before the model loads.
     text = read_text(eval_file) if eval_file else None
@@ -176,22 +181,16 @@ def _in_memory(run: _Run, calibration_file: str | None, eval_file: str | None) -
     t0 = time.perf_counter()
     model, tokenizer = load_model(run.model, run.dtype)
     load_s = time.perf_counter() - t0
-    dense = perplexity(model, tokenizer, text, 128, run.eval_tokens) if text else None
-    dense_shapes, dense_samples = layer_shapes(model), generate_samples(model, tokenizer, count=run.samples)
+    stages = Stages(str(run.eval_data) if text else None, text, 128, run.eval_tokens, run.samples)
+    stages.measure("dense", model, tokenizer)
     t1 = time.perf_counter()
     calib = None
     if run.config.needs_calibration:
         calib = calibration_samples(source, tokenizer, run.num_samples, run.seq_len, run.config.seed)
-    record = pruning.prune(model, run.config, calib)
+    record = pruning.prune(model, run.config, calib, given=run.given(load_s))
     prune_s = time.perf_counter() - t1
-    record.model, record.calibration = run.model, run.calibration_entry()
-    record.timings.update(load_s=round(load_s, 3), prune_s=round(prune_s, 3))
-    record.dense_layer_shapes = dense_shapes
-    if run.samples > 0:
-        record.generations = samples_entry(dense_samples, generate_samples(model, tokenizer, count=run.samples))
-    if text:
-        pruned = perplexity(model, tokenizer, text, 128, run.eval_tokens)
-        record.perplexity = Perplexity(str(run.eval_data), dense.ppl, pruned.ppl, protocol=dense.protocol)
+    stages.measure("pruned", model, tokenizer)
+    stages.write(record)
     out = save_pruned(model, run.output, tokenizer, record, overwrite=run.overwrite, inputs=run.inputs)
     return PruneFolderResult(out, record, write_report(out)[0], prune_s=prune_s)
 
@@ -207,9 +206,9 @@ def _streamed(run: _Run, calibration_file: str | None) -> PruneFolderResult:
     folder, tokenizer = model_folder(run.model)
     t0 = time.perf_counter()
     calib = calibration_samples(source, tokenizer, run.num_samples, run.seq_len, run.config.seed)
-    fields = {"model": run.model, "calibration": run.calibration_entry()}
     dtype = resolve_dtype(run.dtype)
-    record = pruning.prune_streamed(folder, run.output, run.config, calib, tokenizer, fields, run.overwrite, dtype)
+    given = run.given()
+    record = pruning.prune_streamed(folder, run.output, run.config, calib, tokenizer, given, run.overwrite, dtype)
     out = real_path(run.output)
     return PruneFolderResult(out, record, write_report(out)[0], prune_s=time.perf_counter() - t0)
 

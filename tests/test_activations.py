@@ -126,6 +126,20 @@ def test_lstsq_reconstructs_the_dense_output_best(calib):
     assert errors["lstsq"] < errors["bias"] < errors["none"]
 
 
+def test_a_larger_ridge_keeps_the_refit_closer_to_the_kept_weights(calib):
+    """``ridge`` is the refit's one knob: as it grows, lstsq moves the kept columns less."""
+    dense = tiny_model("llama-mha")
+    moved = []
+    for ridge in (0.01, 1.0, 100.0):
+        model = copy.deepcopy(dense)
+        config = PruneConfig(ratio=0.3, criterion="flap", compensate="lstsq", mlp_layers="0:4", ridge=ridge)
+        plan = prune(model, config, calib).steps[0].plan
+        kept = sorted(set(range(dense.config.intermediate_size)) - set(plan["layers.1.mlp"]))
+        before = dense.model.layers[1].mlp.down_proj.weight.detach()[:, kept]
+        moved.append(float((model.model.layers[1].mlp.down_proj.weight.detach() - before).norm()))
+    assert moved[0] > moved[1] > moved[2] > 0
+
+
 @pytest.mark.parametrize("compensate", ["bias", "lstsq"])
 def test_compensated_model_saves_and_loads(calib, inputs, tmp_path, compensate):
     model = tiny_model("llama-gqa")
@@ -170,6 +184,7 @@ def test_taylor_plan_with_bias_compensation(calib):
         ),
         (dict(scope="channel", compensate="bias"), "`compensate` bias works on heads and MLP channels only"),
         (dict(compensate="mean"), "`compensate` must be one of none, bias, lstsq; got 'mean'"),
+        (dict(ridge=0.0), "`ridge` must be > 0 (a multiple of the mean input variance, e.g. 1.0); got 0.0"),
     ],
 )
 def test_bad_settings_are_named(settings, message):

@@ -12,9 +12,10 @@ import torch
 from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, prune
-from llmp.pruning import replay
-from llmp.record import SCHEMA, PruningRecord, Step, checkpoint_record, read_record, write_record
+from llmp.pruning import RunInput, replay
+from llmp.record import SCHEMA, Calibration, PruningRecord, Step, checkpoint_record, read_record, write_record
 from llmp.report import write_report
+from llmp.structure import adapter_for
 
 OLD = Path(__file__).parent / "golden" / "v0"  # written by llmp before the record existed (commit 58ba6ef)
 
@@ -83,6 +84,7 @@ def _break(path: str, value):
         (_break("steps.0.kinds", "mlp"), r"`steps\[0\]\.kinds`: input should be a valid list"),
         (_break("perplexity", {"dense": "low"}), r"`perplexity\.dense`: input should be a valid number"),
         (_break("schema", SCHEMA + 1), "newer than this llmp reads"),
+        (_break("recovery", {"mode": "lora", "steps": 3}), r"`recovery\.steps`: unexpected"),
     ],
 )
 def test_a_malformed_record_names_the_bad_key(tmp_path, change, message):
@@ -97,3 +99,17 @@ def test_not_an_object(tmp_path):
     (tmp_path / "pruning_report.json").write_text("[1, 2]")
     with pytest.raises(LlmpError, match="holds a list, not a pruning report object"):
         read_record(tmp_path)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_the_driver_records_what_it_was_given(layerwise):
+    """The record is made whole by the driver that pruned: the input's name, calibration and load
+    time, the dense shapes and the run's time (no caller patches fields in afterwards)."""
+    model, calib = tiny_model("llama-gqa"), torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = copy.deepcopy(model)
+    config = PruneConfig(ratio=0.2, criterion="flap" if layerwise else "taylor", layerwise=layerwise)
+    given = RunInput("tiny", Calibration("c4", 4, 16), load_s=1.5)
+    record = prune(model, config, calib, given=given)
+    assert (record.model, record.calibration) == ("tiny", given.calibration)
+    assert record.dense_layer_shapes == adapter_for(dense).layer_shapes(dense) != record.layer_shapes
+    assert record.timings["load_s"] == 1.5 and record.timings["prune_s"] > 0

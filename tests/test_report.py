@@ -13,7 +13,8 @@ from helpers import run_cli as run
 
 from llmp.cli import main
 from llmp.errors import LlmpError
-from llmp.report import repeated_ngrams, samples_entry, write_report
+from llmp.eval.generation import samples_entry
+from llmp.report import repeated_ngrams, write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +105,7 @@ def test_recovered_folder_shows_perplexities_and_settings(folder):
     """What `llmp fit` adds to the pruning report is shown: dense → pruned → recovered."""
     report = json.loads((folder / "pruning_report.json").read_text())
     report["perplexity"] = {"dense": 51.9, "pruned": 106.8, "recovered": 60.25, "protocol": "128-token windows"}
-    report["recovery"] = {"mode": "lora", "lora": {"r": 8, "alpha": 16}, "targets": ["q_proj", "v_proj"], "steps": 10}
+    report["recovery"] = {"mode": "lora", "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, "epochs": 1}
     report["generations"] = dataclasses.asdict(
         samples_entry(
             *({"prompts": ["Hi"], "max_new_tokens": 3, "outputs": [text]} for text in ("a b c", "a a a", "a b d")),
@@ -117,7 +118,7 @@ def test_recovered_folder_shows_perplexities_and_settings(folder):
     md = md_path.read_text()
     assert "| data | dense | pruned | recovered | protocol |" in md
     assert "| - | 51.90 | 106.80 | 60.25 | 128-token windows |" in md
-    assert "## Recovery" in md and "| lora.r | 8 |" in md and "| targets | q_proj, v_proj |" in md
+    assert "## Recovery" in md and "| lora.r | 8 |" in md and "| lora.targets | q_proj, v_proj |" in md
     assert "| recovered | a b d | 0% |" in md
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".llmp"]
     assert not leftovers  # atomic writes leave no temporary files

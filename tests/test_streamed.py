@@ -11,7 +11,10 @@ import torch
 from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, load_pruned, prune
+from llmp.pruning import RunInput
 from llmp.pruning.streamed import INDEX, prune_streamed
+from llmp.record import Calibration
+from llmp.structure import adapter_for
 
 
 def _config(**kw):
@@ -59,9 +62,8 @@ def test_streamed_equals_in_memory(calib, inputs, tmp_path, dtype, compensate, r
 def test_streamed_folder_is_sharded_by_layer(calib, tmp_path):
     source = tmp_path / "source"
     tiny_model("llama-gqa").save_pretrained(source)
-    record = prune_streamed(
-        source, tmp_path / "out", _config(compensate="bias"), calib, record_fields={"model": "tiny"}
-    )
+    given = RunInput("tiny", Calibration("c4", len(calib), calib.shape[1]))
+    record = prune_streamed(source, tmp_path / "out", _config(compensate="bias"), calib, given=given)
     out = tmp_path / "out"
     index = json.loads((out / INDEX).read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
@@ -71,6 +73,9 @@ def test_streamed_folder_is_sharded_by_layer(calib, tmp_path):
     assert index["weight_map"]["model.embed_tokens.weight"] == "model-00005-of-00005.safetensors"
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["model"] == "tiny" and report["params_after"] == record.params_after
+    assert report["calibration"] == {"source": "c4", "num_samples": len(calib), "seq_len": calib.shape[1]}
+    dense = tiny_model("llama-gqa")
+    assert report["dense_layer_shapes"] == adapter_for(dense).layer_shapes(dense)  # as the in-memory path records
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic: no leftovers
 
 
@@ -141,7 +146,11 @@ def _phi3_folder(folder):
         # llmp's Phi-3 adapter unregistered: in memory, the automatic map fails the check on query
         # heads (Phi-3 slices q/k/v by the config's head count); streamed, any automatic family is
         # refused by name (discovery traces real weights, which streaming never holds).
-        ("phi3-unknown", dict(attention="query", mlp=False), ("equivalence check failed.*query_heads", "needs a family adapter")),
+        (
+            "phi3-unknown",
+            dict(attention="query", mlp=False),
+            ("equivalence check failed.*query_heads", "needs a family adapter"),
+        ),
     ],
 )
 def test_streaming_refuses_what_the_in_memory_path_refuses(family, settings, messages, tmp_path, calib, monkeypatch):

@@ -15,10 +15,10 @@ def add_parser(sub) -> None:
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt with --dense")
 
 
-
 def run(args) -> int:
+    from llmp.eval.generation import DEFAULT_PROMPTS, compare_generations
     from llmp.record import read_record
-    from llmp.report import DEFAULT_PROMPTS, compare_generations, write_report
+    from llmp.report import write_report
 
     folder = Path(args.dir)
     if not folder.is_dir():

@@ -8,17 +8,18 @@
     layerwise.py     one decoder layer at a time from its activations (in memory)
     streamed.py      the same, read from and written to disk (a model bigger than memory)
     compensation.py  what removed heads / channels contributed, kept in the output projection
-    steps.py         removal targets, timings, the record, replay
+    steps.py         removal targets, timings, the record (its one maker), replay
 """
 
 from llmp.pruning.config import PruneConfig, layer_ranges, parse_range
 from llmp.pruning.oneshot import prune
 from llmp.pruning.preflight import preflight
-from llmp.pruning.steps import count_parameters, replay
+from llmp.pruning.steps import RunInput, count_parameters, replay, unpruned_record
 from llmp.pruning.streamed import prune_streamed
 
 __all__ = [
     "PruneConfig",
+    "RunInput",
     "count_parameters",
     "layer_ranges",
     "parse_range",
@@ -26,4 +27,5 @@ __all__ = [
     "prune",
     "prune_streamed",
     "replay",
+    "unpruned_record",
 ]

@@ -6,7 +6,7 @@ From the same input statistics as the activation criteria (:mod:`llmp.importance
   removed columns ``R`` moves into the projection's bias.
 - ``lstsq``: the kept columns ``K`` are refit to the dense output on the calibration inputs
   (centred ridge regression), and the bias takes the mean:
-  ``W_K' = W_K + W_R Σ_RK (Σ_KK + λI)⁻¹``, ``b += W μ − W_K' μ_K``, with ``λ`` :data:`RIDGE`
+  ``W_K' = W_K + W_R Σ_RK (Σ_KK + λI)⁻¹``, ``b += W μ − W_K' μ_K``, with ``λ`` the config's ``ridge``
   times the mean of ``diag Σ_KK``. A large ridge pulls the refit toward the original weights:
   SparseGPT's 1% dampening overfits a few thousand calibration tokens
   (``docs/benchmarks/criteria.md``).
@@ -26,9 +26,6 @@ from llmp.errors import LlmpError
 from llmp.importance.activations import InputStats, projections
 from llmp.structure import Structure
 
-RIDGE = 1.0
-"""λ of the ``lstsq`` refit, as a fraction of the mean input variance."""
-
 
 @dataclass
 class Refit:
@@ -41,7 +38,12 @@ class Refit:
 
 @torch.no_grad()
 def compensation(
-    model: nn.Module, structure: Structure, plan: dict[str, list[int]], stats: dict[str, InputStats], mode: str
+    model: nn.Module,
+    structure: Structure,
+    plan: dict[str, list[int]],
+    stats: dict[str, InputStats],
+    mode: str,
+    ridge: float = 1.0,
 ) -> list[Refit]:
     """The bias (and for ``lstsq`` weight) of every output projection that loses columns in ``plan``.
 
@@ -73,7 +75,7 @@ def compensation(
         if s.gram is None:
             raise LlmpError("lstsq compensation needs the inputs' Gram matrix (collect(..., gram=True))")
         c_kk, c_kr = s.covariance(kept, kept).to(w.device), s.covariance(kept, removed).to(w.device)
-        c_kk.diagonal().add_(RIDGE * float(c_kk.diagonal().mean()) + 1e-12)
+        c_kk.diagonal().add_(ridge * float(c_kk.diagonal().mean()) + 1e-12)
         # W_K' = W_K + W_R Σ_RK Σ_KK⁻¹ (solve Σ_KK Xᵀ = Σ_KR W_Rᵀ, Σ symmetric)
         rhs = c_kr @ w[:, removed].T
         factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work

@@ -68,6 +68,9 @@ class PruneConfig:
     """after removing heads / MLP channels, keep their mean output as a bias of the output
     projection (bias, FLAP's), or also refit the kept columns by ridge least squares on the
     calibration inputs (lstsq); see llmp.pruning.compensation; unset: lstsq with flap and wanda, else none"""
+    ridge: float = 1.0
+    """lstsq's ridge λ, as a multiple of the kept inputs' mean variance: larger stays closer to the
+    kept weights, smaller fits the calibration text closer"""
     layout: Literal["heterogeneous", "uniform"] = "heterogeneous"
     """heterogeneous, or uniform (the same counts in every layer: a plain Hugging Face config)"""
     target: Target = "any"
@@ -134,6 +137,8 @@ class PruneConfig:
             )
         if self.steps < 1:
             problems.append(f"`steps` must be >= 1; got {self.steps}")
+        if not self.ridge > 0:
+            problems.append(f"`ridge` must be > 0 (a multiple of the mean input variance, e.g. 1.0); got {self.ridge}")
         if not 0.0 <= self.min_keep < 1.0:
             problems.append(f"`min_keep` must be in [0, 1) (a fraction of every group); got {self.min_keep}")
         if self.round_to < 1:

@@ -31,7 +31,16 @@ from llmp.importance import activations
 from llmp.plan import PlanSettings, choose, groups_element_parameters, layer_counts, make_plan
 from llmp.pruning import compensation
 from llmp.pruning.config import PruneConfig, layer_ranges
-from llmp.pruning.steps import Budget, Timings, declare_biases, note_biases, run_record, step_record
+from llmp.pruning.steps import (
+    Budget,
+    RunInput,
+    Start,
+    Timings,
+    declare_biases,
+    note_biases,
+    run_record,
+    step_record,
+)
 from llmp.record import PruningRecord
 from llmp.structure import Structure, adapter_for
 
@@ -105,20 +114,22 @@ def prune_layerwise(
     layers_io: Layers | None = None,
     agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
     reference_params: int | None = None,
+    given: RunInput | None = None,
 ) -> PruningRecord:
     """Prune ``model`` one decoder layer at a time (see the module docstring); ``config`` resolved
     by :func:`llmp.pruning.preflight`, with an activation criterion.
 
     ``agree`` receives the plan before it is applied (global ranking: the whole plan; layer
     ranking: each layer's part) and returns the plan to apply (distributed callers broadcast);
-    ``reference_params`` as in :func:`llmp.prune`.
+    ``reference_params`` and ``given`` as in :func:`llmp.prune`.
 
     Raises:
         LlmpError: no calibration tokens.
     """
     activations.require_calibration(calibration)
     run = _Pass(model, config, layers_io or Layers(), agree)
-    budget, timings = Budget.of(model, reference_params), Timings()
+    start = Start.of(model)
+    budget, timings = Budget.of(start, reference_params), Timings()
     target = budget.step_target(model, config.ratio)
     with timings.phase("planning_s"):
         plan = run.global_plan(calibration, target) if config.ranking == "global" else None
@@ -137,7 +148,7 @@ def prune_layerwise(
                 with timings.phase("scoring_s"):
                     stats, mine_plan = run.layer_plan(part, inputs, plan, counts)
                 with timings.phase("surgery_s"):
-                    refits = compensation.compensation(model, part, mine_plan, stats, config.compensate)
+                    refits = compensation.compensation(model, part, mine_plan, stats, config.compensate, config.ridge)
                     surgery.apply(model, part, mine_plan, run.adapter)
                     gained = compensation.install(model, refits)
                     biases += note_biases(model, run.adapter, gained, config, declare=False)
@@ -147,7 +158,7 @@ def prune_layerwise(
         run.io.release(i)
     biases += declare_biases(model, run.adapter, config)  # after the last layer: its groups knew no such biases
     step = step_record(model, config, applied, budget.total, 1, timings.seconds, biases)
-    return run_record(model, config, budget.total, [step], timings)
+    return run_record(model, config, start, [step], timings, given)
 
 
 class _Pass:

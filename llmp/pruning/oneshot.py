@@ -25,7 +25,16 @@ from llmp.pruning import compensation
 from llmp.pruning.config import PruneConfig, layer_ranges
 from llmp.pruning.layerwise import prune_layerwise
 from llmp.pruning.preflight import preflight
-from llmp.pruning.steps import Budget, Timings, count_parameters, note_biases, run_record, step_record
+from llmp.pruning.steps import (
+    Budget,
+    RunInput,
+    Start,
+    Timings,
+    count_parameters,
+    note_biases,
+    run_record,
+    step_record,
+)
 from llmp.record import PruningRecord
 from llmp.structure import Group, Kind, Structure, adapter_for
 
@@ -38,6 +47,7 @@ def prune(
     calibration: torch.Tensor | None = None,
     agree: Agree | None = None,
     reference_params: int | None = None,
+    given: RunInput | None = None,
 ) -> PruningRecord:
     """Prune ``model`` in place and return the record of it (settings, counts, shapes, timings).
 
@@ -53,15 +63,17 @@ def prune(
         reference_params: the size ``config.ratio`` is a fraction of (default: ``model``'s own).
             An iterative schedule passes the original model's, so the ratio stays "of the
             original", and only what is still missing is removed.
+        given: what the record keeps of the run's input (model name, calibration source, load time).
 
     Raises:
         LlmpError: as :func:`llmp.pruning.preflight`, or no calibration for a criterion that needs it.
     """
     config = preflight(model, config)
     if config.layerwise:
-        return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params)
+        return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params, given=given)
     adapter = adapter_for(model)
-    budget, timings, steps = Budget.of(model, reference_params), Timings(), []
+    start = Start.of(model)
+    budget, timings, steps = Budget.of(start, reference_params), Timings(), []
     for step in range(1, config.steps + 1):
         target = budget.step_target(model, config.ratio, step, config.steps)
         seconds = Timings()
@@ -78,13 +90,13 @@ def prune(
             plan = agree(plan) if agree is not None else plan
         with seconds.phase("surgery_s"):
             before = count_parameters(model)
-            refits = compensation.compensation(model, structure, plan, stats, config.compensate)
+            refits = compensation.compensation(model, structure, plan, stats, config.compensate, config.ridge)
             surgery.apply(model, structure, plan, adapter)
             gained = note_biases(model, adapter, compensation.install(model, refits), config)
         for key, value in seconds.seconds.items():
             timings.seconds[key] += value
         steps.append(step_record(model, config, plan, before, step, seconds.seconds, gained))
-    return run_record(model, config, budget.total, steps, timings)
+    return run_record(model, config, start, steps, timings, given)
 
 
 def _structure(model: PreTrainedModel, config: PruneConfig) -> Structure:
@@ -100,7 +112,14 @@ def _scores(model, structure: Structure, calibration, stats: dict, config: Prune
     if config.criterion in importance.ACTIVATION:  # the statistics were collected for compensation too
         return activations.score(model, structure, stats, config.criterion)
     return importance.score(
-        model, structure, calibration, config.criterion, config.reduction, config.batch_size, config.seed, config.scoring
+        model,
+        structure,
+        calibration,
+        config.criterion,
+        config.reduction,
+        config.batch_size,
+        config.seed,
+        config.scoring,
     )
 
 

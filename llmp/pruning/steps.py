@@ -3,6 +3,7 @@ biases compensation added, and replaying recorded steps without scoring."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from llmp.pruning.config import PruneConfig
-from llmp.record import PruningRecord, Step
+from llmp.record import Calibration, PruningRecord, Step
 from llmp.structure import Kind, adapter_for
 from llmp.structure.adapters.base import BIASES_KEY
 from llmp.surgery import apply
@@ -20,6 +21,34 @@ from llmp.surgery import apply
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """What a run was given, as its record keeps it.
+
+    Attributes:
+        model: the model as the user named it (a folder, built-in name or hub id).
+        calibration: the calibration text's source and size (``None``: the criterion reads none).
+        load_s: seconds the caller spent loading the model (kept with the run's timings).
+    """
+
+    model: str | None = None
+    calibration: Calibration | None = None
+    load_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Start:
+    """A model as a driver found it: its parameters, per-layer counts and the clock."""
+
+    params: int
+    shapes: list[dict[str, int]]
+    time: float
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Start:
+        return cls(count_parameters(model), adapter_for(model).layer_shapes(model), time.perf_counter())
 
 
 @dataclass
@@ -35,9 +64,8 @@ class Budget:
     reference: int
 
     @classmethod
-    def of(cls, model: torch.nn.Module, reference_params: int | None) -> Budget:
-        total = count_parameters(model)
-        return cls(total, total if reference_params is None else reference_params)
+    def of(cls, start: Start, reference_params: int | None) -> Budget:
+        return cls(start.params, start.params if reference_params is None else reference_params)
 
     def step_target(self, model: torch.nn.Module, ratio: float, step: int = 1, steps: int = 1) -> int:
         """Parameters that step ``step`` of ``steps`` removes from ``model`` as it is now."""
@@ -79,20 +107,37 @@ def step_record(model, config: PruneConfig, plan, before: int, step: int, second
     )
 
 
-def run_record(model, config: PruneConfig, total: int, steps: list[Step], timings: Timings) -> PruningRecord:
-    """The :class:`PruningRecord` of ``steps`` taking ``model`` from ``total`` parameters to its size now."""
-    adapter = adapter_for(model)
+def run_record(
+    model, config: PruneConfig, start: Start, steps: list[Step], timings: Timings, given: RunInput | None
+) -> PruningRecord:
+    """The :class:`PruningRecord` of ``steps`` taking ``model`` from ``start`` to its size now:
+    the one place a driver's record is made (evaluation and saving add their own fields)."""
+    adapter, given = adapter_for(model), given or RunInput()
+    seconds = timings.rounded()
+    if given.load_s is not None:
+        seconds["load_s"] = round(given.load_s, 3)
+    seconds["prune_s"] = round(time.perf_counter() - start.time, 3)
     return PruningRecord(
         family=adapter.family,
-        params_before=total,
+        params_before=start.params,
         params_after=count_parameters(model),
         layer_shapes=adapter.layer_shapes(model),
+        model=given.model,
         settings=asdict(config),
+        dense_layer_shapes=start.shapes,
         hidden_size=model.config.hidden_size,
         num_layers=len(adapter.layers(model)),
         steps=steps,
-        timings=timings.rounded(),
+        timings=seconds,
+        calibration=given.calibration,
     )
+
+
+def unpruned_record(model, given: RunInput) -> PruningRecord:
+    """The record of ``model`` before any step (a fit's schedule starts here and adds its steps)."""
+    start = Start.of(model)
+    record = run_record(model, PruneConfig(), start, [], Timings(), given)
+    return dataclasses.replace(record, settings={}, timings={})
 
 
 def note_biases(

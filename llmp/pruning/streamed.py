@@ -33,6 +33,7 @@ from llmp.outdir import write_folder, write_json_atomic
 from llmp.pruning.config import PruneConfig
 from llmp.pruning.layerwise import Layers, prune_layerwise
 from llmp.pruning.preflight import preflight
+from llmp.pruning.steps import RunInput
 from llmp.record import REPORT, PruningRecord
 from llmp.structure import adapter_for
 from llmp.structure.adapters.base import module_name
@@ -151,7 +152,7 @@ def prune_streamed(
     config: PruneConfig,
     calibration: torch.Tensor,
     tokenizer=None,
-    record_fields: dict | None = None,
+    given: RunInput | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
@@ -160,7 +161,7 @@ def prune_streamed(
 
     ``config`` takes an activation criterion (layer by layer: :mod:`llmp.pruning.layerwise`) and is
     checked by :func:`llmp.pruning.preflight` as the in-memory path checks it, before any layer is read;
-    ``record_fields`` are set on the record before it is written (model name, calibration);
+    ``given``: what the record keeps of the run's input (model name, calibration source);
     ``device``: where the layers run (``cuda``: the embeddings, head and one layer at a time on the GPU).
 
     Raises:
@@ -174,9 +175,7 @@ def prune_streamed(
     _outside_to(model, device)
     with write_folder(output, overwrite, inputs=[path]) as tmp:
         layers = StreamedLayers(model, where, dtype, tmp, device)
-        record = prune_layerwise(model, config, calibration, layers)
-        for key, value in (record_fields or {}).items():
-            setattr(record, key, value)
+        record = prune_layerwise(model, config, calibration, layers, given=given)
         prefix = layers.adapter.layers_path + "."
         rest = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if not n.startswith(prefix)}
         head = model.get_output_embeddings()
