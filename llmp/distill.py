@@ -82,7 +82,26 @@ class DistillSettings:
             found.append(
                 f"`distill.cache` {self.cache} keeps the teacher's top-k logits: set `distill.top_k` (e.g. 64)"
             )
+        if self.cache is not None:
+            found += _cache_path_problems(self.cache)
         return found
+
+
+def _cache_path_problems(cache: str) -> list[str]:
+    """A cache file is read if it exists, else written after the teacher's pass: its place is
+    checked now, as an output's is, not after the pass."""
+    from llmp.outcheck import check_output_path
+
+    path = Path(cache).expanduser()
+    if path.is_dir():
+        return [f"`distill.cache` {cache} is a folder; name a file in it, e.g. {path / 'teacher.safetensors'}"]
+    if path.is_file():
+        return []
+    try:
+        check_output_path(path, flag="distill.cache")
+    except LlmpError as err:
+        return [str(err)]
+    return []
 
 
 class Teacher:
@@ -95,18 +114,24 @@ class Teacher:
         self.model, self.dtype, self.source = model, dtype, source
 
     @classmethod
-    def for_student(cls, settings: DistillSettings, student: nn.Module, spec: str) -> Teacher:
-        """The teacher ``settings`` names for ``student``, loaded from ``spec`` (the student's
-        spec) before any pruning: a copy of it, or the model an llmp folder was pruned from."""
+    def for_student(cls, settings: DistillSettings, student: nn.Module, spec: str, tokenizer=None) -> Teacher:
+        """The teacher ``settings`` names for ``student`` (whose tokenizer is ``tokenizer``), loaded
+        from ``spec`` (the student's spec) before any pruning: a copy of it, or the model an llmp
+        folder was pruned from.
+
+        Raises:
+            LlmpError: the teacher's vocabulary or tokenizer differs from the student's.
+        """
         from llmp.models import load_model
 
         source = settings.teacher or original_of(spec)
         if source is None:
-            teacher = cls(copy.deepcopy(student), settings.dtype)
-        else:
-            model, _ = load_model(source)
-            teacher = cls(model, settings.dtype, source)
+            return cls(copy.deepcopy(student), settings.dtype)
+        model, theirs = load_model(source)
+        teacher = cls(model, settings.dtype, source)
         teacher.check_vocabulary(student)
+        if tokenizer is not None:
+            teacher.check_tokenizer(theirs, tokenizer)
         return teacher
 
     def check_vocabulary(self, student: nn.Module) -> None:
@@ -115,6 +140,19 @@ class Teacher:
         if mine != theirs:
             raise LlmpError(
                 f"`distill.teacher` {self.source} has a vocabulary of {mine:,} tokens, the model {theirs:,}: "
+                "the teacher must use the model's tokenizer"
+            )
+
+    def check_tokenizer(self, mine, students) -> None:
+        """Raises LlmpError: the same number of tokens, but other tokens (Llama 2 and Mistral both
+        have 32,000): token ``i`` must be the same text for both, or the logits compare nothing."""
+        ours, theirs = mine.get_vocab(), students.get_vocab()
+        if ours != theirs:
+            differ = sorted((t for t, i in ours.items() if theirs.get(t) != i), key=ours.__getitem__)
+            token = differ[0] if differ else next(t for t in theirs if t not in ours)
+            raise LlmpError(
+                f"`distill.teacher` {self.source} has another tokenizer than the model ({len(differ):,} tokens "
+                f"differ, e.g. {token!r}: id {ours.get(token)} for the teacher, {theirs.get(token)} for the model): "
                 "the teacher must use the model's tokenizer"
             )
 

@@ -40,7 +40,8 @@ from llmp.errors import LlmpError, raise_all
 from llmp.eval.stages import Stages
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
-from llmp.outdir import check_output_dir, write_atomic
+from llmp.outcheck import check_output_dir
+from llmp.outdir import write_atomic
 from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, Recovery, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint

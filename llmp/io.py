@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmp.errors import LlmpError
-from llmp.outdir import check_output_dir, real_path, write_folder, write_json_atomic
+from llmp.outcheck import check_output_dir
+from llmp.outdir import real_path, write_folder, write_json_atomic
 from llmp.record import REPORT, PruningRecord
 from llmp.remote_code import remote_code_error
 from llmp.structure import adapter_for
@@ -55,7 +56,7 @@ def save_pruned(
     :mod:`llmp.outdir`); ``overwrite`` replaces only a folder llmp wrote.
 
     Raises:
-        LlmpError: ``output`` may not be written (see :func:`llmp.outdir.check_output_dir`).
+        LlmpError: ``output`` may not be written (see :func:`llmp.outcheck.check_output_dir`).
     """
     with write_folder(output, overwrite, inputs) as tmp:
         record = finish_config(model, record)

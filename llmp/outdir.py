@@ -10,11 +10,10 @@
 Replacing an existing ``out`` swaps the two folders in one ``renameat2(RENAME_EXCHANGE)`` where
 the system has it; elsewhere in two renames, and a crash between them leaves the old folder at
 ``.out.old-...``, which the next write to ``out`` puts back. Leftover temporaries of llmp's own
-naming (a ``kill -9``) are removed by the next write to the same output, under its lock.
+naming (a ``kill -9``) are removed by the next write to the same output, under its lock, unless
+their writer still runs on this machine; names are matched literally (``p[1]`` is not a pattern).
 
-``--overwrite`` replaces only a folder llmp wrote: one with the marker (or, from older llmp
-versions, a ``pruning_report.json``), holding no file that llmp did not write. An output that
-is, contains or lies inside an input (the model being pruned, its data) is always refused.
+What may be replaced at all is :mod:`llmp.outcheck`'s to decide, before any work.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import logging
 import os
@@ -36,13 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from llmp.errors import LlmpError
+from llmp.outcheck import MARKER, check_output_dir
 from llmp.outlock import output_lock, real_path
+from llmp.remote_code import strip_code
 
 log = logging.getLogger(__name__)
-
-MARKER = ".llmp"
-# Files llmp adds to a folder it wrote, after the model itself (`llmp report`, `llmp fit`, `llmp eval tasks`).
-LATER_FILES = ("report.md", "report.png", "recipe.yaml", "tasks*.json", "pruning_report.json")
 
 # What this process has written completely, for "interrupted after writing ..." messages.
 WRITTEN: list[Path] = []
@@ -66,86 +64,6 @@ def follow_umask_tree(folder: Path) -> None:
         _follow_umask(path, 0o777 if path.is_dir() else 0o666)
 
 
-def is_llmp_folder(folder: Path) -> bool:
-    return (folder / MARKER).is_file() or (folder / "pruning_report.json").is_file()
-
-
-def foreign_files(folder: Path) -> list[str]:
-    """Files in ``folder`` that llmp did not write (by its marker's list, plus the files llmp adds later)."""
-    try:
-        written = set(json.loads((folder / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # an older llmp folder (no marker): its report is the sign it is llmp's
-    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
-    return sorted(
-        name
-        for name in found - written - {MARKER}
-        if not any(Path(name).match(pattern) for pattern in (*LATER_FILES, ".*.tmp-*"))
-    )
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
-
-
-def check_output_dir(
-    output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (), flag: str = "output"
-) -> Path:
-    """Refuse, before any work, an output that cannot or may not be written; return its real path.
-
-    Args:
-        output: the folder to write.
-        overwrite: replace an existing folder llmp wrote.
-        inputs: paths the run reads (model folder or file, data files); the output may not be,
-            contain or lie inside any of them.
-        flag: the argument's name in messages (``--output`` on the command line).
-
-    Raises:
-        LlmpError: the output is a file, the current folder, overlaps an input, is not empty
-            without ``overwrite``, holds files llmp did not write, or its parent is not writable.
-    """
-    given, output = output, real_path(output)
-    cwd = real_path(".")
-    if output == cwd or output in cwd.parents:
-        raise LlmpError(
-            f"`{flag}` {given} is the current folder or holds it; llmp writes the output as a whole "
-            "folder: give a new folder's path, e.g. out/pruned"
-        )
-    for source in inputs:
-        if source is None or not Path(source).expanduser().exists():
-            continue
-        source_real = real_path(source)
-        if _overlaps(output, source_real):
-            raise LlmpError(
-                f"`{flag}` {given} overlaps the input {source} ({source_real}): writing it would replace "
-                "what the run reads; choose an output outside it"
-            )
-    if output.exists() and not output.is_dir():
-        raise LlmpError(f"`{flag}` {given} exists and is not a folder; choose another path")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise LlmpError(f"`{flag}` folder {given} is not empty; choose another path or pass --overwrite")
-        if not is_llmp_folder(output):
-            raise LlmpError(
-                f"`{flag}` folder {given} was not written by llmp (no {MARKER} marker or pruning_report.json), "
-                "so --overwrite will not replace it: choose another path, or empty it yourself"
-            )
-        foreign = foreign_files(output)
-        if foreign:
-            raise LlmpError(
-                f"`{flag}` folder {given} holds files llmp did not write ({', '.join(foreign[:5])}), so "
-                "--overwrite will not replace it: move them out or choose another path"
-            )
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LlmpError(f"`{flag}` {given}: {parent} is a file, not a folder; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LlmpError(f"`{flag}` {given}: the folder {parent} is not writable; choose another path")
-    return output
-
-
 def _temp_prefix(output: Path, kind: str) -> str:
     return f".{output.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
@@ -159,16 +77,18 @@ def clean_stale(output: Path) -> None:
     parent = output.parent
     if not parent.is_dir():
         return
-    for old in sorted(parent.glob(f".{output.name}.old-*")):
+    name = glob.escape(output.name)  # `p[1].gguf` is a name, not a pattern matching `p1.gguf`
+    for old in sorted(parent.glob(f".{name}.old-*")):
         if not output.exists():
             log.warning("restoring %s from %s (a previous write was interrupted mid-swap)", output, old)
             os.rename(old, output)
         else:
             shutil.rmtree(old, ignore_errors=True)
     own = (_temp_prefix(output, "tmp"), _temp_prefix(output, "old"))
-    stale = [t for t in parent.glob(f".{output.name}.tmp-*") if not t.name.startswith(own)]
+    # This output's: left by a writer that held its lock, which is free now (one still alive on this machine is spared).
+    stale = [t for t in parent.glob(f".{name}.tmp-*") if not t.name.startswith(own) and not _alive(t)]
     # Other outputs' temporaries in the same folder: only those of a process of this machine that has died.
-    stale += [t for t in parent.glob(".*.tmp-*") if not t.name.startswith(f".{output.name}.") and _orphan(t)]
+    stale += [t for t in parent.glob(".*.tmp-*") if not t.name.startswith(f".{output.name}.tmp-") and _orphan(t)]
     for tmp in stale:
         log.info("removing %s, left by an interrupted write", tmp)
         if tmp.is_dir() and not tmp.is_symlink():
@@ -177,21 +97,35 @@ def clean_stale(output: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _orphan(tmp: Path) -> bool:
-    """Whether ``tmp`` (``.NAME.tmp-HOST-PID-XXXX``) was left by a process of this host that is gone."""
-    host, pid = f"-{socket.gethostname()}-", tmp.name.rpartition(".tmp-")[2]
-    if not pid.startswith(host[1:]):
-        return False
-    pid = pid[len(host) - 1 :].partition("-")[0]
-    if not pid.isdigit():
-        return False
+def _owner(tmp: Path) -> int | None:
+    """The process id in ``tmp``'s name (``.NAME.tmp-HOST-PID-XXXX``) when HOST is this machine."""
+    host, rest = socket.gethostname(), tmp.name.rpartition(".tmp-")[2]
+    if not rest.startswith(f"{host}-"):
+        return None
+    pid = rest[len(host) + 1 :].partition("-")[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _running(pid: int) -> bool:
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
         return False
-    return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _orphan(tmp: Path) -> bool:
+    """Whether ``tmp`` was left by a process of this machine that is gone."""
+    pid = _owner(tmp)
+    return pid is not None and not _running(pid)
+
+
+def _alive(tmp: Path) -> bool:
+    """Whether ``tmp``'s writer is a process of this machine still running."""
+    pid = _owner(tmp)
+    return pid is not None and _running(pid)
 
 
 @contextlib.contextmanager
@@ -259,8 +193,11 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 
 @contextlib.contextmanager
-def write_folder(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """A temporary folder to fill; on success it becomes ``output`` whole, with llmp's marker.
+def write_folder(
+    output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (), own_code: Iterable[str] = ()
+) -> Iterator[Path]:
+    """A temporary folder to fill; on success it becomes ``output`` whole, with llmp's marker, and
+    naming no Python code but llmp's own modules ``own_code`` (:func:`llmp.remote_code.strip_code`).
 
     Example::
 
@@ -278,6 +215,9 @@ def write_folder(output: str | Path, overwrite: bool = False, inputs: Iterable[s
         _follow_umask(tmp, 0o777)
         try:
             yield tmp
+            dropped = strip_code(tmp, own_code)
+            if dropped:
+                log.warning("%s: left out what names code llmp did not write: %s", output, ", ".join(dropped))
             follow_umask_tree(tmp)
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
             write_json_atomic(tmp / MARKER, {"written_by": "llmp", "files": files}, record=False)

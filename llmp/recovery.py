@@ -34,7 +34,8 @@ from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
 from llmp.lora import LoraSettings
 from llmp.models import input_paths, load_model
-from llmp.outdir import check_output_dir, temp_dir
+from llmp.outcheck import check_output_dir
+from llmp.outdir import temp_dir
 from llmp.pruning import RunInput, count_parameters, replay, unpruned_record
 from llmp.record import Calibration, PruningRecord, Recovery, checkpoint_record
 from llmp.structure import adapter_for
@@ -119,9 +120,15 @@ class RecoveryModule(L.LightningModule):
         self.model.config.use_cache = False
         self.model.train()
         self.record = unpruned_record(self.model, RunInput(self.spec))
+        top_k = self.distill.top_k if self.distill is not None else None
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if top_k is not None and top_k > vocab:
+            raise LlmpError(
+                f"`distill.top_k` {top_k} exceeds the model's vocabulary ({vocab:,} tokens); give at most {vocab}"
+            )
         cached = self.distill is not None and self.distill.cache is not None and Path(self.distill.cache).is_file()
         if self.distill is not None and self.teacher is None and not cached:  # before any pruning: the dense model
-            self.teacher = Teacher.for_student(self.distill, self.model, self.spec)
+            self.teacher = Teacher.for_student(self.distill, self.model, self.spec, self.tokenizer)
 
     @property
     def base_model(self):

@@ -59,6 +59,7 @@ class TeacherCache:
     def write(self, path: str | Path, key: str) -> None:
         """Atomically, with ``key`` (the :func:`fingerprint`) in the metadata."""
         tensors = {"values": self.values, "indices": self.indices, "offsets": self.offsets}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # checked writable before the teacher's pass
         write_atomic(path, save(tensors, metadata={"fingerprint": key, "version": str(VERSION)}), record=False)
 
     @classmethod

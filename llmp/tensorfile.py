@@ -22,18 +22,39 @@ from llmp.errors import LlmpError
 from llmp.structure import adapter_for
 from llmp.structure.adapters.base import BIASES_KEY
 
+INDEX = "model.safetensors.index.json"
+
 
 def model_files(path: Path) -> list[Path]:
-    """The ``*.safetensors`` files of model folder ``path``.
+    """The ``*.safetensors`` files of model folder ``path``, each readable, and every shard that
+    ``model.safetensors.index.json`` names among them (a missing shard named now, not when its
+    layer's turn comes).
 
     Raises:
-        LlmpError: no config.json, or no safetensors weights.
+        LlmpError: no config.json, no safetensors weights, a weights file that is a symlink to
+            nothing, or a shard the index names that is not there.
     """
     if not (path / "config.json").is_file():
         raise LlmpError(f"{path} is not a model folder: config.json is missing")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LlmpError(f"{path} has no *.safetensors weights (llmp never loads pickled weights)")
+    broken = [f.name for f in files if not f.is_file()]
+    if broken:
+        raise LlmpError(f"{path}: {', '.join(broken)} is a symlink to nothing; restore the file it pointed to")
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            named = {str(file) for file in weight_map.values()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LlmpError(f"{index} is not a safetensors index (no `weight_map` of names to files): {err}") from err
+        missing = sorted(named - {f.name for f in files})
+        if missing:
+            raise LlmpError(
+                f"{path} lacks {len(missing)} of the {len(named)} shards its {INDEX} names ({', '.join(missing[:3])}); "
+                "copy the whole folder again"
+            )
     return files
 
 

@@ -74,7 +74,7 @@ def prune_folder(
         LlmpError: bad arguments (checked before the model is read), or as the steps it runs.
     """
     from llmp.models import input_paths
-    from llmp.outdir import check_output_dir
+    from llmp.outcheck import check_output_dir
     from llmp.outlock import output_lock
 
     run = _Run(

@@ -235,7 +235,7 @@ def test_a_path_typo_is_not_a_long_hub_wait(tmp_path, capsys, monkeypatch):
 
 
 def test_trust_remote_code_flag_sets_the_switch(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("LLMP_TRUST_REMOTE_CODE", raising=False)
+    monkeypatch.setenv("LLMP_TRUST_REMOTE_CODE", "0")  # restored (unset) afterwards: no other test trusts code
     code, _, _ = run_cli(capsys, "--trust-remote-code", "generate", "--model", tmp_path / "none", "--prompt", "x")
     assert code == 2 and os.environ.get("LLMP_TRUST_REMOTE_CODE") == "1"
 

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 from helpers import blank_record, run_cli, tiny_model
 
-from llmp import outdir
+from llmp import outcheck, outdir
 from llmp.errors import LlmpError
 from llmp.io import load_pruned, save_pruned
 
@@ -59,11 +59,11 @@ def test_overwrite_refuses_user_files_added_to_an_llmp_folder(tmp_path):
 
 def test_overwrite_replaces_an_llmp_folder_and_old_folders_without_marker(tmp_path):
     out = save_pruned(tiny_model("llama-mha"), tmp_path / "out")
-    assert (out / outdir.MARKER).is_file()
+    assert (out / outcheck.MARKER).is_file()
     (out / "report.md").write_text("old")
     save_pruned(tiny_model("llama-gqa"), out, record=blank_record(), overwrite=True)
     assert not (out / "report.md").exists() and (out / "pruning_report.json").is_file()
-    (out / outdir.MARKER).unlink()  # a folder from an older llmp: its report marks it
+    (out / outcheck.MARKER).unlink()  # a folder from an older llmp: its report marks it
     save_pruned(tiny_model("llama-mha"), out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     load_pruned(out)

@@ -55,7 +55,7 @@ def check_export(model: str | Path, format: str, output: str | Path, dtype: str,
         LlmpError: an unknown format or dtype, or an output that may not be written.
     """
     from llmp.export.gguf import GGUF_DTYPES
-    from llmp.outdir import check_output_dir, real_path
+    from llmp.outcheck import check_output_dir, check_output_path
 
     if format not in FORMATS:
         raise LlmpError(f"`format` {format!r} is not one llmp exports; choose one of {', '.join(FORMATS)}")
@@ -65,7 +65,7 @@ def check_export(model: str | Path, format: str, output: str | Path, dtype: str,
         return check_output_dir(output, overwrite, [model], flag="output")
     if dtype not in GGUF_DTYPES:
         raise LlmpError(f"`dtype` {dtype!r} is not a GGUF type llmp writes; choose one of {', '.join(GGUF_DTYPES)}")
-    path = real_path(output)
+    path = check_output_path(output, [model], flag="output")
     if path.suffix != ".gguf":
         raise LlmpError(f"`output` {output}: a GGUF file's name ends in .gguf, e.g. {Path(output).name}.gguf")
     if path.is_dir():
@@ -109,17 +109,18 @@ def export(
         LlmpError: see :func:`check_export` and :func:`llmp.export.source.open_source`, and the
             format's own refusals (a shape it cannot express).
     """
-    from llmp.export.source import open_source
+    from llmp.export.source import check_tokenizer, open_source
     from llmp.outdir import write_file, write_folder
     from llmp.outlock import output_lock
 
     path = check_export(model, format, output, dtype, overwrite)
     source = open_source(model)
+    check_tokenizer(source.folder, format)
     if format == "decilm":
         from llmp.export.decilm import check_decilm, write_decilm
 
         check_decilm(source)
-        with write_folder(path, overwrite, [model]) as tmp:
+        with write_folder(path, overwrite, [model], own_code=["configuration_decilm"]) as tmp:
             details = write_decilm(source, tmp, dtype)
         return Exported(path, format, details)
     from llmp.export.gguf import write_gguf

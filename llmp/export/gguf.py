@@ -30,6 +30,7 @@ import torch
 
 from llmp.errors import LlmpError
 from llmp.export.source import Source
+from llmp.remote_code import remote_code_error
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,10 @@ def _adds_bos(folder: Path) -> bool:
     """Whether the folder's tokenizer puts BOS before a text, which llama.cpp then does too."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise remote_code_error(folder, err) or LlmpError(f"cannot load the tokenizer of {folder}: {err}") from err
     ids = tokenizer("a").input_ids
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 

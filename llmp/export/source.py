@@ -18,7 +18,7 @@ import torch
 from llmp.errors import LlmpError, raise_all
 from llmp.record import REPORT
 from llmp.targets import EXPORT_FAMILIES
-from llmp.tensorfile import read_header, read_safetensors
+from llmp.tensorfile import model_files, read_header, read_safetensors
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -117,7 +117,7 @@ def open_source(spec: str | Path) -> Source:
             "whose tensors GGUF `deci` and DeciLM name; other families are not expressible there"
         )
     headers, dtypes = {}, set()
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in model_files(folder):  # each readable, every shard of the index there
         try:
             entries, _ = read_header(file)
         except ValueError as err:
@@ -179,8 +179,17 @@ def _rope(config: dict) -> dict:
     return rope
 
 
+REQUIRED_KEYS = ("vocab_size", "num_attention_heads", "num_hidden_layers")  # what the writers read without a default
+
+
 def _check_config(config: dict) -> list[str]:
-    problems = []
+    problems = [
+        f"config.json has no `{key}` (a whole number the export writes); add it, as the model's family defines it"
+        for key in REQUIRED_KEYS
+        if not isinstance(config.get(key), int)
+    ]
+    if not isinstance(config.get("head_dim"), int) and not isinstance(config.get("hidden_size"), int):
+        problems.append("config.json has neither `head_dim` nor `hidden_size`; add them, as the family defines them")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"the MLP activation is {config['hidden_act']!r}; the export formats run SwiGLU (silu) only")
     rope_type = _rope(config)["rope_type"]
@@ -223,3 +232,46 @@ def _layer_shapes(headers: dict, config: dict) -> tuple[list[LayerShape], list[s
             problems.append(f"layer {i}: {shape.heads} query heads do not split into {shape.kv_heads} KV groups")
         shapes.append(shape)
     return shapes, problems
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(folder: Path, format: str) -> None:
+    """Refuse, before any weight is read, a tokenizer the export cannot carry: files that are not
+    JSON, a tokenizer class that needs its own code (never run, never copied), or none at all for a
+    DeciLM folder (vLLM serves the folder's tokenizer).
+
+    Raises:
+        LlmpError: naming the file and the fix.
+    """
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise LlmpError(f"{path} is not JSON ({err}); save the tokenizer again beside the model") from err
+        if not isinstance(data, dict):
+            raise LlmpError(f"{path} holds a {type(data).__name__}, not a tokenizer's object; save the tokenizer again")
+        if name == "tokenizer_config.json" and needs_own_code(data):
+            raise LlmpError(
+                f"{path} names a tokenizer with its own Python code ({data.get('tokenizer_class')!r}, `auto_map`), "
+                "which exports neither run nor carry: save the model with a tokenizer built into transformers"
+            )
+    if format == "decilm" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LlmpError(
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); vLLM serves the DeciLM folder's own: "
+            "save the tokenizer beside the model (`tokenizer.save_pretrained(folder)`) and export again"
+        )
+
+
+def needs_own_code(tokenizer_config: dict) -> bool:
+    """Whether a ``tokenizer_config.json`` names a class that transformers does not have."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    name = tokenizer_config.get("tokenizer_class")
+    if not name:
+        return bool(tokenizer_config.get("auto_map"))
+    return tokenizer_class_from_name(name) is None and tokenizer_class_from_name(name.removesuffix("Fast")) is None

@@ -39,6 +39,7 @@ from llmp.structure import adapter_for
 from llmp.structure.adapters.base import module_name
 from llmp.surgery import sync_module_sizes
 from llmp.tensorfile import (
+    INDEX,
     add_biases,
     current_names,
     materialize_buffers,
@@ -47,8 +48,6 @@ from llmp.tensorfile import (
     read_header,
     read_safetensors,
 )
-
-INDEX = "model.safetensors.index.json"
 
 
 class StreamedLayers(Layers):
@@ -129,6 +128,18 @@ def open_skeleton(
     unexpected = sorted(set(shapes) - expected)
     if unexpected:
         raise LlmpError(f"the weights in {path} do not fit its config.json (unexpected: {unexpected[:5]})")
+    head = model.get_output_embeddings()
+    tied = (
+        {f"{module_name(model, head)}.weight"}
+        if head is not None and getattr(config, "tie_word_embeddings", False)
+        else set()
+    )
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(expected - set(shapes) - tied - buffers)
+    if missing:
+        raise LlmpError(
+            f"{path} lacks {len(missing)} tensors its config needs ({', '.join(missing[:3])}); copy the whole folder again"
+        )
     put_tensors(model, shapes)
     sync_module_sizes(model)
     adapter = adapter_for(model)
@@ -166,7 +177,7 @@ def prune_streamed(
 
     Raises:
         LlmpError: as :func:`open_skeleton` and :func:`llmp.pruning.preflight`, or the output
-            may not be written (see :func:`llmp.outdir.check_output_dir`).
+            may not be written (see :func:`llmp.outcheck.check_output_dir`).
     """
     path = Path(path)
     config = dataclasses.replace(config, layerwise=True)  # refused by its check unless the criterion allows it

@@ -1,0 +1,283 @@
+"""The new surfaces tried the way they break (issue 30): each case a row, each rule with its siblings.
+
+Data loss and code: an unmarked folder with a user's file, glob characters in a name, code named by a
+tokenizer's config. Runs lost: a mount point, a missing shard, a teacher with another tokenizer, a
+cache that cannot be written. Export inputs that used to give a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import blank_record, pruned_folder, run_cli, tiny_model, tiny_tokenizer
+
+from llmp import LlmpError, PruneConfig, outcheck, outdir
+from llmp.distill import DistillSettings, Teacher
+from llmp.export import export
+from llmp.io import load_pruned, save_pruned
+from llmp.pruning import prune_streamed
+from llmp.remote_code import strip_code
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+# -- 1. an unmarked folder is replaced only when it holds nothing but what llmp writes --------------
+
+
+def test_overwrite_spares_an_unmarked_folder_holding_a_users_file(tiny_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    shutil.copy(
+        save_pruned(tiny_model("llama-mha"), tmp_path / "x", record=blank_record()) / "pruning_report.json", mine
+    )
+    (tmp_path / "link").symlink_to(mine)
+    code, _, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--ratio", "0.2", "--output", tmp_path / "link", "--stream",
+        "--overwrite", "--num-samples", "2", "--seq-len", "16", "--calibration", "c4", "--samples", "0",
+    )  # fmt: skip
+    assert code == 2 and "holds files llmp did not write (thesis.tex)" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_unmarked_folder_of_only_llmp_files_is_still_replaced(tmp_path):
+    out = save_pruned(tiny_model("llama-mha"), tmp_path / "out", record=blank_record())
+    (out / outcheck.MARKER).unlink()
+    (out / "report.md").write_text("old")
+    assert outcheck.foreign_files(out) == []
+    (out / "notes").mkdir()
+    (out / "notes" / "report.md").write_text("mine")  # llmp writes nothing in a subfolder
+    assert outcheck.foreign_files(out) == ["notes/report.md"]
+
+
+# -- 2. names are matched literally, and a live writer's temporary is never removed ------------------
+
+
+def test_glob_characters_in_a_name_spare_another_outputs_live_temporary(tmp_path):
+    live = tmp_path / f".p1.gguf.tmp-{socket.gethostname()}-{os.getppid()}-ab"  # a running writer of p1.gguf
+    live.write_bytes(b"half an export")
+    folder = tmp_path / f".p1.tmp-{socket.gethostname()}-{os.getppid()}-cd"
+    folder.mkdir()
+    outdir.clean_stale(tmp_path / "p[1].gguf")
+    outdir.clean_stale(tmp_path / "p[1]")
+    assert live.exists() and folder.exists()
+
+
+def test_a_temporary_of_the_same_output_is_removed_only_when_its_writer_is_gone(tmp_path):
+    host = socket.gethostname()
+    alive = tmp_path / f".out.tmp-{host}-{os.getppid()}-ab"
+    gone = tmp_path / f".out.tmp-{host}-{_dead_pid()}-cd"
+    alive.mkdir(), gone.mkdir()
+    outdir.clean_stale(tmp_path / "out")
+    assert alive.exists() and not gone.exists()
+
+
+# -- 3. nothing llmp writes names code that llmp did not write ------------------------------------
+
+
+def _with_tokenizer_code(folder: Path) -> None:
+    """A standard tokenizer whose config also names a module of its own (transformers loads it
+    without running the code, and saves the `auto_map` again)."""
+    path = folder / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    data["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    path.write_text(json.dumps(data))
+    (folder / "tokenization_evil.py").write_text("raise SystemExit('ran')\n")
+
+
+@pytest.mark.parametrize("format", ["decilm", "gguf"])
+def test_an_export_carries_no_tokenizer_code(tmp_path, format):
+    folder, _, _ = pruned_folder(tmp_path / "p", attention="none", compensate="none")
+    _with_tokenizer_code(folder)
+    out = export(folder, format, tmp_path / ("e.gguf" if format == "gguf" else "e"))
+    if format == "decilm":
+        assert "auto_map" not in json.loads((out.path / "tokenizer_config.json").read_text())
+        assert json.loads((out.path / "config.json").read_text())["auto_map"] == {
+            "AutoConfig": "configuration_decilm.DeciLMConfig"
+        }
+        assert sorted(p.name for p in out.path.glob("*.py")) == ["configuration_decilm.py"]
+
+
+def test_a_pruned_folder_carries_no_tokenizer_code(tiny_dir, tmp_path, capsys):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_dir, source)
+    _with_tokenizer_code(source)
+    for args in (["--stream"], []):
+        out = tmp_path / f"out{len(args)}"
+        code, _, err = run_cli(
+            capsys, "prune", "--model", source, "--ratio", "0.2", "--output", out, *args,
+            "--num-samples", "2", "--seq-len", "16", "--calibration", "c4", "--samples", "0",
+        )  # fmt: skip
+        assert code == 0, err
+        assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+        assert not list(out.glob("*.py"))
+
+
+def test_strip_code_keeps_llmps_own_module_only(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"auto_map": {"AutoConfig": "configuration_decilm.X", "AutoModel": "hub/repo--modeling.Y"}})
+    )
+    (tmp_path / "modeling.py").write_text("")
+    (tmp_path / "configuration_decilm.py").write_text("")
+    assert strip_code(tmp_path, own=["configuration_decilm"]) == ["modeling.py", "config.json `auto_map`"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"auto_map": {"AutoConfig": "configuration_decilm.X"}}
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_refused_by_the_export(tmp_path):
+    folder, _, _ = pruned_folder(tmp_path / "p", attention="none")
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "EvilTokenizer"}))
+    with pytest.raises(LlmpError, match="names a tokenizer with its own Python code .'EvilTokenizer'"):
+        export(folder, "decilm", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+# -- 4. a mount point as the output -----------------------------------------------------------------
+
+
+def test_a_mount_point_output_is_refused_before_the_work(tiny_dir, capsys):
+    mount = next((Path(p) for p in ("/dev/shm", "/dev", "/proc") if os.path.ismount(p)), None)
+    if mount is None:
+        pytest.skip("no mount point to try on this machine")
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, "--ratio", "0.2", "--output", mount, "--overwrite")
+    assert code == 2 and "is a mount point" in err and f"e.g. {mount / 'pruned'}" in err
+
+
+# -- 5. a missing shard or tensor is named before any layer is read ---------------------------------
+
+
+def _sharded(folder: Path) -> Path:
+    tiny_model("llama-gqa").save_pretrained(folder, max_shard_size="20KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+@pytest.mark.parametrize("broken", ["shard", "index and shard", "dangling link"])
+def test_stream_names_a_missing_shard_before_any_work(tmp_path, broken):
+    folder = _sharded(tmp_path / "src")
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    shard.unlink()
+    if broken == "index and shard":
+        (folder / "model.safetensors.index.json").unlink()
+        match = r"lacks \d+ tensors its config needs"
+    elif broken == "dangling link":
+        shard.symlink_to(tmp_path / "gone.safetensors")
+        match = "is a symlink to nothing"
+    else:
+        match = rf"lacks 1 of the \d+ shards its model.safetensors.index.json names \({shard.name}\)"
+    calib = torch.randint(0, 100, (2, 8))
+    with pytest.raises(LlmpError, match=match):
+        prune_streamed(folder, tmp_path / "out", PruneConfig(ratio=0.2, criterion="flap"), calib)
+    assert not (tmp_path / "out").exists()
+
+
+# -- 6, 7. the teacher: its tokenizer, its cache, its top-k ------------------------------------------
+
+
+def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused():
+    vocab = tiny_tokenizer().get_vocab()
+    swapped = dict(vocab)
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    swapped[a], swapped[b] = vocab[b], vocab[a]
+    teacher = Teacher(tiny_model("llama-gqa"), source="other")
+    with pytest.raises(LlmpError, match=r"another tokenizer than the model \(2 tokens differ"):
+        teacher.check_tokenizer(SimpleNamespace(get_vocab=lambda: swapped), SimpleNamespace(get_vocab=lambda: vocab))
+    teacher.check_tokenizer(SimpleNamespace(get_vocab=lambda: vocab), SimpleNamespace(get_vocab=lambda: dict(vocab)))
+
+
+def test_teacher_cache_paths_are_checked_before_anything_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    rows = {
+        tmp_path: "is a folder; name a file in it",
+        tmp_path / "afile" / "c.safetensors": "is a file, not a folder",
+        ro / "c.safetensors": "is not writable",
+    }
+    try:
+        for cache, message in rows.items():
+            problems = DistillSettings(top_k=8, cache=str(cache)).problems()
+            if message == "is not writable" and os.access(ro, os.W_OK):
+                continue  # root writes anywhere
+            assert any(message in p and "distill.cache" in p for p in problems), (cache, problems)
+        assert DistillSettings(top_k=8, cache=str(tmp_path / "new" / "c.safetensors")).problems() == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_top_k_above_the_vocabulary_is_a_clear_error(tiny_dir):
+    from llmp.recovery import RecoveryModule
+
+    module = RecoveryModule(str(tiny_dir), distill=DistillSettings(top_k=10**6, cache=None))
+    with pytest.raises(LlmpError, match=r"`distill.top_k` 1000000 exceeds the model's vocabulary"):
+        module.load_base()
+
+
+# -- export inputs that gave a traceback ------------------------------------------------------------
+
+
+@pytest.fixture
+def exportable(tmp_path) -> Path:
+    folder, _, _ = pruned_folder(tmp_path / "p", attention="none")
+    return folder
+
+
+def _break_tokenizer_json(folder):
+    (folder / "tokenizer.json").write_text("{not json")
+
+
+def _drop_vocab_size(folder):
+    path = folder / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "vocab_size"}))
+
+
+def _drop_tokenizer(folder):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("format", "change", "output", "message"),
+    [
+        ("gguf", _break_tokenizer_json, "e.gguf", r"tokenizer.json is not JSON"),
+        ("decilm", _break_tokenizer_json, "e", r"tokenizer.json is not JSON"),
+        ("gguf", _drop_vocab_size, "e.gguf", r"config.json has no `vocab_size`"),
+        ("decilm", _drop_tokenizer, "e", r"has no tokenizer .* vLLM serves the DeciLM folder's own"),
+        ("gguf", None, "afile/e.gguf", r"afile is a file, not a folder"),
+        ("gguf", None, "p/e.gguf", r"overlaps the input"),
+        ("gguf", None, "loop.gguf", r"is a symlink to nothing \(or a loop\)"),
+        ("decilm", None, "loop.gguf", r"is a symlink to nothing \(or a loop\)"),
+    ],
+)
+def test_export_refuses_bad_inputs_before_the_work(exportable, tmp_path, format, change, output, message):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loop.gguf").symlink_to(tmp_path / "loop.gguf")
+    if change is not None:
+        change(exportable)
+    with pytest.raises(LlmpError, match=message):
+        export(exportable, format, tmp_path / output)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.gguf").exists()
+
+
+def test_export_of_a_folder_with_a_dangling_weights_link(exportable, tmp_path):
+    shard = next(exportable.glob("*.safetensors"))
+    shard.rename(tmp_path / "moved.safetensors")
+    shard.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(LlmpError, match="is a symlink to nothing"):
+        export(exportable, "gguf", tmp_path / "e.gguf")
+    load = pytest.raises(LlmpError, match="symlink to nothing|cannot|missing|No such file")
+    with load:
+        load_pruned(exportable)
