@@ -199,6 +199,12 @@ def original_of(spec: str) -> str | None:
     record = read_record(folder)
     if not record.model or record.model == spec:
         return None
+    source = Path(record.model).expanduser()
+    if not source.is_absolute() and record.model.startswith((".", "~")) and not source.exists():
+        raise LlmpError(
+            f"{folder} was pruned from {record.model!r}, a path relative to where `llmp prune` ran, and it is not "
+            f"at {source.absolute()}: name the teacher with `distill.teacher` (its folder from here)"
+        )
     return record.model
 
 

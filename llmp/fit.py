@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmp import (
     outdir,
@@ -40,12 +41,13 @@ from llmp.errors import LlmpError, raise_all
 from llmp.eval.stages import Stages
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
-from llmp.outcheck import check_output_dir
+from llmp.outcheck import check_output_dir, check_space, weights_bytes
 from llmp.outdir import write_atomic
 from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, Recovery, read_record, write_record
 from llmp.recovery import RecoveryModule, export_checkpoint
 from llmp.report import write_report
+from llmp.targets import export_problems
 from llmp.workflow import check_data
 
 log = logging.getLogger(__name__)
@@ -159,13 +161,7 @@ def _run(cli: FitCLI) -> int:
 
     config, trainer, module = cli.config, cli.trainer, cli.model
     output = Path(config.output) if config.output else None
-    if config.export and output is None:
-        raise LlmpError(f"`--export {config.export}` exports the saved model: give `--output` too")
-    if output is not None:  # before hours of training, not after
-        check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
-        raise_all(EvalSettings(**vars(config.eval)).problems())
-        if config.export:
-            check_export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
+    _check_outputs(config, trainer, module, output)
     for callback in trainer.callbacks:  # a schedule the fit never reaches, before the data is tokenized
         if hasattr(callback, "check_epochs"):
             callback.check_epochs(trainer)
@@ -176,24 +172,19 @@ def _run(cli: FitCLI) -> int:
     # Lightning loads a checkpoint file with weights_only; DeepSpeed's own resume asks for full
     # unpickling: every load of the resumed checkpoint takes tensors and plain data only.
     with weights_only_loads() if trainer.ckpt_path else contextlib.nullcontext():
-        trainer.fit(module, datamodule=cli.datamodule)
+        try:
+            trainer.fit(module, datamodule=cli.datamodule)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Lightning turns SIGTERM and Ctrl-C into its own shutdown and `exit(1)`: say what is kept, exit 130.
+            if not (isinstance(stop, KeyboardInterrupt | SIGTERMException) or trainer.interrupted):
+                raise
+            _interrupted(trainer)
+            raise KeyboardInterrupt from stop
     fit_s = time.perf_counter() - start
     module.teacher = None  # its memory, before the export and the evaluation load models again
     if output is None:
         return 0
-    recovery = Recovery(
-        mode=module.mode,
-        lora=asdict(module.lora) if module.mode == "lora" else None,
-        learning_rate=module.learning_rate,
-        distill=asdict(module.distill) if module.distill is not None else None,
-        epochs=trainer.current_epoch,
-        optimizer_steps=trainer.global_step,
-        world_size=trainer.world_size,
-        strategy=type(trainer.strategy).__name__,
-        precision=str(trainer.precision),
-        fit_s=round(fit_s, 2),
-        val_ppl=_metric(trainer, "val_ppl"),
-    )
+    recovery = _recovery(module, trainer, fit_s)
     if isinstance(trainer.strategy, strategies.DeepSpeedStrategy):
         ckpt = output.with_name(f"{output.name}.zero-checkpoint")
         trainer.save_checkpoint(ckpt)  # every rank writes its shards
@@ -213,6 +204,51 @@ def _run(cli: FitCLI) -> int:
             result = export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
             print(f"exported to {result.path} ({config.export}, {result.details['dtype']})")
     return 0
+
+
+def _check_outputs(config, trainer, module, output: Path | None) -> None:
+    """Everything the run will write, checked before hours of training, not after."""
+    if config.export and output is None:
+        raise LlmpError(f"`--export {config.export}` exports the saved model: give `--output` too")
+    if output is None:
+        return
+    check_output_dir(output, config.overwrite, input_paths(module.spec), flag="--output")
+    # at most the dense weights (and their export beside them)
+    check_space(output, weights_bytes(input_paths(module.spec)) * (2 if config.export else 1), flag="--output")
+    raise_all(EvalSettings(**vars(config.eval)).problems())
+    if config.export:
+        check_export(
+            output, config.export, beside(output, config.export), config.export_dtype, config.overwrite,
+            dtype_name="export_dtype",
+        )  # fmt: skip
+        pruning = [c.config for c in trainer.callbacks if isinstance(getattr(c, "config", None), PruneConfig)]
+        raise_all([p for c in pruning for p in export_problems(c, config.export)])
+
+
+def _recovery(module: RecoveryModule, trainer, fit_s: float) -> Recovery:
+    """The record's account of the training that just ended."""
+    return Recovery(
+        mode=module.mode,
+        lora=asdict(module.lora) if module.mode == "lora" else None,
+        learning_rate=module.learning_rate,
+        distill=asdict(module.distill) if module.distill is not None else None,
+        epochs=trainer.current_epoch,
+        optimizer_steps=trainer.global_step,
+        world_size=trainer.world_size,
+        strategy=type(trainer.strategy).__name__,
+        precision=str(trainer.precision),
+        fit_s=round(fit_s, 2),
+        val_ppl=_metric(trainer, "val_ppl"),
+    )
+
+
+def _interrupted(trainer) -> None:
+    """The checkpoints a stopped fit leaves (resume with ``--ckpt_path last``), for the interruption message."""
+    kept = [Path(c.last_model_path or c.best_model_path) for c in trainer.checkpoint_callbacks]
+    kept = [path for path in kept if str(path) not in ("", ".") and path.exists()]
+    outdir.WRITTEN.extend(kept)
+    hint = "resume with `--ckpt_path last`" if kept else "no checkpoint was written (enable one to resume)"
+    print(f"training stopped (SIGTERM or Ctrl-C); {hint}", file=sys.stderr)
 
 
 def _checkpoint_path(trainer, value: str) -> str | None:

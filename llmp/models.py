@@ -18,6 +18,7 @@ from llmp.errors import LlmpError
 from llmp.io import load_pruned
 from llmp.outdir import follow_umask_tree
 from llmp.remote_code import allow_remote_code, remote_code_error
+from llmp.targets import DECILM_ARCHITECTURE
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ BUILTINS = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMP_CACHE", Path.home() / ".cache" / "llmp"))
-
-
 
 
 def hub_endpoint() -> str:
@@ -129,6 +128,7 @@ def load_model(
             raise LlmpError(f"model file {path} does not exist")
         return _load_gguf(path.parent, path.name, wanted or torch.float32)
     if path.is_dir():
+        refuse_exports(path)
         return load_pruned(path, wanted, trust_remote_code=trust), _tokenizer(path, trust)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise LlmpError(
@@ -145,6 +145,19 @@ def load_model(
         ) from err
 
 
+def refuse_exports(folder: Path) -> None:
+    """Raises LlmpError: ``folder`` is a DeciLM export, which is for vLLM (and named so)."""
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # the loader says what is wrong with it
+    if DECILM_ARCHITECTURE in architectures:
+        raise LlmpError(
+            f"{folder} is a DeciLM export, for vLLM (`vllm serve {folder} --trust-remote-code`); llmp reads the "
+            "folder it was exported from: evaluate, prune or export that one"
+        )
+
+
 def model_folder(spec: str | Path) -> tuple[Path, PreTrainedTokenizerBase]:
     """The local safetensors folder of ``spec`` (a built-in name or a folder) and its tokenizer,
     without loading the weights: what :mod:`llmp.pruning.streamed` reads.
@@ -154,6 +167,7 @@ def model_folder(spec: str | Path) -> tuple[Path, PreTrainedTokenizerBase]:
     """
     spec = str(spec)
     folder = _builtin_folder(spec) if spec in BUILTINS else Path(spec).expanduser()
+    refuse_exports(folder)
     if not (folder / "config.json").is_file():
         raise LlmpError(
             f"streamed pruning reads a local model folder (config.json + *.safetensors); `model` {spec!r} is not one: download "

@@ -9,9 +9,11 @@ mount point (the output is built beside it and swapped into place, which cannot 
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -148,3 +150,55 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path] = (), fla
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LlmpError(f"`{flag}` {output}: the folder {parent} is not writable; choose another path")
     return path
+
+
+def weights_bytes(paths: Iterable[str | Path]) -> int:
+    """Bytes of the ``*.safetensors`` / ``*.gguf`` weights at ``paths`` (folders or files; 0 for none)."""
+    total = 0
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.gguf")]
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total
+
+
+def check_space(output: str | Path, needed: int, flag: str = "output") -> None:
+    """Refuse, before the work, an output whose file system lacks ``needed`` bytes (an estimate of
+    what the run writes there, with an eighth to spare for the tokenizer, config and rounding).
+
+    Raises:
+        LlmpError: naming the file system's folder, what is free and what is needed.
+    """
+    if needed <= 0:
+        return
+    parent = real_path(output)
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    wanted = needed + needed // 8
+    if free < wanted:
+        raise LlmpError(
+            f"`{flag}` {output}: the file system of {parent} has {_size(free)} free and this run writes about "
+            f"{_size(wanted)} there; free space or choose another path"
+        )
+
+
+def no_space_message(err: BaseException) -> str | None:
+    """One line for a write that ran out of space (``ENOSPC``, however a library wrapped it), else ``None``."""
+    text = str(err)
+    if (
+        getattr(err, "errno", None) != errno.ENOSPC
+        and "No space left on device" not in text
+        and "os error 28" not in text
+    ):
+        return None
+    where = getattr(err, "filename", None)
+    place = Path(where).parent if where else None
+    free = f" ({_size(shutil.disk_usage(place).free)} free)" if place is not None and place.exists() else ""
+    return (
+        f"no space left on the device{f' of {place}' if place else ''}{free} while writing"
+        f"{f' {Path(where).name}' if where else ''}: nothing partial was kept; free space or choose another output"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

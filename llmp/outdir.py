@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from llmp.errors import LlmpError
-from llmp.outcheck import MARKER, check_output_dir
+from llmp.outcheck import MARKER, check_output_dir, no_space_message
 from llmp.outlock import output_lock, real_path
 from llmp.remote_code import strip_code
 
@@ -224,8 +224,11 @@ def write_folder(
             _fsync_tree(tmp)
             _swap_into_place(tmp, output)
             _fsync(output.parent)
-        except BaseException:
+        except BaseException as err:
+            full = _filled(output.parent, err)
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output)) from err
             raise
     WRITTEN.append(output)
 
@@ -246,10 +249,24 @@ def write_file(output: str | Path) -> Iterator[Path]:
         _follow_umask(Path(tmp), 0o666)
         os.replace(tmp, output)
         _fsync(output.parent)
-    except BaseException:
+    except BaseException as err:
+        full = _filled(output.parent, err)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output)) from err
         raise
     WRITTEN.append(output)
+
+
+def _filled(folder: Path, err: BaseException) -> bool:
+    """Whether a write into ``folder`` failed because its file system is full: libraries report a
+    short write in their own words (gguf: "9216 requested and 744 written"), so the space decides."""
+    if not isinstance(err, Exception) or isinstance(err, LlmpError) or no_space_message(err) is not None:
+        return False  # a refusal, or already said in words
+    try:
+        return shutil.disk_usage(folder).free < 64 << 10
+    except OSError:
+        return False
 
 
 def write_atomic(path: str | Path, data: str | bytes, record: bool = True) -> None:
@@ -314,3 +331,9 @@ def run_command(work: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {written_summary(since=written)}", file=sys.stderr)
         return 130
+    except Exception as err:
+        message = no_space_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}; {written_summary(since=written)}", file=sys.stderr)
+        return 2

@@ -12,8 +12,23 @@ Target = Literal["any", "gguf", "vllm", "hf"]
 TARGET_ALIGN = {"gguf": 32, "vllm": 64}
 """Kept MLP / hidden channels are a multiple of this per target: q8_0's block of 32 values; 64
 keeps vLLM's shards of up to 8 GPUs whole multiples of 8."""
+DECILM_ARCHITECTURE = "DeciLMForCausalLM"
+"""What ``llmp export --format decilm`` writes: a folder for vLLM, which llmp reads no further."""
 EXPORT_FAMILIES = ("llama", "mistral", "qwen2")
 """The families :mod:`llmp.export` writes (the Llama layout)."""
+
+
+def export_problems(config, export: str | None) -> list[str]:
+    """What makes a pruning ``config`` (a :class:`~llmp.PruneConfig`) fail its ``export`` afterwards:
+    known before pruning, so said before the work, not after it."""
+    per_layer_heads = config.scope == "block" and config.attention != "none"
+    uniform = config.layout == "uniform" or config.target in ("vllm", "hf")
+    if export == "decilm" and per_layer_heads and not uniform:
+        return [
+            f"`export` decilm needs the same query heads in every layer, and `attention` {config.attention} prunes "
+            "them per layer: add `target` vllm (prunes no heads), or `layout` uniform, or export gguf instead"
+        ]
+    return []
 
 
 def engines_for(family: str | None, layer_shapes: list[dict], plain: bool) -> list[str]:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from llmp import pruning
 from llmp.errors import LlmpError, raise_all
-from llmp.importance import ACTIVATION
 from llmp.pruning import PruneConfig, RunInput
+from llmp.pruning.streamed import stream_problems
 from llmp.record import Calibration, PruningRecord
+from llmp.targets import export_problems
 
 
 @dataclass
@@ -74,22 +75,17 @@ def prune_folder(
         LlmpError: bad arguments (checked before the model is read), or as the steps it runs.
     """
     from llmp.models import input_paths
-    from llmp.outcheck import check_output_dir
     from llmp.outlock import output_lock
 
     run = _Run(
         model, output, config, calibration, num_samples, seq_len, eval_data, eval_tokens, samples, overwrite, dtype
     )
-    raise_all(run.problems(stream))
+    raise_all(run.problems(stream) + export_problems(config, export))
     calibration_file = check_data("calibration", calibration)
     eval_file = check_data("eval_data", eval_data)
     check_seq_len("seq_len", seq_len, model)
     run.inputs = [*input_paths(model), calibration_file, eval_file]
-    real = check_output_dir(output, overwrite, run.inputs, flag="output")
-    if export:
-        from llmp.export import beside, check_export
-
-        check_export(output, export, beside(real, export), export_dtype, overwrite)
+    real = _check_outputs(run, export, export_dtype)
     with output_lock(real):  # held from here: a second run to the same output stops now
         result = _streamed(run, calibration_file) if stream else _in_memory(run, calibration_file, eval_file)
     if export:
@@ -118,7 +114,9 @@ class _Run:
         """What the record keeps of this run's input (the calibration only where the criterion reads it)."""
         used = self.config.needs_calibration
         calibration = Calibration(str(self.calibration), self.num_samples, self.seq_len) if used else None
-        return RunInput(self.model, calibration, load_s)
+        local = Path(self.model).expanduser()
+        model = str(local.resolve()) if local.exists() else self.model  # a teacher found from any folder later
+        return RunInput(model, calibration, load_s)
 
     def problems(self, stream: bool) -> list[str]:
         """One message per bad argument (checked before the model is read)."""
@@ -136,12 +134,7 @@ class _Run:
                 "`stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "
                 f"`eval_data` {self.eval_data} and run `llmp eval ppl --model OUTPUT --data {self.eval_data}` afterwards"
             )
-        if stream and self.config.criterion not in (None, *ACTIVATION):
-            problems.append(
-                f"`stream` scores each layer from its activations, without gradients: use `criterion` flap (or "
-                f"wanda); got `criterion` {self.config.criterion}"
-            )
-        return problems
+        return problems + (stream_problems(self.config) if stream else [])
 
 
 def check_data(name: str, source: str | None) -> str | None:
@@ -164,6 +157,21 @@ def check_seq_len(name: str, seq_len: int, spec: str) -> None:
         raise LlmpError(
             f"`{name}` {seq_len} exceeds the model's max_position_embeddings ({limit}); give at most {limit}"
         )
+
+
+def _check_outputs(run: _Run, export: str | None, export_dtype: str) -> Path:
+    """The output (and its export beside it) may be written, and has room: checked before any work."""
+    from llmp.models import input_paths
+    from llmp.outcheck import check_output_dir, check_space, weights_bytes
+
+    real = check_output_dir(run.output, run.overwrite, run.inputs, flag="output")
+    kept = round(weights_bytes(input_paths(run.model)) * (1 - run.config.ratio))  # the pruned weights, and their export
+    check_space(real, kept * (2 if export else 1), flag="output")
+    if export:
+        from llmp.export import beside, check_export
+
+        check_export(run.output, export, beside(real, export), export_dtype, run.overwrite, dtype_name="export_dtype")
+    return real
 
 
 def _in_memory(run: _Run, calibration_file: str | None, eval_file: str | None) -> PruneFolderResult:

@@ -256,6 +256,24 @@ class HangAtEpoch(L.Callback):
             time.sleep(600)
 
 
+class PauseAtEpoch(L.Callback):
+    """Announces the start of ``epoch`` and waits (up to a minute) until Lightning has seen a SIGTERM,
+    as a long training step would; the loop then stops at the step's end."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import time
+
+            print("PAUSED", flush=True)
+            for _ in range(600):
+                if trainer.received_sigterm:
+                    return
+                time.sleep(0.1)
+
+
 class HangWritingCheckpoint(L.Callback):
     """While epoch ``epoch``'s checkpoint is written, stops halfway through its bytes and waits to be killed."""
 

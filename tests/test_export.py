@@ -241,7 +241,7 @@ def test_target_settings_and_their_refusals():
     assert llmp.PruneConfig(target="hf").resolved(model).layout == "uniform"
     assert llmp.PruneConfig(target="gguf").resolved(model).round_to == 32
     assert llmp.PruneConfig(target="vllm", round_to=48).resolved(model).round_to == 192  # a multiple of both
-    with pytest.raises(LlmpError, match="`layout` uniform prunes every layer alike"):
+    with pytest.raises(LlmpError, match=r"`target` hf \(plain transformers: layout uniform\) prunes every layer alike"):
         llmp.PruneConfig(target="hf", ranking="global")
     with pytest.raises(LlmpError, match="`target` vllm keeps the query heads of every layer"):
         llmp.PruneConfig(target="vllm", attention="query")

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,28 @@ def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path, w
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
     ids = torch.randint(0, 200, (2, 12))
     torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_sigterm_during_fit_says_what_was_kept(tiny_dir, tmp_path):
+    """SIGTERM mid-fit: exit 130 with an llmp line naming the checkpoint to resume from, no output folder."""
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    pause = ["--trainer.callbacks+", json.dumps({"class_path": "helpers.PauseAtEpoch", "init_args": {"epoch": 1}})]
+    command = [
+        sys.executable,
+        "-m",
+        "llmp.cli",
+        "fit",
+        *recipe(tiny_dir, tmp_path, output=out, **{"trainer.max_epochs": 3}),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*command, *_checkpointing(ckpts), *pause], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    assert any(line.strip() == "PAUSED" for line in iter(proc.stdout.readline, ""))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "training stopped (SIGTERM or Ctrl-C); resume with `--ckpt_path last`" in err
+    assert f"interrupted: written completely: {ckpts / 'last.ckpt'}" in err and not out.exists()
 
 
 class _RunsCode:

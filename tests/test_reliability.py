@@ -281,3 +281,128 @@ def test_export_of_a_folder_with_a_dangling_weights_link(exportable, tmp_path):
     load = pytest.raises(LlmpError, match="symlink to nothing|cannot|missing|No such file")
     with load:
         load_pruned(exportable)
+
+
+# -- a full disk: refused before the work where the size is known, one clear line where it is not ------
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of a given size at tmp_path/small (root and mount(2) needed: skipped elsewhere)."""
+    mounted = []
+
+    def make(size_kib: int) -> Path:
+        where = tmp_path / "small"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_prune_to_a_full_disk_is_refused_before_the_work(tiny_dir, small_fs, capsys):
+    small = small_fs(256)
+    code, _, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--ratio", "0.2", "--output", small / "out", "--samples", "0"
+    )
+    assert code == 2 and "free and this run writes about" in err and "free space or choose another path" in err
+    assert list(small.iterdir()) == []
+
+
+def test_an_export_that_runs_out_of_space_says_so_and_leaves_nothing(tmp_path, small_fs, capsys):
+    _, model, _ = pruned_folder(tmp_path / "p", attention="none")
+    half = tmp_path / "half"
+    save_pruned(model.to(torch.bfloat16), half, tiny_tokenizer(), blank_record())
+    size = sum(f.stat().st_size for f in half.glob("*.safetensors"))
+    small = small_fs(int(size * 1.5) // 1024)  # passes the estimate (the bf16 bytes), not the f32 file
+    code, _, err = run_cli(capsys, "export", half, "--format", "gguf", "--output", small / "e.gguf", "--dtype", "f32")
+    assert code == 2 and "error: no space left on the device" in err and "nothing partial was kept" in err, err
+    assert list(small.iterdir()) == []
+
+
+def test_a_streamed_prune_that_runs_out_of_space_says_so_and_leaves_nothing(tmp_path, small_fs, capsys):
+    half = tmp_path / "half"
+    model = tiny_model("llama-gqa", vocab_size=len(tiny_tokenizer()))
+    save_pruned(model.to(torch.bfloat16), half, tiny_tokenizer(), blank_record())
+    size = sum(f.stat().st_size for f in half.glob("*.safetensors"))
+    small = small_fs(int(size * 1.2) // 1024)  # passes the estimate (80% of the bf16 bytes), not float32 weights
+    code, _, err = run_cli(
+        capsys, "prune", "--model", half, "--ratio", "0.2", "--output", small / "out", "--stream", "--dtype", "float32",
+        "--num-samples", "2", "--seq-len", "16", "--samples", "0",
+    )  # fmt: skip
+    assert code == 2 and "error: no space left on the device" in err and "nothing partial was kept" in err, err
+    assert list(small.iterdir()) == []
+
+
+# -- messages name what the user passed, and a plan that would fail its export is refused first ------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stream", "--scope", "channel"], "`--stream` prunes heads and MLP channels from each layer's activations: it takes `--scope` block; got `--scope` channel"),
+        (["--stream", "--steps", "2"], "`--stream` prunes in one pass: `--steps` must be 1; got 2"),
+        (["--stream", "--criterion", "taylor"], "`--stream` scores each layer from its activations, without gradients"),
+        (["--target", "hf", "--layers", "1:3"], "`--target` hf (plain transformers: layout uniform) prunes every layer alike"),
+        (["--export", "gguf", "--export-dtype", "q4"], "`--export-dtype` 'q4' is not a GGUF type llmp writes"),
+        (["--export", "decilm", "--export-dtype", "q8_0"], "`--export-dtype` 'q8_0': a DeciLM folder holds"),
+        (["--export", "decilm", "--attention", "query"], "`--export` decilm needs the same query heads in every layer"),
+    ],
+)  # fmt: skip
+def test_prune_messages_name_the_flags_given(tiny_dir, tmp_path, capsys, args, message):
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir, "--ratio", "0.2", "--output", tmp_path / "o", *args)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()  # refused before pruning
+
+
+def test_a_decilm_folder_is_refused_by_what_llmp_reads(tiny_dir, tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "prune", "--model", tiny_dir, "--ratio", "0.1", "--output", tmp_path / "o", "--target", "vllm",
+        "--export", "decilm", "--num-samples", "2", "--seq-len", "16", "--samples", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    decilm = tmp_path / "o.decilm"
+    for command in (
+        ["eval", "ppl", "--model", decilm, "--data", "wikitext2"],
+        ["prune", "--model", decilm, "--ratio", "0.2", "--output", tmp_path / "again", "--stream"],
+        ["generate", "--model", decilm, "--prompt", "Hi"],
+    ):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and "is a DeciLM export, for vLLM" in err and "the folder it was exported from" in err, err
+
+
+def test_the_record_keeps_the_model_path_absolute_and_a_lost_relative_one_is_named(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    from llmp.distill import original_of
+    from llmp.record import read_record, write_record
+
+    monkeypatch.chdir(tiny_dir.parent)
+    out = tmp_path / "o"
+    args = ["--num-samples", "2", "--seq-len", "16", "--samples", "0"]
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_dir.name, "--ratio", "0.2", "--output", out, *args)
+    assert code == 0, err
+    record = read_record(out)
+    assert record.model == str(tiny_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert original_of(str(out)) == str(tiny_dir.resolve())  # found from any folder
+    record.model = "./models/base"  # what an older llmp recorded
+    write_record(out, record)
+    with pytest.raises(LlmpError, match=r"pruned from './models/base', a path relative to where `llmp prune` ran"):
+        original_of(str(out))
+
+
+def test_a_tiny_calibration_warns_with_the_number(caplog):
+    model = tiny_model("llama-gqa")
+    with caplog.at_level("WARNING"):
+        from llmp import prune
+
+        prune(model, PruneConfig(ratio=0.2, criterion="flap"), torch.randint(0, 100, (1, 2)))
+    assert "calibration holds 2 tokens" in caplog.text and "give at least 512" in caplog.text

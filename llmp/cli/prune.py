@@ -47,8 +47,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmp.workflow import prune_folder
 
-    if args.stream and args.layerwise is None:
-        args.layerwise = True  # what --stream does; an unset criterion is then flap
     config = prune_config(args)
     with flags_named(FLAGS):
         result = prune_folder(config=config, **{name: getattr(args, name) for name in FLAGS})

@@ -48,8 +48,12 @@ def beside(folder: str | Path, format: str) -> Path:
     return folder.with_name(folder.name + (".gguf" if format == "gguf" else ".decilm"))
 
 
-def check_export(model: str | Path, format: str, output: str | Path, dtype: str, overwrite: bool) -> Path:
+def check_export(
+    model: str | Path, format: str, output: str | Path, dtype: str, overwrite: bool, dtype_name: str = "dtype"
+) -> Path:
     """Refuse, before reading any weights, an export that cannot be done; return the output's real path.
+
+    ``dtype_name`` is the dtype's argument in messages (``export_dtype`` for ``llmp prune --export``).
 
     Raises:
         LlmpError: an unknown format or dtype, or an output that may not be written.
@@ -61,10 +65,12 @@ def check_export(model: str | Path, format: str, output: str | Path, dtype: str,
         raise LlmpError(f"`format` {format!r} is not one llmp exports; choose one of {', '.join(FORMATS)}")
     if format == "decilm":
         if dtype not in ("auto", "f32", "f16", "bf16"):
-            raise LlmpError(f"`dtype` {dtype!r}: a DeciLM folder holds auto, f32, f16 or bf16 weights")
+            raise LlmpError(f"`{dtype_name}` {dtype!r}: a DeciLM folder holds auto, f32, f16 or bf16 weights")
         return check_output_dir(output, overwrite, [model], flag="output")
     if dtype not in GGUF_DTYPES:
-        raise LlmpError(f"`dtype` {dtype!r} is not a GGUF type llmp writes; choose one of {', '.join(GGUF_DTYPES)}")
+        raise LlmpError(
+            f"`{dtype_name}` {dtype!r} is not a GGUF type llmp writes; choose one of {', '.join(GGUF_DTYPES)}"
+        )
     path = check_output_path(output, [model], flag="output")
     if path.suffix != ".gguf":
         raise LlmpError(f"`output` {output}: a GGUF file's name ends in .gguf, e.g. {Path(output).name}.gguf")
@@ -110,12 +116,14 @@ def export(
             format's own refusals (a shape it cannot express).
     """
     from llmp.export.source import check_tokenizer, open_source
+    from llmp.outcheck import check_space, weights_bytes
     from llmp.outdir import write_file, write_folder
     from llmp.outlock import output_lock
 
     path = check_export(model, format, output, dtype, overwrite)
     source = open_source(model)
     check_tokenizer(source.folder, format)
+    check_space(path, weights_bytes([source.folder]), flag="output")
     if format == "decilm":
         from llmp.export.decilm import check_decilm, write_decilm
 

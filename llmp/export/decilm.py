@@ -27,8 +27,9 @@ import torch
 
 from llmp.errors import LlmpError
 from llmp.export.source import LAYER_BIASES, Source
+from llmp.targets import DECILM_ARCHITECTURE
 
-ARCHITECTURE = "DeciLMForCausalLM"
+ARCHITECTURE = DECILM_ARCHITECTURE
 MODEL_TYPE = "nemotron-nas"
 SHARD_BYTES = 2 << 30
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

@@ -11,6 +11,7 @@ each channel from them, and an element sums its channels (a head owns ``head_dim
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 from llmp.errors import LlmpError
 from llmp.importance.criteria import CRITERIA
 from llmp.structure import Group, Kind, Structure, adapter_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,13 +152,28 @@ def run_batches(model: nn.Module, calibration: torch.Tensor, batch_size: int | N
             pass
 
 
+MIN_STATISTICS_TOKENS = 512
+"""Below this, each channel's variance and the refit's covariance rest on too few tokens to rank or
+refit anything (a warning, not a refusal: a test or a first try may want a tiny calibration)."""
+
+
 def require_calibration(calibration: torch.Tensor | None) -> None:
-    """Raises:
-    LlmpError: no calibration tokens."""
+    """Warns when the tokens are fewer than :data:`MIN_STATISTICS_TOKENS`.
+
+    Raises:
+        LlmpError: no calibration tokens.
+    """
     if calibration is None or calibration.numel() == 0:
         raise LlmpError(
             "the activation criteria (flap, wanda) and compensation need calibration tokens and `calibration` "
             "is empty: pass token ids (e.g. from llmp.data.calibration_samples)"
+        )
+    if calibration.numel() < MIN_STATISTICS_TOKENS:
+        log.warning(
+            "calibration holds %d tokens: activation statistics (each channel's variance, the least-squares "
+            "refit) from so few are noise; give at least %d (num_samples x seq_len; the default is 16 x 128)",
+            calibration.numel(),
+            MIN_STATISTICS_TOKENS,
         )
 
 

@@ -150,7 +150,10 @@ class PruneConfig:
         if "uniform" in (self.layout, "uniform" if self.target == "hf" else None) and (
             self.ranking == "global" or self.layers or self.attn_layers or self.mlp_layers
         ):
-            problems.append("`layout` uniform prunes every layer alike: it takes no layer ranges and no global ranking")
+            asked = (
+                "`layout` uniform" if self.layout == "uniform" else "`target` hf (plain transformers: layout uniform)"
+            )
+            problems.append(f"{asked} prunes every layer alike: it takes no layer ranges and no global ranking")
         if self.scope != "block" and self.criterion in ACTIVATION:
             problems.append(
                 f"`criterion` {self.criterion} scores heads and MLP channels only: use it with `scope` block "

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from llmp.errors import LlmpError
+from llmp.errors import LlmpError, raise_all
+from llmp.importance import ACTIVATION
 from llmp.io import finish_config
 from llmp.outdir import write_folder, write_json_atomic
 from llmp.pruning.config import PruneConfig
@@ -180,6 +181,7 @@ def prune_streamed(
             may not be written (see :func:`llmp.outcheck.check_output_dir`).
     """
     path = Path(path)
+    raise_all(stream_problems(config))
     config = dataclasses.replace(config, layerwise=True)  # refused by its check unless the criterion allows it
     model, where = open_skeleton(path, dtype)
     config = preflight(model, config)
@@ -203,6 +205,27 @@ def prune_streamed(
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / REPORT, record.to_json(), record=False)
     return record
+
+
+def stream_problems(config: PruneConfig) -> list[str]:
+    """What streamed pruning cannot do, named as the user asked it (``stream``, not ``layerwise``):
+    it scores heads and MLP channels from each layer's activations, in one pass."""
+    problems = []
+    if config.scope != "block":
+        problems.append(
+            f"`stream` prunes heads and MLP channels from each layer's activations: it takes `scope` block; "
+            f"got `scope` {config.scope}"
+        )
+    elif config.criterion not in (None, *ACTIVATION):
+        problems.append(
+            f"`stream` scores each layer from its activations, without gradients: use `criterion` flap (or "
+            f"wanda); got `criterion` {config.criterion}"
+        )
+    if config.steps != 1:
+        problems.append(f"`stream` prunes in one pass: `steps` must be 1; got {config.steps}")
+    if config.layerwise is False:
+        problems.append("`stream` is layer by layer: drop `layerwise` false (or `stream`)")
+    return problems
 
 
 def _outside_to(model: PreTrainedModel, device) -> None:
