@@ -225,3 +225,22 @@ def test_replay_rebuilds_the_biases(calib, inputs, layout):
     replay(original, record.steps)
     original.load_state_dict(model.state_dict())  # strict: the same parameters, biases included
     torch.testing.assert_close(logits(original, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_memory_saving_splits_change_no_number():
+    """The next layer's inputs come from forwards of NEXT_TOKENS tokens, and the Gram is summed a
+    band of rows at a time: both give exactly what one forward and one product give."""
+    from llmp.pruning.layerwise import NEXT_TOKENS, _run, layer_inputs
+
+    model = tiny_model("llama-gqa")
+    calib = torch.randint(0, 100, (8, 128), generator=torch.Generator().manual_seed(0))
+    assert calib.numel() > NEXT_TOKENS  # split into more than one forward
+    inputs = layer_inputs(model, calib, None, torch.float32)
+    layer = model.model.layers[1]
+    assert torch.equal(_run(layer, inputs)[0][0], _run(layer, inputs, whole=True)[0][0])
+
+    x = torch.randn(64, 2100, generator=torch.Generator().manual_seed(1))  # 2,100 columns: two bands
+    stats = activations.InputStats(0, torch.zeros(2100, dtype=torch.float64), torch.zeros(2100, dtype=torch.float64))
+    stats.gram = torch.zeros(2100, 2100, dtype=torch.float64)
+    stats.add(x)
+    assert torch.equal(stats.gram, torch.zeros_like(stats.gram) + x.T @ x)

@@ -63,7 +63,11 @@ class InputStats:
         self.sum += x.sum(0).double()
         self.sum_squares += (x * x).sum(0).double()
         if self.gram is not None:
-            self.gram += x.T @ x  # float32 product summed into float64: no float64 copy of it
+            # x_bᵀ x in float32 for a band of rows at a time (32 MiB of float64), summed into the float64
+            # Gram: neither a whole float32 product (half the Gram) nor its float64 copy (the Gram) exists.
+            rows = max(1, (32 << 20) // (8 * x.shape[1]))
+            for start in range(0, x.shape[1], rows):
+                self.gram[start : start + rows] += x[:, start : start + rows].T @ x
 
 
 def projections(structure: Structure) -> dict[str, str]:

@@ -17,6 +17,7 @@ From the same input statistics as the activation criteria (:mod:`llmp.importance
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -53,36 +54,66 @@ def compensation(
         return []
     owners = projections(structure)
     refits = []
+    uses = Counter(owners[g.name] for g in structure.groups if plan.get(g.name))
     for group in structure.groups:
         elements = plan.get(group.name, [])
         if not elements:
             continue
         name = owners[group.name]
+        uses[name] -= 1
         module, s = model.get_submodule(name), stats[name]
         (writes,) = [sl for sl in group.slices if sl.writes]
         removed = writes.indices(torch.as_tensor(sorted(elements)))
         keep = torch.ones(module.in_features, dtype=torch.bool)
         keep[removed] = False
         kept = keep.nonzero().squeeze(1)
-        w = module.weight.detach().double()
-        bias = module.bias.detach().double() if module.bias is not None else w.new_zeros(module.out_features)
-        mean = s.mean.to(w.device)
         if mode == "bias":
-            refits.append(Refit(name, bias + w[:, removed] @ mean[removed]))
+            w = module.weight.detach().double()
+            mean = s.mean.to(w.device)
+            refits.append(Refit(name, _bias(module) + w[:, removed] @ mean[removed]))
             continue
         if mode != "lstsq":
             raise LlmpError(f"`compensate` must be none, bias or lstsq; got {mode!r}")
         if s.gram is None:
             raise LlmpError("lstsq compensation needs the inputs' Gram matrix (collect(..., gram=True))")
-        c_kk, c_kr = s.covariance(kept, kept).to(w.device), s.covariance(kept, removed).to(w.device)
-        c_kk.diagonal().add_(ridge * float(c_kk.diagonal().mean()) + 1e-12)
-        # W_K' = W_K + W_R Σ_RK Σ_KK⁻¹ (solve Σ_KK Xᵀ = Σ_KR W_Rᵀ, Σ symmetric)
-        rhs = c_kr @ w[:, removed].T
-        factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work
-        correction = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(c_kk, rhs)).T
-        new_w = w[:, kept] + correction
-        refits.append(Refit(name, bias + w @ mean - new_w @ mean[kept], new_w))
+        refits.append(Refit(name, *_ridge_refit(module, s, kept, removed, ridge, release=uses[name] == 0)))
     return refits
+
+
+def _bias(module: nn.Linear) -> torch.Tensor:
+    weight = module.weight
+    return (
+        module.bias.detach().double()
+        if module.bias is not None
+        else weight.new_zeros(weight.shape[0], dtype=torch.float64)
+    )
+
+
+def _ridge_refit(
+    module: nn.Linear, stats: InputStats, kept, removed, ridge: float, release: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias, weight) of ``lstsq``: ``W_K' = W_K + W_R Σ_RK Σ_KK⁻¹`` (solve ``Σ_KK Xᵀ = Σ_KR W_Rᵀ``,
+    Σ symmetric). Memory: the whole Gram goes once its blocks are taken (``release``: no later refit
+    of this module reads it; statistics serve nothing after surgery), and Σ_KK once it is factored,
+    so at most two float64 kept × kept matrices live at once, and the float64 weight only after."""
+    device = module.weight.device
+    c_kk = stats.covariance(kept, kept).to(device)
+    c_kr = stats.covariance(kept, removed).to(device)
+    if release:
+        stats.gram = None
+    w, bias = module.weight.detach().double(), _bias(module)
+    c_kk.diagonal().add_(ridge * float(c_kk.diagonal().mean()) + 1e-12)
+    factor, info = torch.linalg.cholesky_ex(c_kk)  # Σ_KK + λI is positive definite: half LU's work
+    if int(info) == 0:
+        del c_kk  # needed again only to solve without the factor
+    rhs = c_kr @ w[:, removed].T
+    del c_kr
+    correction = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(c_kk, rhs)
+    del rhs, factor
+    new_w = w[:, kept].add_(correction.T)
+    del correction
+    mean = stats.mean.to(w.device)
+    return bias + w @ mean - new_w @ mean[kept], new_w
 
 
 def install(model: nn.Module, refits: list[Refit]) -> list[str]:

@@ -83,14 +83,44 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
+NEXT_TOKENS = 512
+"""Tokens per forward when a pruned layer computes the next layer's inputs: its activations
+(an MLP's four intermediate-wide tensors, attention's expanded keys and values) for a quarter of
+the default 16 × 128 calibration at a time, whatever the batch; samples are independent rows, so
+the outputs are the same (``tests/test_activations.py``)."""
+
+
 @torch.no_grad()
-def _run(layer: nn.Module, inputs: list) -> list:
-    """The next layer's inputs: this layer's hidden states for every batch, with the same rest."""
+def _run(layer: nn.Module, inputs: list, whole: bool = False) -> list:
+    """The next layer's inputs: this layer's hidden states for every batch, with the same rest.
+
+    ``whole``: each batch in one forward, as recorded statistics must see it (their float32 sums
+    are per forward: another split would move their last bits)."""
     outputs = []
     for hidden, args, kwargs in inputs:
-        out = layer(hidden, *args, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
+        rows = len(hidden) if whole else max(1, NEXT_TOKENS // max(hidden.shape[1], 1))
+        parts = []
+        for start in range(0, hidden.shape[0], rows):
+            cut = slice(start, start + rows)
+            out = layer(hidden[cut], *_samples(args, cut, len(hidden)), **_samples(kwargs, cut, len(hidden)))
+            parts.append(out[0] if isinstance(out, tuple) else out)
+        outputs.append((torch.cat(parts) if len(parts) > 1 else parts[0], args, kwargs))
     return outputs
+
+
+def _samples(value, cut: slice, batch: int):
+    """``value`` (a layer call's arguments) for the samples ``cut``: a tensor of two or more dims
+    whose first is the batch's is per sample (a ``[B, 1, L, L]`` mask); the rest (``[1, L, D]``
+    rotary tables, ``[1, L]`` positions) is shared."""
+    if isinstance(value, torch.Tensor):
+        return value[cut] if batch > 1 and value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_samples(v, cut, batch) for v in value)
+    if isinstance(value, list):
+        return [_samples(v, cut, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _samples(v, cut, batch) for k, v in value.items()}
+    return value
 
 
 class Layers:
@@ -143,15 +173,9 @@ def prune_layerwise(
         run.io.load(i)
         with _computing(layer, run.compute):
             mine = [g for g in run.groups if g.layer == i]
-            if mine:
-                part = Structure(run.family, mine)
-                with timings.phase("scoring_s"):
-                    stats, mine_plan = run.layer_plan(part, inputs, plan, counts)
-                with timings.phase("surgery_s"):
-                    refits = compensation.compensation(model, part, mine_plan, stats, config.compensate, config.ridge)
-                    surgery.apply(model, part, mine_plan, run.adapter)
-                    gained = compensation.install(model, refits)
-                    biases += note_biases(model, run.adapter, gained, config, declare=False)
+            if mine:  # its statistics and refits are gone before the next inputs are computed
+                mine_plan, gained = run.prune_layer(Structure(run.family, mine), inputs, plan, counts, timings)
+                biases += gained
                 applied.update(mine_plan)
             if i < run.last:
                 inputs = _run(layer, inputs)  # the next layer's inputs, from this pruned layer
@@ -195,6 +219,18 @@ class _Pass:
             self.io.release(i, final=False)
         return self._agreed(make_plan(self.groups, scores, self.params, target, self.settings))
 
+    def prune_layer(self, part: Structure, inputs: list, plan, counts, timings: Timings) -> tuple[dict, list[str]]:
+        """Score, plan, compensate and cut one layer's groups ``part``; returns its plan and the
+        modules that gained a bias."""
+        config = self.config
+        with timings.phase("scoring_s"):
+            stats, mine_plan = self.layer_plan(part, inputs, plan, counts)
+        with timings.phase("surgery_s"):
+            refits = compensation.compensation(self.model, part, mine_plan, stats, config.compensate, config.ridge)
+            surgery.apply(self.model, part, mine_plan, self.adapter)
+            gained = compensation.install(self.model, refits)
+            return mine_plan, note_biases(self.model, self.adapter, gained, config, declare=False)
+
     def layer_plan(self, part: Structure, inputs: list, plan, counts) -> tuple[dict, dict[str, list[int]]]:
         """This layer's input statistics (where scoring or compensation needs them) and its plan:
         its part of the global ``plan``, or its lowest-scored elements by ``counts``."""
@@ -202,7 +238,7 @@ class _Pass:
         if plan is None or self.config.compensate != "none":
             gram = self.config.compensate == "lstsq"
             with activations.recording(self.model, self._owners(part.groups), gram) as stats:
-                _run(self.adapter.layers(self.model)[part.groups[0].layer], inputs)
+                _run(self.adapter.layers(self.model)[part.groups[0].layer], inputs, whole=True)
         if plan is None:
             scores = activations.score(self.model, part, stats, self.config.criterion)
             mine = self._agreed({g.name: choose(g, scores[g.name], counts.get(g.name, 0)) for g in part.groups})
