@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--attention", default="none")
     parser.add_argument("--criterion", default="flap")
-    parser.add_argument("--compensate", default="bias")
+    parser.add_argument("--compensate", default="lstsq")
     parser.add_argument("--ranking", default="layer")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)

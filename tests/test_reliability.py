@@ -406,3 +406,17 @@ def test_a_tiny_calibration_warns_with_the_number(caplog):
 
         prune(model, PruneConfig(ratio=0.2, criterion="flap"), torch.randint(0, 100, (1, 2)))
     assert "calibration holds 2 tokens" in caplog.text and "give at least 512" in caplog.text
+
+
+def test_fit_refuses_a_decilm_export_of_per_layer_heads_before_training(tiny_dir, tmp_path, capsys):
+    """The recipe's pruning removes whole KV groups per layer: its DeciLM export would fail after the
+    training, so the fit is refused before the data is read."""
+    from helpers import recipe
+
+    from llmp.fit import main as fit_main
+
+    out = tmp_path / "out"
+    code = fit_main(recipe(tiny_dir, tmp_path, output=out, export="decilm"))
+    err = capsys.readouterr().err
+    assert code == 2 and "`export` decilm needs the same query heads in every layer" in err, err
+    assert not out.exists() and not list(tmp_path.glob("**/*.ckpt"))
