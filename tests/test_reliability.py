@@ -291,12 +291,11 @@ def small_fs(tmp_path):
     """A tmpfs of a given size at tmp_path/small (root and mount(2) needed: skipped elsewhere)."""
     mounted = []
 
-    def make(size_kib: int) -> Path:
+    def make(size_kib: int, options: str = "") -> Path:
         where = tmp_path / "small"
         where.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)], capture_output=True
-        )
+        settings = f"size={size_kib}k" + (f",{options}" if options else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", settings, "tmpfs", str(where)], capture_output=True)
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
         mounted.append(where)
@@ -420,3 +419,21 @@ def test_fit_refuses_a_decilm_export_of_per_layer_heads_before_training(tiny_dir
     err = capsys.readouterr().err
     assert code == 2 and "`export` decilm needs the same query heads in every layer" in err, err
     assert not out.exists() and not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_the_remote_code_message_names_the_file_that_asks_for_code(tmp_path):
+    from llmp.remote_code import remote_code_error
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["t.T", None]}}))
+    err = remote_code_error(tmp_path, ValueError("set trust_remote_code=True"))
+    assert "(tokenizer_config.json `auto_map`)" in str(err)
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "m.M"}}))
+    assert "(config.json `auto_map`)" in str(remote_code_error(tmp_path, ValueError("trust_remote_code")))
+
+
+@pytest.mark.parametrize("format", ["gguf", "decilm"])
+def test_an_export_into_a_read_only_file_system_is_refused_first(exportable, small_fs, format):
+    ro = small_fs(64, "ro")  # read-only for root too
+    with pytest.raises(LlmpError, match="is not writable"):
+        export(exportable, format, ro / ("e.gguf" if format == "gguf" else "e"))
