@@ -19,7 +19,9 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from llmp.errors import LlmpError, raise_all
 from llmp.eval.stages import Stages
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
-from llmp.outcheck import check_output_dir, check_space, weights_bytes
+from llmp.outcheck import check_output_dir, check_space, no_space_message, weights_bytes
 from llmp.outdir import write_atomic
 from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, Recovery, read_record, write_record
@@ -192,7 +194,12 @@ def _run(cli: FitCLI) -> int:
         if trainer.is_global_zero:
             export_checkpoint(ckpt, output, recovery, overwrite=config.overwrite)
     elif trainer.is_global_zero:
-        module.export(output, recovery, overwrite=config.overwrite)
+        try:
+            module.export(output, recovery, overwrite=config.overwrite)
+        except Exception as err:  # the writers raise it as ENOSPC (llmp.outdir), other errors pass
+            if no_space_message(err) is None:
+                raise
+            raise LlmpError(f"{no_space_message(err)}; {_rescue(trainer, output)}") from err
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
@@ -240,6 +247,28 @@ def _recovery(module: RecoveryModule, trainer, fit_s: float) -> Recovery:
         fit_s=round(fit_s, 2),
         val_ppl=_metric(trainer, "val_ppl"),
     )
+
+
+def _rescue(trainer, output: Path) -> str:
+    """Keep the trained weights where there is room (the fit's root folder, else the system's
+    temporary folder) when the output could not be written: hours of training are not lost."""
+    module = trainer.lightning_module
+    if module.mode == "lora" and not module.is_lora_wrapped:
+        module.mode = "full"  # the export merged the adapters: plain weights, checkpointed as such
+    needed = sum(p.numel() * p.element_size() for p in module.parameters())
+    for folder in (Path(trainer.default_root_dir), Path(tempfile.gettempdir())):
+        try:
+            if shutil.disk_usage(folder).free < needed + needed // 4:
+                continue
+            path = folder / f"llmp-trained-{os.getpid()}.ckpt"
+            trainer.save_checkpoint(path, weights_only=True)  # the weights and llmp's entry, no optimizer
+        except OSError:
+            continue
+        return (
+            f"the trained model was kept in {path}: free space, then "
+            f"`python -c \"from llmp.recovery import export_checkpoint; export_checkpoint('{path}', '{output}')\"`"
+        )
+    return "and no other folder had room for the trained model: enable checkpointing to keep it"
 
 
 def _interrupted(trainer) -> None:

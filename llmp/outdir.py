@@ -259,10 +259,12 @@ def write_file(output: str | Path) -> Iterator[Path]:
 
 
 def _filled(folder: Path, err: BaseException) -> bool:
-    """Whether a write into ``folder`` failed because its file system is full: libraries report a
-    short write in their own words (gguf: "9216 requested and 744 written"), so the space decides."""
-    if not isinstance(err, Exception) or isinstance(err, LlmpError) or no_space_message(err) is not None:
-        return False  # a refusal, or already said in words
+    """Whether a write into ``folder`` failed because its file system is full, however the library
+    said it (safetensors in words, gguf as a short write: "9216 requested and 744 written")."""
+    if not isinstance(err, Exception) or isinstance(err, LlmpError):
+        return False
+    if no_space_message(err) is not None:
+        return True
     try:
         return shutil.disk_usage(folder).free < 64 << 10
     except OSError:

@@ -274,6 +274,21 @@ class PauseAtEpoch(L.Callback):
                 time.sleep(0.1)
 
 
+class FillDisk(L.Callback):
+    """At the end of training, fills the file system of ``folder`` up to its last 16 KiB (another
+    process's files arriving while the fit ran)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import shutil
+
+        free = shutil.disk_usage(self.folder).free
+        with open(f"{self.folder}/filler", "wb") as f:
+            f.write(b"0" * max(0, free - (16 << 10)))
+
+
 class HangWritingCheckpoint(L.Callback):
     """While epoch ``epoch``'s checkpoint is written, stops halfway through its bytes and waits to be killed."""
 

@@ -437,3 +437,22 @@ def test_an_export_into_a_read_only_file_system_is_refused_first(exportable, sma
     ro = small_fs(64, "ro")  # read-only for root too
     with pytest.raises(LlmpError, match="is not writable"):
         export(exportable, format, ro / ("e.gguf" if format == "gguf" else "e"))
+
+
+def test_a_fit_whose_output_fills_up_keeps_the_trained_model(tiny_dir, tmp_path, small_fs, capsys):
+    """The disk fills while the fit trains: the save fails with one line, and the trained weights
+    are kept in the fit's root folder, from which they export once there is room."""
+    from helpers import recipe
+
+    from llmp.fit import main as fit_main
+    from llmp.recovery import export_checkpoint
+
+    small = small_fs(4096)
+    fill = {"class_path": "helpers.FillDisk", "init_args": {"folder": str(small)}}
+    code = fit_main([*recipe(tiny_dir, tmp_path, output=small / "out"), "--trainer.callbacks+", json.dumps(fill)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left on the device" in err and "the trained model was kept in" in err, err
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]  # nothing partial
+    (kept,) = tmp_path.glob("llmp-trained-*.ckpt")
+    out = export_checkpoint(kept, tmp_path / "saved")
+    assert load_pruned(out).num_parameters() < tiny_model("llama-gqa").num_parameters()
