@@ -142,9 +142,7 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path] = (), fla
                 f"`{flag}` {output} overlaps the input {source} ({source_real}): writing it would replace "
                 "what the run reads; choose an output outside it"
             )
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(path.parent)
     if not parent.is_dir():
         raise LlmpError(f"`{flag}` {output}: {parent} is a file, not a folder; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -170,9 +168,7 @@ def check_space(output: str | Path, needed: int, flag: str = "output") -> None:
     """
     if needed <= 0:
         return
-    parent = real_path(output)
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(real_path(output))
     free = shutil.disk_usage(parent).free
     wanted = needed + needed // 8
     if free < wanted:
@@ -198,6 +194,13 @@ def no_space_message(err: BaseException) -> str | None:
         f"no space left on the device{f' of {place}' if place else ''}{free} while writing"
         f"{f' {Path(where).name}' if where else ''}: nothing partial was kept; free space or choose another output"
     )
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (where a write would create the rest)."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def _size(n: int) -> str:

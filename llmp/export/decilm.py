@@ -29,7 +29,6 @@ from llmp.errors import LlmpError
 from llmp.export.source import LAYER_BIASES, Source
 from llmp.targets import DECILM_ARCHITECTURE
 
-ARCHITECTURE = DECILM_ARCHITECTURE
 MODEL_TYPE = "nemotron-nas"
 SHARD_BYTES = 2 << 30
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +98,7 @@ def decilm_config(source: Source) -> dict:
     first = source.layers[0]
     return {
         **keep,
-        "architectures": [ARCHITECTURE],
+        "architectures": [DECILM_ARCHITECTURE],
         "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"},
         "hidden_size": source.hidden,

@@ -72,14 +72,19 @@ def layer_inputs(model: PreTrainedModel, calibration: torch.Tensor, batch_size: 
 
 
 def _cast(value, dtype: torch.dtype):
+    return _tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def _tensors(value, fn):
+    """``value`` (a layer call's arguments: tensors in tuples, lists and dicts) with ``fn`` applied to each tensor."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
+        return tuple(_tensors(v, fn) for v in value)
     if isinstance(value, list):
-        return [_cast(v, dtype) for v in value]
+        return [_tensors(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        return {k: _tensors(v, fn) for k, v in value.items()}
     return value
 
 
@@ -112,15 +117,8 @@ def _samples(value, cut: slice, batch: int):
     """``value`` (a layer call's arguments) for the samples ``cut``: a tensor of two or more dims
     whose first is the batch's is per sample (a ``[B, 1, L, L]`` mask); the rest (``[1, L, D]``
     rotary tables, ``[1, L]`` positions) is shared."""
-    if isinstance(value, torch.Tensor):
-        return value[cut] if batch > 1 and value.dim() >= 2 and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_samples(v, cut, batch) for v in value)
-    if isinstance(value, list):
-        return [_samples(v, cut, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _samples(v, cut, batch) for k, v in value.items()}
-    return value
+    per_sample = batch > 1
+    return _tensors(value, lambda t: t[cut] if per_sample and t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 class Layers:
