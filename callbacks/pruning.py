@@ -26,11 +26,11 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
-from llmp.checkpoints import CHECKPOINT_KEY
+from llmp.checkpoints import read_entry
 from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
 from llmp.pruning import PruneConfig, count_parameters, prune
-from llmp.record import Calibration, PruningRecord, checkpoint_record
+from llmp.record import Calibration, PruningRecord
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,6 @@ class StructuredPruning(L.Callback):
             self._step(trainer, pl_module, epoch, rewrap=True)
 
     @override
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Prunable, checkpoint: dict) -> None:
-        checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_done"] = list(self.done)  # read at setup, before load_state_dict
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "targets": self.targets}
 
@@ -202,16 +198,17 @@ class StructuredPruning(L.Callback):
                 f"iterative pruning supports the single-device and ddp strategies; got {type(strategy).__name__}"
             )
 
-    def _resumed(self, trainer: L.Trainer) -> tuple[PruningRecord, list[int]] | None:
+    def _resumed(self, trainer: L.Trainer) -> tuple[PruningRecord | None, list[int]] | None:
         """The pruning record of the checkpoint a fit resumes from (``trainer.ckpt_path``), and
         the epochs whose step it had done."""
         path = trainer.ckpt_path
         if not path:
             return None
-        from llmp.checkpoints import read_checkpoint_state
-
-        state = read_checkpoint_state(path)
-        return checkpoint_record(state, str(path)), list(state.get("pruning_done", []))  # no record: nothing pruned
+        entry = read_entry(path)
+        if entry is None:  # not a RecoveryModule's: nothing pruned
+            return None, []
+        # Read at setup, before load_state_dict restores `done`: an epoch reached without a step re-checks it.
+        return entry.record, entry.pruned_epochs()
 
     def _step(self, trainer: L.Trainer, pl_module: Prunable, epoch: int, rewrap: bool) -> None:
         if rewrap:

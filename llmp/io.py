@@ -110,8 +110,6 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
         for file in weight_files:
             state.update(read_safetensors(file, dtype))
     except (OSError, ValueError, json.JSONDecodeError) as err:
-
-
         raise remote_code_error(path, err) or LlmpError(
             f"cannot read the model in {path}: {err}. Re-create it with `llmp prune`."
         ) from err
@@ -128,8 +126,6 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, trust_remote
     if len(floating) == 1:  # what save_pretrained writes into config.json
         model.config.dtype = next(iter(floating))
     return model.eval()
-
-
 
 
 def _place(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

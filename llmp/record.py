@@ -221,19 +221,28 @@ class PruningRecord:
             raise LlmpError(
                 f"{source} has schema {schema}, newer than this llmp reads ({SCHEMA}); upgrade llmp to read it"
             )
-        try:
-            return _READER.validate_python(data)
-        except ValidationError as err:
-            errors = sorted(err.errors(), key=lambda e: e["type"] == "missing")  # wrong values first
-            problems = [_problem(e) for e in errors]
-            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-            raise LlmpError(
-                f"{source}: " + "; ".join(problems[:3]) + more + "; it was edited or damaged: "
-                "re-create it with `llmp prune` or `llmp fit`"
-            ) from None
+        return strict_read(_READER, data, source)
 
 
 _READER = TypeAdapter(PruningRecord)
+
+
+def strict_read(reader: TypeAdapter, data: Any, source: str) -> Any:
+    """``data`` checked by ``reader``; every problem named by its key path (wrong values first).
+
+    Raises:
+        LlmpError: a key of the wrong type, missing or unknown (at most three named).
+    """
+    try:
+        return reader.validate_python(data)
+    except ValidationError as err:
+        errors = sorted(err.errors(), key=lambda e: e["type"] == "missing")  # wrong values first
+        problems = [_problem(e) for e in errors]
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise LlmpError(
+            f"{source}: " + "; ".join(problems[:3]) + more + "; it was edited or damaged: "
+            "re-create it with `llmp prune` or `llmp fit`"
+        ) from None
 
 
 def read_record(folder: str | Path) -> PruningRecord:
@@ -257,22 +266,6 @@ def write_record(folder: str | Path, record: PruningRecord) -> Path:
     path = Path(folder) / REPORT
     write_json_atomic(path, record.to_json())
     return path
-
-
-def checkpoint_record(saved: dict[str, Any], source: str = "the checkpoint") -> PruningRecord | None:
-    """The record in a checkpoint's ``llmp`` entry; ``None`` when it holds none.
-
-    Checkpoints written before the record existed hold ``history`` (the steps) and
-    ``pruning_settings`` (settings, schedule, calibration): they read as a record with those.
-    """
-    if "record" in saved:
-        return PruningRecord.from_json(saved["record"], f"{source} (its llmp.record entry)")
-    if "history" not in saved:
-        return None
-    old = saved.get("pruning_settings") or {}
-    shapes = saved.get("layer_shapes") or []
-    data = {"family": "unknown", "params_before": 0, "params_after": 0, "layer_shapes": shapes, **old}
-    return PruningRecord.from_json({**data, "steps": saved["history"]}, f"{source} (its llmp entry)")
 
 
 def _plain(value: Any) -> Any:

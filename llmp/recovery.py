@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torchmetrics.text import Perplexity
 
-from llmp.checkpoints import CHECKPOINT_KEY, read_trained
+from llmp.checkpoints import CHECKPOINT_KEY, CheckpointEntry, entry_of, read_trained
 from llmp.distill import DistillSettings, Teacher, recovery_loss
 from llmp.errors import LlmpError, raise_all
 from llmp.io import save_pruned
@@ -37,7 +36,7 @@ from llmp.models import input_paths, load_model
 from llmp.outcheck import check_output_dir
 from llmp.outdir import temp_dir
 from llmp.pruning import RunInput, count_parameters, replay, unpruned_record
-from llmp.record import Calibration, PruningRecord, Recovery, checkpoint_record
+from llmp.record import Calibration, PruningRecord, Recovery
 from llmp.structure import adapter_for
 
 log = logging.getLogger(__name__)
@@ -255,20 +254,15 @@ class RecoveryModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
-            model=self.spec,
-            mode=self.mode,
-            lora_settings=asdict(self.lora),
-            dtype=self.dtype_name,
-            distill=asdict(self.distill) if self.distill is not None else None,
-            # its shapes were recorded at each pruning step: under ZeRO-3 the live weights are partitioned
-            record=self.record.to_json(),
-        )
+        # The record's shapes were taken at each pruning step: under ZeRO-3 the live weights are partitioned.
+        entry = CheckpointEntry(self.spec, self.mode, self.lora, self.dtype_name, self.record, self.distill)
+        checkpoint[CHECKPOINT_KEY] = entry.to_json()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint_record(checkpoint.get(CHECKPOINT_KEY) or {})
-        if saved is None or saved.steps == self.record.steps:
+        entry = entry_of(checkpoint)
+        if entry is None or entry.record.steps == self.record.steps:
             return
+        saved = entry.record
         # The checkpoint's model was pruned differently from this one (a resume that did not go
         # through StructuredPruning's replay): rebuild its shapes before its weights load.
         if self._trainer is not None and self.trainer.strategy.restore_checkpoint_after_setup:
@@ -357,10 +351,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: Reco
     """
     check_output_dir(output, overwrite)  # before the consolidation, which takes a while
     with temp_dir(output) as scratch:
-        state, saved = read_trained(checkpoint, scratch)
-        module = RecoveryModule(
-            saved["model"], mode=saved["mode"], lora=LoraSettings(**saved["lora_settings"]), dtype=saved["dtype"]
-        )
-        module.rebuild(checkpoint_record(saved, str(checkpoint)))
+        state, entry = read_trained(checkpoint, scratch)
+        module = RecoveryModule(entry.model, mode=entry.mode, lora=entry.lora, dtype=entry.dtype)
+        module.rebuild(entry.record)
         module.load_state_dict(state["state_dict"])
         return module.export(output, recovery, overwrite=overwrite)

@@ -63,7 +63,9 @@ def test_ab_score_alternates_two_settings(tiny_dir):
 
     script = Path(__file__).resolve().parents[1] / "bench" / "ab_score.py"
     common = [sys.executable, script, "--model", tiny_dir, "--num-samples", "2", "--seq-len", "16", "--attention", "kv"]
-    out = subprocess.run([*common, "--a", "loss_chunk_bytes=0", "--b", "loss_chunk_bytes=1<<20"], capture_output=True, text=True)
+    out = subprocess.run(
+        [*common, "--a", "loss_chunk_bytes=0", "--b", "loss_chunk_bytes=1<<20"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "is not a Python literal" in out.stderr  # 1<<20 is an expression
     out = subprocess.run(
         [*common, "--a", "loss_chunk_bytes=0", "--b", "loss_chunk_bytes=1048576", "--rounds", "3"],

@@ -13,7 +13,7 @@ from helpers import recipe_file
 from test_recovery import data, trainer
 
 from llmp.callbacks import StructuredPruning
-from llmp.checkpoints import read_checkpoint_state
+from llmp.checkpoints import read_entry
 from llmp.data import RecoveryData, calibration_samples
 from llmp.data.recovery import EpochShuffle, pack, source_format
 from llmp.distill import DistillSettings, Teacher, divergence, position_logits, recovery_loss
@@ -163,7 +163,7 @@ def test_teacher_stays_dense_frozen_and_out_of_the_module(tiny_dir, tmp_path, mo
     assert not optimized & {id(p) for p in teacher.parameters()}
     state = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True)
     assert set(state["state_dict"]) == set(module.state_dict())
-    assert read_checkpoint_state(tmp_path / "ckpts" / "last.ckpt")["distill"]["weight"] == 0.5
+    assert read_entry(tmp_path / "ckpts" / "last.ckpt").distill.weight == 0.5
     assert {"train_ce", "train_kd"} <= set(fit.callback_metrics)
 
 

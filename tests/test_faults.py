@@ -13,10 +13,9 @@ import torch
 from helpers import logits, recipe
 
 from llmp import load_pruned
-from llmp.checkpoints import read_checkpoint_state
+from llmp.checkpoints import read_entry
 from llmp.errors import LlmpError
 from llmp.fit import main as fit_main
-from llmp.record import checkpoint_record
 from llmp.recovery import export_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -51,7 +50,7 @@ def test_fit_killed_mid_schedule_resumes_to_the_same_model(tiny_dir, tmp_path, w
     proc.kill()
     proc.wait()
     assert lines and lines[-1].strip() == "HANGING", "".join(lines[-40:])
-    assert len(checkpoint_record(read_checkpoint_state(ckpts / "last.ckpt")).steps) == 1  # killed between the two steps
+    assert len(read_entry(ckpts / "last.ckpt").record.steps) == 1  # killed between the two steps
 
     resumed = tmp_path / "resumed"
     assert (
@@ -117,7 +116,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, capsys, tiny_dir):
     crafted = tmp_path / "crafted.ckpt"
     torch.save({"state_dict": {}, "llmp": {"history": [], "x": _RunsCode(marker)}}, crafted)
     with pytest.raises(LlmpError, match="cannot read checkpoint .*crafted.ckpt"):
-        read_checkpoint_state(crafted)
+        read_entry(crafted)
     with pytest.raises(LlmpError, match="cannot read checkpoint .*crafted.ckpt"):
         export_checkpoint(crafted, tmp_path / "out")
     assert fit_main(recipe(tiny_dir, tmp_path, ckpt_path=crafted)) == 2

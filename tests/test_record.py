@@ -12,8 +12,9 @@ import torch
 from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, prune
+from llmp.checkpoints import CheckpointEntry
 from llmp.pruning import RunInput, replay
-from llmp.record import SCHEMA, Calibration, PruningRecord, Step, checkpoint_record, read_record, write_record
+from llmp.record import SCHEMA, Calibration, PruningRecord, Step, read_record, write_record
 from llmp.report import write_report
 from llmp.structure import adapter_for
 
@@ -32,11 +33,20 @@ def test_folders_from_before_the_record_read_and_render_the_same(name, tmp_path,
 
 def test_a_checkpoint_entry_from_before_the_record_reads_as_one():
     saved = json.loads((OLD / "ckpt_llmp_entry.json").read_text())
-    record = checkpoint_record(saved)
+    entry = CheckpointEntry.from_json(saved)
+    record = entry.record
+    assert entry.lora.dropout == saved["lora_settings"]["dropout"] and entry.mode == "lora" and entry.distill is None
     assert [s.plan for s in record.steps] == [s["plan"] for s in saved["history"]]
     assert record.settings == saved["pruning_settings"]["settings"] and record.schedule == {"0": 0.1, "1": 0.3}
     assert record.calibration.num_samples == 2
-    assert checkpoint_record({"model": "x"}) is None  # nothing pruned
+    assert entry.pruned_epochs() == sorted(s["epoch"] for s in saved["history"])
+    with pytest.raises(LlmpError, match="not written by a llmp RecoveryModule"):
+        CheckpointEntry.from_json({"model": "x"})
+    again = CheckpointEntry.from_json(entry.to_json())
+    assert again == entry
+    damaged = {**entry.to_json(), "mode": "half", "lora": {"r": "eight"}}
+    with pytest.raises(LlmpError, match=r"`mode`: .*half.*`lora.r`"):
+        CheckpointEntry.from_json(damaged)
 
 
 def test_json_round_trip_and_replay(calib, inputs):

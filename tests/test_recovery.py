@@ -15,14 +15,13 @@ from helpers import logits, recipe
 
 from llmp import load_pruned
 from llmp.callbacks import StructuredPruning
-from llmp.checkpoints import read_checkpoint_state
+from llmp.checkpoints import read_entry
 from llmp.data.instruct import alpaca_prompt
 from llmp.data.recovery import InstructionData
 from llmp.errors import LlmpError
 from llmp.fit import launcher_args
 from llmp.fit import main as fit_main
 from llmp.pruning import PruneConfig, count_parameters
-from llmp.record import checkpoint_record
 from llmp.recovery import LoraSettings, RecoveryModule, export_checkpoint
 
 
@@ -267,7 +266,7 @@ def test_resume_in_the_middle_of_a_schedule(tiny_dir, tmp_path, stop):
     checkpoint = ["--trainer.callbacks+", json.dumps(checkpoint)]
     until = json.dumps({"class_path": "helpers.StopAfterEpoch", "init_args": {"epoch": stop}})
     assert fit_main([*recipe(tiny_dir, tmp_path, **epochs), *checkpoint, "--trainer.callbacks+", until]) == 0
-    saved = checkpoint_record(read_checkpoint_state(ckpts / "last.ckpt"))
+    saved = read_entry(ckpts / "last.ckpt").record
     history = saved.steps
     assert saved.layer_shapes == history[-1].layer_shapes and len(saved.layer_shapes) == 4
     assert len(history) == stop + 1
@@ -328,9 +327,9 @@ def test_checkpoint_exports_and_errors(tiny_dir, tmp_path):
     torch.testing.assert_close(logits(load_pruned(out), ids), logits(module.model, ids), rtol=0, atol=1e-5)
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(LlmpError, match="cannot read checkpoint .*bad.ckpt.*corrupt"):
-        read_checkpoint_state(tmp_path / "bad.ckpt")
+        read_entry(tmp_path / "bad.ckpt")
     with pytest.raises(LlmpError, match="does not exist"):
-        read_checkpoint_state(tmp_path / "none.ckpt")
+        read_entry(tmp_path / "none.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(LlmpError, match="not written by a llmp RecoveryModule"):
         export_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "out2")

@@ -46,7 +46,6 @@ def add_parser(sub) -> None:
     add_dtype_arg(tasks)
 
 
-
 def run(args) -> int:
     return _eval_ppl(args) if args.what == "ppl" else _eval_tasks(args)
 

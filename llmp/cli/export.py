@@ -25,7 +25,6 @@ def add_parser(sub) -> None:
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export that llmp wrote")
 
 
-
 def run(args) -> int:
     from llmp.export import export
 

@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="built-in name (smollm2-135m), model folder, .gguf file or hub id")
     p.add_argument("--output", required=True, help="folder to write (safetensors, config, tokenizer, report)")
     p.add_argument(
-        "--calibration", default="c4", help="calibration text: c4 (built-in sample), a .txt/.jsonl file, or a datasets id"
+        "--calibration",
+        default="c4",
+        help="calibration text: c4 (built-in sample), a .txt/.jsonl file, or a datasets id",
     )
     p.add_argument("--num-samples", type=int, default=16, help="calibration samples (paper: 10)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (paper: 64)")

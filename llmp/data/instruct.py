@@ -84,4 +84,3 @@ def encode_record(tokenizer, record: dict, cutoff_len: int, train_on_inputs: boo
         n = min(len(prompt_ids), len(ids))
         labels[:n] = [-100] * n
     return {"input_ids": ids, "labels": labels}
-

@@ -150,7 +150,9 @@ class GradientScorer:
         starts = list(range(0, n, step))
         handles = []
         if per_sample:
-            handles = [params[k].register_post_accumulate_grad_hook(lambda p, k=k: self.on_sample(k, p)) for k in tracked]
+            handles = [
+                params[k].register_post_accumulate_grad_hook(lambda p, k=k: self.on_sample(k, p)) for k in tracked
+            ]
         with (
             checkpointed(full),
             checkpointed(selective, keep_matmuls),

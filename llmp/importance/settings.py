@@ -52,5 +52,7 @@ class ScoringSettings:
         """A copy with ``changes``; unknown names are refused (``bench/ab_score.py`` passes user text)."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
-            raise LlmpError(f"ScoringSettings has no setting {unknown[0]!r}; choose from {', '.join(self.field_names())}")
+            raise LlmpError(
+                f"ScoringSettings has no setting {unknown[0]!r}; choose from {', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **changes)
