@@ -11,7 +11,8 @@ channels: ~2k each) is solved again for the remainder, so the achieved ratio lan
     refill MLP → -21.8M on channels → 26.9M total
 
 ``ranking="layer"`` removes each group's lowest-scored elements; ``"global"`` spends each kind's
-budget on the lowest-scored elements across all layers.
+budget on the lowest-scored elements across all layers. ``weights`` (:mod:`llmp.allocation`) scale
+``p`` per group: a group of weight 1.5 loses 1.5 times the fraction of one of weight 1.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class _Candidate:
     params: torch.Tensor  # parameters per element
     allowed: int  # elements each block may lose
     settings: PlanSettings
+    weight: float = 1.0  # this group loses the fraction p · weight
     removed: list[int] = field(init=False, repr=False)  # [k]: parameters of the k first of each block
 
     def __post_init__(self):
@@ -62,7 +64,7 @@ class _Candidate:
     def count(self, p: float) -> int:
         """Elements removed per block at fraction ``p``."""
         b = self.group.block_size
-        return self.rounded(min(math.floor(p * b + 0.5), self.allowed))
+        return self.rounded(min(math.floor(p * self.weight * b + 0.5), self.allowed))
 
     def rounded(self, k: int) -> int:
         """``k`` adjusted so that the kept count is a multiple of ``round_to`` (MLP, hidden)."""
@@ -86,6 +88,7 @@ def make_plan(
     target: int,
     settings: PlanSettings,
     allowed: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> Plan:
     """Choose elements to remove, about ``target`` parameters in all.
 
@@ -96,6 +99,7 @@ def make_plan(
         target: parameters to remove.
         settings: ranking, minimum kept, rounding.
         allowed: optional boolean mask per group of the elements that may be removed.
+        weights: optional multiplier per group of the fraction it loses (> 0; default 1).
 
     Raises:
         LlmpError: the target exceeds what the groups can give under the constraints.
@@ -106,11 +110,15 @@ def make_plan(
         raise LlmpError(f"`min_keep` must be in [0, 1); got {settings.min_keep}")
     if settings.round_to < 1:
         raise LlmpError(f"`round_to` must be a positive integer; got {settings.round_to}")
-    candidates = [_candidate(g, scores[g.name], element_params[g.name], settings, allowed) for g in groups]
+    weights = weights or {}
+    candidates = [
+        _candidate(g, scores[g.name], element_params[g.name], settings, allowed, weights.get(g.name, 1.0))
+        for g in groups
+    ]
     candidates = [c for c in candidates if c.allowed > 0]
     if target <= 0 or not candidates:
         return {}
-    most = sum(c.removed_params(c.count(1.0)) for c in candidates)
+    most = sum(c.removed_params(c.rounded(c.allowed)) for c in candidates)
     if most < target * 0.99:
         raise LlmpError(
             f"cannot remove {target:,} parameters: these structures, layer ranges and minimum kept allow at "
@@ -129,7 +137,7 @@ def make_plan(
     return {c.group.name: sorted(c.take(counts[id(c)]).tolist()) for c in candidates if counts[id(c)]}
 
 
-def _candidate(group, scores, params, settings, allowed) -> _Candidate:
+def _candidate(group, scores, params, settings, allowed, weight: float = 1.0) -> _Candidate:
     scores = scores.clone().double()
     mask = allowed.get(group.name) if allowed else None
     if mask is not None:
@@ -141,7 +149,7 @@ def _candidate(group, scores, params, settings, allowed) -> _Candidate:
     movable = b - keep_min
     if mask is not None:
         movable = min(movable, int(mask.view(group.blocks, b).sum(1).min()))
-    return _Candidate(group, order, scores, params, max(movable, 0), settings)
+    return _Candidate(group, order, scores, params, max(movable, 0), settings, weight)
 
 
 def _granularity(candidates: list[_Candidate], kind: Kind) -> float:
@@ -156,7 +164,8 @@ def _solve(candidates: list[_Candidate], target: int) -> float:
     """The fraction whose removed parameters come closest to ``target``."""
     if target <= 0:
         return 0.0
-    lo, hi = 0.0, 1.0  # _total(lo) < target <= _total(hi) once the loop has run
+    lo, hi = 0.0, max(1.0 / c.weight for c in candidates)  # at hi every group gives all it may
+    # _total(lo) < target <= _total(hi) once the loop has run
     for _ in range(50):
         mid = (lo + hi) / 2
         if _total(candidates, mid) < target:
@@ -192,7 +201,11 @@ def _global_counts(candidates: list[_Candidate], counts: dict[int, int]) -> dict
 
 
 def layer_counts(
-    groups: list[Group], element_params: dict[str, torch.Tensor], target: int, settings: PlanSettings
+    groups: list[Group],
+    element_params: dict[str, torch.Tensor],
+    target: int,
+    settings: PlanSettings,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """Elements each group loses per block under ``layer`` ranking: they follow from the sizes
     and the target alone, so a layer-by-layer pruner knows them before any layer is scored.
@@ -201,7 +214,8 @@ def layer_counts(
         LlmpError: as :func:`make_plan`.
     """
     zeros = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-    plan = make_plan(groups, zeros, element_params, target, PlanSettings("layer", settings.min_keep, settings.round_to))
+    layer = PlanSettings("layer", settings.min_keep, settings.round_to)
+    plan = make_plan(groups, zeros, element_params, target, layer, weights=weights)
     blocks = {g.name: g.blocks for g in groups}
     return {name: len(elements) // blocks[name] for name, elements in plan.items()}
 

@@ -35,10 +35,34 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from llmp.errors import LlmpError
 
-SCHEMA = 3  # 2: `dtype`; 3: `Step.biases`
+SCHEMA = 4  # 2: `dtype`; 3: `Step.biases`; 4: `Step.allocation`
 REPORT = "pruning_report.json"
 Shape = dict[str, int]  # {"heads", "kv_heads", "mlp"} of one layer
 _STRICT = ConfigDict(extra="forbid")
+
+
+@with_config(_STRICT)
+@dataclass
+class Allocation:
+    """How a step's counts per layer were chosen (:mod:`llmp.allocation`).
+
+    Attributes:
+        rule: uniform, depth, sensitivity or search.
+        counts: group name → elements removed in each of its blocks.
+        fitness: the search's best KL to the dense model after each generation.
+        seed_fitness: the KL of the search's starting allocation.
+        generations: generations run.
+        evaluated: candidates scored.
+        seconds: the search's time, its database included.
+    """
+
+    rule: str
+    counts: dict[str, int]
+    fitness: list[float] | None = None
+    seed_fitness: float | None = None
+    generations: int | None = None
+    evaluated: int | None = None
+    seconds: float | None = None
 
 
 @with_config(_STRICT)
@@ -58,6 +82,7 @@ class Step:
         epoch: the epoch whose start ran the step (pruning inside a fit).
         target_ratio: the cumulative fraction of the original parameters asked by then.
         biases: the modules to which compensation gave a bias in this step (``replay`` adds them).
+        allocation: how many elements each layer lost, and how that was chosen.
     """
 
     kinds: list[str]
@@ -71,6 +96,7 @@ class Step:
     epoch: int | None = None
     target_ratio: float | None = None
     biases: list[str] | None = None
+    allocation: Allocation | None = None
 
 
 @with_config(_STRICT)

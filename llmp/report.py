@@ -135,8 +135,12 @@ def plot_shapes(record: PruningRecord, dense: list[dict] | None):
 
     kept = record.layer_shapes
     layers = list(range(len(kept)))
-    fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 5.6), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
+    searches = [s.allocation for s in record.steps if s.allocation is not None and s.allocation.fitness]
+    fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 8.0 if searches else 5.6), layout="constrained")
+    axes = fig.subplots(3 if searches else 2, 1)
+    axes[0].sharex(axes[1])
+    if searches:
+        _plot_fitness(axes[2], searches)
     if not kept:
         axes[0].text(0.5, 0.5, "no per-layer shapes recorded", ha="center", va="center", transform=axes[0].transAxes)
     for ax, key, label, color in (
@@ -166,6 +170,18 @@ def plot_shapes(record: PruningRecord, dense: list[dict] | None):
     return fig
 
 
+def _plot_fitness(ax, searches) -> None:
+    """The allocation search's best KL to the dense model per generation, from its seed's."""
+    for number, found in enumerate(searches, 1):
+        curve = [found.seed_fitness, *found.fitness]
+        ax.plot(range(len(curve)), curve, marker=".", label=f"step {number}" if len(searches) > 1 else None)
+    ax.set_xlabel("search generation (0: the seed allocation)")
+    ax.set_ylabel("KL to dense")
+    ax.set_title("allocation search: best candidate's KL on held-out calibration tokens", fontsize=8)
+    if len(searches) > 1:
+        ax.legend(fontsize=7)
+
+
 def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations: Generations | None, png: str) -> str:
     """The Markdown summary (see the module docstring)."""
     settings = record.settings
@@ -181,6 +197,13 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
         lines.append("Loads in: " + ", ".join(record.engines) + ".")
     if (cal := record.calibration) is not None:
         lines.append(f"Calibration: {cal.num_samples} x {cal.seq_len} tokens of `{cal.source}`.")
+    for step in record.steps:
+        found = step.allocation
+        if found is not None and found.fitness:
+            lines.append(
+                f"Allocation searched: KL to the dense model {found.seed_fitness:.4f} (uniform) -> "
+                f"{found.fitness[-1]:.4f} in {found.generations} generations, {found.seconds:.0f} s."
+            )
     lines += ["", "## Where the model was cut", "", *_shape_table(record.layer_shapes, dense)]
     if record.perplexity is not None:
         lines += ["", "## Perplexity", "", *_perplexity_table(record.perplexity)]

@@ -230,7 +230,8 @@ def test_replay_rebuilds_the_biases(calib, inputs, layout):
 def test_memory_saving_splits_change_no_number():
     """The next layer's inputs come from forwards of NEXT_TOKENS tokens, and the Gram is summed a
     band of rows at a time: both give exactly what one forward and one product give."""
-    from llmp.pruning.layerwise import NEXT_TOKENS, _run, layer_inputs
+    from llmp.pruning.layercalls import NEXT_TOKENS, layer_inputs
+    from llmp.pruning.layercalls import run_layer as _run
 
     model = tiny_model("llama-gqa")
     calib = torch.randint(0, 100, (8, 128), generator=torch.Generator().manual_seed(0))

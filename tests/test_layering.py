@@ -15,6 +15,11 @@ STAGES = [
     ("llmp.plan", ["llmp.surgery", "llmp.verify", "llmp.pruning", "llmp.io", "llmp.recovery"]),
     ("llmp.surgery", ["llmp.verify", "llmp.pruning", "llmp.io", "llmp.recovery"]),
     ("llmp.pruning", ["llmp.recovery", "llmp.fit", "llmp.cli", "llmp.export", "llmp.eval", "llmp.report"]),
+    # Allocation sits between planning and the drivers that apply it: it calls layers, not drivers.
+    (
+        "llmp.allocation",
+        ["llmp.pruning.oneshot", "llmp.pruning.layerwise", "llmp.pruning.streamed", "llmp.recovery", "llmp.io"],
+    ),
     # The record of a run is plain data: it knows none of the stages that fill it.
     ("llmp.record", ["llmp.structure", "llmp.importance", "llmp.plan", "llmp.surgery", "llmp.pruning", "llmp.io"]),
     ("llmp.report", ["llmp.recovery", "llmp.fit", "llmp.cli"]),

@@ -59,7 +59,17 @@ class PruneConfig:
     reduction: Reduction = "sum"
     """how one element's slice scores combine"""
     ranking: Literal["layer", "global"] = "layer"
-    """layer (the same fraction in every layer) or global (one ranking over all layers)"""
+    """layer (each group's own lowest-scored elements, as many as the allocation gives it) or global
+    (one ranking over all layers)"""
+    allocation: Literal["uniform", "depth", "sensitivity", "search"] = "uniform"
+    """how many elements each layer loses (layer ranking, block scope): uniform (the same fraction
+    everywhere), depth (deeper layers more), sensitivity (layers that change their input least
+    more), search (an evolutionary search judged by KL to the dense model's logits; needs flap or
+    wanda layer by layer, in memory); see llmp.allocation"""
+    search_seconds: float = 600.0
+    """allocation search: stop starting generations after this many seconds"""
+    search_generations: int | None = None
+    """allocation search: stop after this many generations (unset: only search_seconds bounds it)"""
     min_keep: float = 0.0
     """fraction of every group always kept (at least one head per KV group)"""
     round_to: int = 1
@@ -177,6 +187,7 @@ class PruneConfig:
                 f"layers), so it prunes no heads: use `attention` none (MLP channels), `scope` channel or "
                 f"`scope` layer; got `attention` {self.attention}"
             )
+        problems += self._allocation_problems()
         if self.scope == "block" and self.attention == "none" and not self.mlp:
             problems.append("`scope` block with `attention` none and `mlp` off has nothing to prune")
         for name in ("layers", "attn_layers", "mlp_layers"):
@@ -186,6 +197,39 @@ class PruneConfig:
                 except LlmpError as err:
                     problems.append(str(err))
         return problems
+
+    def _allocation_problems(self) -> list[str]:
+        if self.search_seconds <= 0:
+            return [f"`search_seconds` must be > 0; got {self.search_seconds}"]
+        if self.search_generations is not None and self.search_generations < 1:
+            return [
+                f"`search_generations` must be >= 1 (unset: bounded by search_seconds); got {self.search_generations}"
+            ]
+        if self.allocation == "uniform":
+            return []
+        asked = f"`allocation` {self.allocation}"
+        if self.scope != "block":
+            return [f"{asked} shares heads and MLP channels between layers: use `scope` block (got {self.scope!r})"]
+        if self.ranking == "global":
+            return [f"{asked} sets each layer's count; `ranking` global ranks all layers at once: use `ranking` layer"]
+        if "uniform" in (self.layout, "uniform" if self.target == "hf" else None):
+            return [f"{asked} gives layers different counts; a uniform layout (or `target` hf) needs the same"]
+        if self.allocation == "search" and (
+            self.criterion not in (None, *ACTIVATION) or self.layerwise is False or self.steps != 1
+        ):
+            return [
+                f"{asked} prunes each candidate layer from its activations: use an activation criterion "
+                f"({', '.join(ACTIVATION)}) layer by layer in one step (got criterion {self.criterion!r}, "
+                f"layerwise {self.layerwise!r}, steps {self.steps})"
+            ]
+        return []
+
+    @property
+    def search(self):
+        """The allocation search's settings (:class:`llmp.allocation.SearchSettings`)."""
+        from llmp.allocation.evolution import SearchSettings
+
+        return SearchSettings(seconds=self.search_seconds, generations=self.search_generations, seed=self.seed)
 
     @property
     def needs_calibration(self) -> bool:

@@ -19,23 +19,24 @@ layer's weights plus the calibration activations, whatever the depth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from llmp import surgery
+from llmp.allocation import Chosen, allocate
 from llmp.importance import activations
-from llmp.plan import PlanSettings, choose, groups_element_parameters, layer_counts, make_plan
+from llmp.plan import PlanSettings, choose, groups_element_parameters, make_plan
 from llmp.pruning import compensation
 from llmp.pruning.config import PruneConfig, layer_ranges
+from llmp.pruning.layercalls import computing, layer_inputs, run_layer
 from llmp.pruning.steps import (
     Budget,
     RunInput,
     Start,
     Timings,
+    allocation_record,
     declare_biases,
     note_biases,
     run_record,
@@ -43,82 +44,6 @@ from llmp.pruning.steps import (
 )
 from llmp.record import PruningRecord
 from llmp.structure import Structure, adapter_for
-
-
-def layer_inputs(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int | None, dtype: torch.dtype) -> list:
-    """Per calibration batch, ``(hidden_states, args, kwargs)`` as the model passes them to layer 0.
-
-    The rest of the call (rotary embeddings, masks, position ids) is reused for every layer.
-    """
-    layers = adapter_for(model).layers(model)
-    seen = []
-
-    def grab(_module, args, kwargs):
-        seen.append((args, kwargs))
-        raise activations.Stop  # nothing after layer 0's inputs is needed
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            activations.run_batches(model, calibration, batch_size)
-    finally:
-        handle.remove()
-    inputs = []
-    for args, kwargs in seen:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append((_cast(hidden, dtype), _cast(tuple(args[1:]), dtype), _cast(kwargs, dtype)))
-    return inputs
-
-
-def _cast(value, dtype: torch.dtype):
-    return _tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
-
-
-def _tensors(value, fn):
-    """``value`` (a layer call's arguments: tensors in tuples, lists and dicts) with ``fn`` applied to each tensor."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(_tensors(v, fn) for v in value)
-    if isinstance(value, list):
-        return [_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: _tensors(v, fn) for k, v in value.items()}
-    return value
-
-
-NEXT_TOKENS = 512
-"""Tokens per forward when a pruned layer computes the next layer's inputs: its activations
-(an MLP's four intermediate-wide tensors, attention's expanded keys and values) for a quarter of
-the default 16 × 128 calibration at a time, whatever the batch; samples are independent rows, so
-the outputs are the same (``tests/test_activations.py``)."""
-
-
-@torch.no_grad()
-def _run(layer: nn.Module, inputs: list, whole: bool = False) -> list:
-    """The next layer's inputs: this layer's hidden states for every batch, with the same rest.
-
-    ``whole``: each batch in one forward, as recorded statistics must see it (their float32 sums
-    are per forward: another split would move their last bits)."""
-    outputs = []
-    for hidden, args, kwargs in inputs:
-        rows = len(hidden) if whole else max(1, NEXT_TOKENS // max(hidden.shape[1], 1))
-        parts = []
-        for start in range(0, hidden.shape[0], rows):
-            cut = slice(start, start + rows)
-            out = layer(hidden[cut], *_samples(args, cut, len(hidden)), **_samples(kwargs, cut, len(hidden)))
-            parts.append(out[0] if isinstance(out, tuple) else out)
-        outputs.append((torch.cat(parts) if len(parts) > 1 else parts[0], args, kwargs))
-    return outputs
-
-
-def _samples(value, cut: slice, batch: int):
-    """``value`` (a layer call's arguments) for the samples ``cut``: a tensor of two or more dims
-    whose first is the batch's is per sample (a ``[B, 1, L, L]`` mask); the rest (``[1, L, D]``
-    rotary tables, ``[1, L]`` positions) is shared."""
-    per_sample = batch > 1
-    return _tensors(value, lambda t: t[cut] if per_sample and t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 class Layers:
@@ -161,7 +86,8 @@ def prune_layerwise(
     target = budget.step_target(model, config.ratio)
     with timings.phase("planning_s"):
         plan = run.global_plan(calibration, target) if config.ranking == "global" else None
-        counts = None if plan is not None else layer_counts(run.groups, run.params, target, run.settings)
+        chosen = None if plan is not None else run.allocate(calibration, target)
+        counts = chosen.counts if chosen is not None else None
     inputs = layer_inputs(model, calibration, config.batch_size, run.compute)
     applied: dict[str, list[int]] = {}
     biases: list[str] = []
@@ -169,17 +95,18 @@ def prune_layerwise(
         if i > run.last and not run.io.visits_all:
             break  # the layers after the last pruned one need nothing
         run.io.load(i)
-        with _computing(layer, run.compute):
+        with computing(layer, run.compute):
             mine = [g for g in run.groups if g.layer == i]
             if mine:  # its statistics and refits are gone before the next inputs are computed
                 mine_plan, gained = run.prune_layer(Structure(run.family, mine), inputs, plan, counts, timings)
                 biases += gained
                 applied.update(mine_plan)
             if i < run.last:
-                inputs = _run(layer, inputs)  # the next layer's inputs, from this pruned layer
+                inputs = run_layer(layer, inputs)  # the next layer's inputs, from this pruned layer
         run.io.release(i)
     biases += declare_biases(model, run.adapter, config)  # after the last layer: its groups knew no such biases
     step = step_record(model, config, applied, budget.total, 1, timings.seconds, biases)
+    step.allocation = allocation_record(chosen)
     return run_record(model, config, start, [step], timings, given)
 
 
@@ -202,6 +129,15 @@ class _Pass:
         embeddings = model.get_input_embeddings().weight
         self.compute = torch.float32 if embeddings.device.type == "cpu" else embeddings.dtype
 
+    def allocate(self, calibration: torch.Tensor, target: int) -> Chosen:
+        """Each group's count under ``config.allocation`` (what every rank then applies)."""
+        part = Structure(self.family, self.groups)
+        chosen = allocate(self.model, part, self.params, target, self.config, calibration, self.io)
+        if self.agree is not None:  # the search's random moves and timing differ between ranks
+            agreed = self.agree({name: [k] for name, k in chosen.counts.items()})
+            chosen.counts = {name: k for name, (k,) in agreed.items()}
+        return chosen
+
     def _agreed(self, plan: dict[str, list[int]]) -> dict[str, list[int]]:
         return self.agree(plan) if self.agree is not None else plan
 
@@ -211,8 +147,8 @@ class _Pass:
         for i, layer in enumerate(self.layers[: self.last + 1]):
             self.io.load(i)
             mine = [g for g in self.groups if g.layer == i]
-            with _computing(layer, self.compute), activations.recording(self.model, self._owners(mine)) as stats:
-                inputs = _run(layer, inputs)
+            with computing(layer, self.compute), activations.recording(self.model, self._owners(mine)) as stats:
+                inputs = run_layer(layer, inputs)
             scores.update(activations.score(self.model, Structure(self.family, mine), stats, self.config.criterion))
             self.io.release(i, final=False)
         return self._agreed(make_plan(self.groups, scores, self.params, target, self.settings))
@@ -236,7 +172,7 @@ class _Pass:
         if plan is None or self.config.compensate != "none":
             gram = self.config.compensate == "lstsq"
             with activations.recording(self.model, self._owners(part.groups), gram) as stats:
-                _run(self.adapter.layers(self.model)[part.groups[0].layer], inputs, whole=True)
+                run_layer(self.adapter.layers(self.model)[part.groups[0].layer], inputs, whole=True)
         if plan is None:
             scores = activations.score(self.model, part, stats, self.config.criterion)
             mine = self._agreed({g.name: choose(g, scores[g.name], counts.get(g.name, 0)) for g in part.groups})
@@ -246,16 +182,3 @@ class _Pass:
 
     def _owners(self, groups) -> list[str]:
         return [self.owners[g.name] for g in groups]
-
-
-@contextmanager
-def _computing(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Run a layer in ``dtype`` (float32 on CPU) and give its weights back their own dtype after."""
-    stored = {p.dtype for p in layer.parameters() if p.is_floating_point()}
-    if stored != {dtype}:
-        layer.to(dtype)
-    try:
-        yield
-    finally:
-        if len(stored) == 1 and stored != {dtype}:
-            layer.to(next(iter(stored)))

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from llmp import importance, surgery
+from llmp.allocation import weights_for
 from llmp.importance import activations
 from llmp.plan import PlanSettings, groups_element_parameters, make_plan
 from llmp.pruning import compensation
@@ -86,7 +87,10 @@ def prune(
             params = groups_element_parameters(structure.groups, model)
             allowed = {g.name: _layer_mask(g, ranges[Kind.LAYERS]) for g in structure.of_kind(Kind.LAYERS)}
             settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
-            plan = make_plan(structure.groups, scores, params, target, settings, allowed)
+            weights = None
+            if config.ranking == "layer":
+                weights = weights_for(config.allocation, model, structure.groups, calibration, config.batch_size)
+            plan = make_plan(structure.groups, scores, params, target, settings, allowed, weights)
             plan = agree(plan) if agree is not None else plan
         with seconds.phase("surgery_s"):
             before = count_parameters(model)

@@ -4,6 +4,7 @@
 
     config (checked when made) ─► resolved for the model ─► layer ranges fit the model
         ─► KV groups not asked of an MQA model ─► target's engine takes this family
+        ─► a searched allocation scored from activations
         ─► an automatically discovered family computes, pruned, what it computes masked
 
 A streamed model is a skeleton on ``meta``: its shapes serve every check. (Automatic discovery
@@ -36,6 +37,11 @@ def preflight(model: PreTrainedModel, config: PruneConfig) -> PruneConfig:
     layer_ranges(config, len(adapter.layers(model)))
     _refuse_mqa_kv(model, config)
     _refuse_target(model, config)
+    if config.allocation == "search" and not config.layerwise:
+        raise LlmpError(
+            "`allocation` search prunes each candidate layer from its activations, but this model's groups "
+            f"are scored by {config.criterion}: use `criterion` flap or wanda, or another allocation"
+        )
     if adapter.automatic:  # a family llmp has not seen: check its map first
         verify(model, adapter.discover(model, config.kinds), adapter)
     return config

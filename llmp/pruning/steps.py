@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from llmp.pruning.config import PruneConfig
-from llmp.record import Calibration, PruningRecord, Step
+from llmp.record import Allocation, Calibration, PruningRecord, Step
 from llmp.structure import Kind, adapter_for
 from llmp.structure.adapters.base import BIASES_KEY
 from llmp.surgery import apply
@@ -191,3 +191,21 @@ def replay(model: PreTrainedModel, steps: Iterable[Step]) -> None:
             if module.bias is None:
                 module.bias = torch.nn.Parameter(module.weight.new_zeros(module.out_features))
         _remember_biases(model, adapter, step.biases or ())
+
+
+def allocation_record(chosen) -> Allocation | None:
+    """The record of an allocation (:class:`llmp.allocation.Chosen`; ``None``: none was made)."""
+    if chosen is None:
+        return None
+    found = chosen.search
+    if found is None:
+        return Allocation(chosen.rule, dict(chosen.counts))
+    return Allocation(
+        chosen.rule,
+        dict(chosen.counts),
+        found.fitness,
+        round(found.seed_fitness, 6),
+        found.generations,
+        found.evaluated,
+        found.seconds,
+    )
