@@ -50,6 +50,7 @@ class Allocation:
         rule: uniform, depth, sensitivity or search.
         counts: group name → elements removed in each of its blocks.
         fitness: the search's best KL to the dense model after each generation.
+        seed: the starting allocation the search chose (the better on its held-out samples).
         seed_fitness: the KL of the search's starting allocation.
         generations: generations run.
         evaluated: candidates scored.
@@ -59,6 +60,7 @@ class Allocation:
     rule: str
     counts: dict[str, int]
     fitness: list[float] | None = None
+    seed: str | None = None
     seed_fitness: float | None = None
     generations: int | None = None
     evaluated: int | None = None

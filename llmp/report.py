@@ -201,7 +201,7 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
         found = step.allocation
         if found is not None and found.fitness:
             lines.append(
-                f"Allocation searched: KL to the dense model {found.seed_fitness:.4f} (uniform) -> "
+                f"Allocation searched: KL to the dense model {found.seed_fitness:.4f} ({found.seed}) -> "
                 f"{found.fitness[-1]:.4f} in {found.generations} generations, {found.seconds:.0f} s."
             )
     lines += ["", "## Where the model was cut", "", *_shape_table(record.layer_shapes, dense)]

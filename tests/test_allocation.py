@@ -171,3 +171,15 @@ def test_a_streamed_run_says_it_cannot_search(tmp_path, caplog):
         streamed = prune_streamed(tmp_path / "dense", tmp_path / "out", config(allocation="search"), calibration())
     assert "cannot search the allocation" in caplog.text
     assert streamed.steps[0].plan == in_memory.steps[0].plan
+
+
+def test_the_report_shows_the_search(tmp_path):
+    from llmp import save_pruned
+    from llmp.report import write_report
+
+    pruned = model()
+    record = prune(pruned, config(allocation="search"), calibration())
+    save_pruned(pruned, tmp_path / "out", None, record)
+    md, png = write_report(tmp_path / "out")
+    found = record.steps[0].allocation
+    assert f"in {found.generations} generations" in md.read_text() and png.stat().st_size > 0

@@ -24,15 +24,16 @@ from transformers import PreTrainedModel
 
 from llmp.allocation.evolution import Counts, SearchResult, SearchSettings, search
 from llmp.allocation.rules import depth_weights, layer_influence, sensitivity_weights
+from llmp.errors import LlmpError
 from llmp.plan import PlanSettings, layer_counts
-from llmp.structure import Group, Structure
+from llmp.structure import Group, Kind, Structure
 
 log = logging.getLogger(__name__)
 
 Rule = Literal["uniform", "depth", "sensitivity", "search"]
 CLOSED_FORMS = ("uniform", "depth", "sensitivity")
 SEED = "uniform"
-"""The search starts from this closed form."""
+"""What a streamed run that asked for the search does instead."""
 
 
 @dataclass
@@ -81,7 +82,15 @@ def allocate(
     counts = {g.name: counts.get(g.name, 0) for g in part.groups}
     if rule != "search":
         return Chosen(rule, counts)
-    found = search(model, part, params, counts, target, config, calibration, search_settings or config.search)
+    seeds = {"uniform": counts}
+    channels = [g for g in part.groups if g.kind is Kind.MLP]
+    if 0 < len(channels) < len(part.groups):  # MLP channels alone seed too: at low ratios heads are worth keeping
+        try:
+            alone = layer_counts(channels, params, target, settings)
+            seeds["uniform, MLP channels only"] = {g.name: alone.get(g.name, 0) for g in part.groups}
+        except LlmpError:
+            pass  # they cannot give the whole budget
+    found = search(model, part, params, seeds, target, config, calibration, search_settings or config.search)
     return Chosen(rule, found.counts, found)
 
 

@@ -85,6 +85,7 @@ class SearchResult:
 
     counts: Counts
     fitness: list[float] = field(default_factory=list)  # the parent's KL after each generation
+    seed: str = ""  # the name of the starting allocation chosen
     seed_fitness: float = math.nan
     generations: int = 0
     evaluated: int = 0
@@ -273,13 +274,14 @@ def search(
     model: PreTrainedModel,
     part: Structure,
     params: dict[str, torch.Tensor],
-    seed_counts: Counts,
+    seeds: dict[str, Counts],
     target: int,
     config,
     calibration: torch.Tensor,
     settings: SearchSettings,
 ) -> SearchResult:
-    """Counts for ``part``'s groups that remove ``target`` parameters, searched from ``seed_counts``.
+    """Counts for ``part``'s groups that remove ``target`` parameters, searched from the best of
+    ``seeds`` (name → counts) on the held-out samples.
 
     ``model`` is left as it was (the dense layers back in place); ``config`` gives the criterion,
     compensation, ridge and plan settings each variant is pruned with. The last
@@ -296,15 +298,18 @@ def search(
     snapshot = copy.deepcopy(vars(model.config))
     rng = random.Random(settings.seed)
     space = _Space(part.groups, params, config, target)
-    parent = space.repair({g.name: seed_counts.get(g.name, 0) for g in part.groups}, rng)
+    starts = {name: space.repair({g.name: c.get(g.name, 0) for g in part.groups}, rng) for name, c in seeds.items()}
     held = min(settings.holdout, max(1, len(calibration) // 2))  # half at most: the rest makes the variants
     database = _Database(model, part, config, calibration[:-held], settings.variant_bytes)
     fitness = DenseKL(model, calibration[-held:], settings.top_k)
-    result = SearchResult(parent)
+    result = SearchResult({})
     try:
-        database.stitch(parent)
-        result.seed_fitness = fitness(len(fitness.tokens))
-        result.counts = _evolve(space, database, fitness, parent, result, settings, rng, start)
+        for name, counts in starts.items():
+            database.stitch(counts)
+            score = fitness(len(fitness.tokens))
+            if not score >= result.seed_fitness:  # the first, or a better one (nan compares False)
+                result.seed, result.seed_fitness, result.counts = name, score, counts
+        result.counts = _evolve(space, database, fitness, result.counts, result, settings, rng, start)
     finally:
         database.restore()
         vars(model.config).clear()
@@ -312,8 +317,9 @@ def search(
         model.train(was_training)
     result.seconds = round(time.perf_counter() - start, 3)
     log.info(
-        "allocation search: KL %.4f -> %.4f in %d generations (%d candidates, %.0f s)",
+        "allocation search: KL %.4f (%s) -> %.4f in %d generations (%d candidates, %.0f s)",
         result.seed_fitness,
+        result.seed,
         result.fitness[-1] if result.fitness else result.seed_fitness,
         result.generations,
         result.evaluated,
@@ -327,7 +333,7 @@ def _evolve(space, database, fitness, parent: Counts, result: SearchResult, sett
     ranked on the first samples, the survivors judged on all, and the parent replaced only by a
     better one (``result.fitness`` records its KL after each generation)."""
     best, everything = result.seed_fitness, len(fitness.tokens)
-    result.evaluated = 1
+    result.evaluated = len(result.fitness) + 1
     bar = tqdm(total=settings.generations, desc="allocation search", unit="gen", disable=None)
     while settings.generations is None or result.generations < settings.generations:
         generation_start = time.perf_counter()

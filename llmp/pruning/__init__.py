@@ -6,6 +6,7 @@
     preflight.py     the checks every driver runs before any work
     oneshot.py       prune(): score the whole model, plan, apply, in one or more steps
     layerwise.py     one decoder layer at a time from its activations (in memory)
+    layercalls.py    calling one decoder layer by itself (its inputs, its outputs, its dtype)
     streamed.py      the same, read from and written to disk (a model bigger than memory)
     compensation.py  what removed heads / channels contributed, kept in the output projection
     steps.py         removal targets, timings, the record (its one maker), replay

@@ -204,6 +204,7 @@ def allocation_record(chosen) -> Allocation | None:
         chosen.rule,
         dict(chosen.counts),
         found.fitness,
+        found.seed,
         round(found.seed_fitness, 6),
         found.generations,
         found.evaluated,
