@@ -331,11 +331,20 @@ def test_cache_needs_top_k():
         RecoveryModule("smollm2-135m", distill=DistillSettings(cache="c.safetensors"))
 
 
-def test_fit_measures_the_compensated_pruned_model_it_trained(tiny_dir):
+@pytest.mark.parametrize("allocation", ["uniform", "search"])
+def test_fit_measures_the_compensated_pruned_model_it_trained(tiny_dir, allocation):
     """`llmp fit`'s `pruned` perplexity is of the model the callback made: with lstsq's refit,
-    which replaying the plan alone would lose."""
+    which replaying the plan alone would lose (a searched allocation searched again, as long)."""
     model, tokenizer = load_model(str(tiny_dir))
-    config = PruneConfig(ratio=0.3, attention="kv", criterion="flap", compensate="lstsq", layerwise=True)
+    config = PruneConfig(
+        ratio=0.3,
+        attention="kv",
+        criterion="flap",
+        compensate="lstsq",
+        layerwise=True,
+        allocation=allocation,
+        search_generations=2,
+    )
     tokens = calibration_samples("c4", tokenizer, 4, 32, config.seed)
     record = prune(model, config, tokens)
     record.steps[0].target_ratio = 0.3
