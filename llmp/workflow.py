@@ -129,6 +129,11 @@ class _Run:
             problems.append(f"`samples` must be 0 (none) or more; got {self.samples}")
         if self.seq_len < 2:
             problems.append(f"`seq_len` must be at least 2; got {self.seq_len}")
+        if self.config.allocation == "search" and self.num_samples == 1:
+            problems.append(
+                f"`allocation` search judges candidates on calibration samples kept out of their statistics: "
+                f"`num_samples` must be at least 2 (32 is usual); got {self.num_samples}"
+            )
         if stream and self.eval_data:
             problems.append(
                 "`stream` keeps one layer in memory, so it cannot measure perplexity before and after: drop "

@@ -8,8 +8,7 @@ import logging
 
 import pytest
 import torch
-from helpers import logits
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import logits, tiny_model
 
 from llmp import LlmpError, PruneConfig, prune
 from llmp.allocation import SearchSettings, allocate
@@ -23,18 +22,11 @@ from llmp.structure import adapter_for
 RATIO = 0.4
 
 
-def model(seed: int = 0, layers: int = 6) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
+def model() -> torch.nn.Module:
+    """Six layers, GQA 8/2, 384 MLP channels: room for allocations to differ."""
+    return tiny_model(
+        "llama-gqa", layers=6, vocab_size=256, hidden_size=128, intermediate_size=384, num_attention_heads=8
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def calibration(n: int = 8, length: int = 64) -> torch.Tensor:
@@ -183,3 +175,21 @@ def test_the_report_shows_the_search(tmp_path):
     md, png = write_report(tmp_path / "out")
     found = record.steps[0].allocation
     assert f"in {found.generations} generations" in md.read_text() and png.stat().st_size > 0
+
+
+def test_the_cli_refuses_a_search_with_one_sample_before_loading(tmp_path, capsys):
+    from helpers import run_cli
+
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        tmp_path / "nowhere",
+        "--allocation",
+        "search",
+        "--num-samples",
+        "1",
+        "--output",
+        tmp_path / "out",
+    )
+    assert code == 2 and "`--num-samples` must be at least 2" in err

@@ -5,8 +5,8 @@
     uniform      the same fraction of every group (LLM-Pruner's, FLAP's): no cost
     depth        deeper layers lose more (rules.py): no cost
     sensitivity  layers that change their input least lose more (rules.py): one dense forward
-    search       an evolutionary search judged by KL to the dense model (evolution.py), seeded from
-                 uniform: minutes
+    search       an evolutionary search judged by KL to the dense model (evolution.py), from the
+                 better of uniform and uniform over MLP channels alone: minutes
 
 Every allocation is a :data:`Counts` (group → elements removed per block) in deployable units:
 counts respect ``min_keep`` and ``round_to`` (hence ``--target``'s alignment), and the removed
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -30,8 +29,6 @@ from llmp.structure import Group, Kind, Structure
 
 log = logging.getLogger(__name__)
 
-Rule = Literal["uniform", "depth", "sensitivity", "search"]
-CLOSED_FORMS = ("uniform", "depth", "sensitivity")
 SEED = "uniform"
 """What a streamed run that asked for the search does instead."""
 
@@ -76,8 +73,7 @@ def allocate(
     if rule == "search" and io is not None and io.visits_all:
         log.warning("a streamed run cannot search the allocation (it needs the model in memory): using %s", SEED)
         rule = SEED
-    closed = SEED if rule == "search" else rule
-    weights = weights_for(closed, model, part.groups, calibration, config.batch_size, io)
+    weights = weights_for(rule, model, part.groups, calibration, config.batch_size, io)  # None: uniform
     counts = layer_counts(part.groups, params, target, settings, weights)
     counts = {g.name: counts.get(g.name, 0) for g in part.groups}
     if rule != "search":
@@ -94,4 +90,4 @@ def allocate(
     return Chosen(rule, found.counts, found)
 
 
-__all__ = ["CLOSED_FORMS", "Chosen", "Counts", "Rule", "SearchResult", "SearchSettings", "allocate", "weights_for"]
+__all__ = ["Chosen", "Counts", "SearchResult", "SearchSettings", "allocate", "weights_for"]

@@ -38,7 +38,7 @@ from llmp.errors import LlmpError
 from llmp.importance import activations
 from llmp.plan import choose
 from llmp.pruning import compensation
-from llmp.pruning.layercalls import computing, layer_inputs, run_layer
+from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
 from llmp.structure import Group, Kind, Structure, adapter_for
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ class _Database:
         for g in part.groups:
             self.parts.setdefault(g.layer, Structure(part.family, [])).groups.append(g)
         self.owners = activations.projections(part)
-        embeddings = model.get_input_embeddings().weight
-        self.compute = torch.float32 if embeddings.device.type == "cpu" else embeddings.dtype
+        self.compute = compute_dtype(model)
         self.stats, self.scores = {}, {}
         self.variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self.bytes, self.budget = 0, variant_bytes
@@ -309,6 +308,7 @@ def search(
             score = fitness(len(fitness.tokens))
             if not score >= result.seed_fitness:  # the first, or a better one (nan compares False)
                 result.seed, result.seed_fitness, result.counts = name, score, counts
+        result.evaluated = len(starts)
         result.counts = _evolve(space, database, fitness, result.counts, result, settings, rng, start)
     finally:
         database.restore()
@@ -333,7 +333,6 @@ def _evolve(space, database, fitness, parent: Counts, result: SearchResult, sett
     ranked on the first samples, the survivors judged on all, and the parent replaced only by a
     better one (``result.fitness`` records its KL after each generation)."""
     best, everything = result.seed_fitness, len(fitness.tokens)
-    result.evaluated = len(result.fitness) + 1
     bar = tqdm(total=settings.generations, desc="allocation search", unit="gen", disable=None)
     while settings.generations is None or result.generations < settings.generations:
         generation_start = time.perf_counter()

@@ -4,7 +4,7 @@ loses (:func:`llmp.plan.layer_counts` then meets the budget), so they cost at mo
 
 ``sensitivity`` ranks the layers by ``1 - cos(input, output)`` of the dense model (ShortGPT's
 block influence): the layer that changes its input least loses most. Rank, not value, sets the
-weight, as the values span two orders of magnitude (the first layer's near 1, most below 0.05)::
+weight, as the values span orders of magnitude (the first layers' far above the rest)::
 
     weight = 1 + spread · (1 - 2 · rank / (n - 1))      rank 0: the least influential layer
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from llmp.pruning.layercalls import computing, layer_inputs, run_layer
+from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
 from llmp.structure import Group, adapter_for
 
 SPREAD = 0.5
@@ -55,8 +55,7 @@ def layer_influence(
     ``io`` (:class:`llmp.pruning.layerwise.Layers`) makes streamed layers' weights real in turn.
     """
     layers = adapter_for(model).layers(model)
-    embeddings = model.get_input_embeddings().weight
-    compute = torch.float32 if embeddings.device.type == "cpu" else embeddings.dtype
+    compute = compute_dtype(model)
     inputs = layer_inputs(model, calibration, batch_size, compute)
     influence = {}
     for i, layer in enumerate(layers):

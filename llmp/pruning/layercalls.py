@@ -15,6 +15,13 @@ from llmp.importance import activations
 from llmp.structure import adapter_for
 
 
+def compute_dtype(model: PreTrainedModel) -> torch.dtype:
+    """What a layer computes in when run by itself: float32 on CPU (half-precision products are
+    slow there, and statistics want the precision), the model's dtype elsewhere."""
+    embeddings = model.get_input_embeddings().weight
+    return torch.float32 if embeddings.device.type == "cpu" else embeddings.dtype
+
+
 def layer_inputs(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int | None, dtype: torch.dtype) -> list:
     """Per calibration batch, ``(hidden_states, args, kwargs)`` as the model passes them to layer 0.
 

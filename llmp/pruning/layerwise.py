@@ -30,7 +30,7 @@ from llmp.importance import activations
 from llmp.plan import PlanSettings, choose, groups_element_parameters, make_plan
 from llmp.pruning import compensation
 from llmp.pruning.config import PruneConfig, layer_ranges
-from llmp.pruning.layercalls import computing, layer_inputs, run_layer
+from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
 from llmp.pruning.steps import (
     Budget,
     RunInput,
@@ -126,8 +126,7 @@ class _Pass:
         self.settings = PlanSettings(config.ranking, config.min_keep, config.round_to)
         self.owners = activations.projections(Structure(self.family, self.groups))
         self.last = max((g.layer for g in self.groups), default=-1)
-        embeddings = model.get_input_embeddings().weight
-        self.compute = torch.float32 if embeddings.device.type == "cpu" else embeddings.dtype
+        self.compute = compute_dtype(model)
 
     def allocate(self, calibration: torch.Tensor, target: int) -> Chosen:
         """Each group's count under ``config.allocation`` (what every rank then applies)."""
