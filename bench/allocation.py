@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -35,12 +36,14 @@ def main() -> None:
     parser.add_argument("--search-seconds", type=float, default=600.0)
     parser.add_argument("--calibration", default="c4")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration samples (the search judges on half)")
+    parser.add_argument("--ridge", type=float, default=1.0, help="as `llmp prune --ridge`")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     parser.add_argument("--eval", action="append", default=None, help="perplexity text (repeat; default wikitext2)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args()
     texts = {Path(t).name: read_text(t) for t in (args.eval or ["wikitext2"])}
     dense, tokenizer = load_model(args.model, torch.float32)
-    calibration = calibration_samples(args.calibration, tokenizer, args.num_samples, 128, 0)
+    calibration = calibration_samples(args.calibration, tokenizer, args.num_samples, args.seq_len, 0)
     unseen = calibration_samples(args.calibration, tokenizer, 8, 128, 99)  # another draw: neither saw it
     judge = DenseKL(dense, unseen, 64)
     dense_ppl = {
@@ -56,6 +59,7 @@ def main() -> None:
                 layers=args.layers,
                 allocation=allocation,
                 search_seconds=args.search_seconds,
+                ridge=args.ridge,
             )
             start = time.perf_counter()
             record = prune(model, config, calibration)
@@ -66,6 +70,8 @@ def main() -> None:
                 "ratio": ratio,
                 "allocation": allocation,
                 "attention": args.attention,
+                "calibration": [args.num_samples, args.seq_len],
+                "ridge": args.ridge,
                 "achieved_ratio": record.achieved_ratio,
                 "prune_s": round(seconds, 1),
                 "ppl": {
@@ -76,6 +82,7 @@ def main() -> None:
                 "generations": chosen and chosen.generations,
                 "kept_mlp": [s["mlp"] for s in record.layer_shapes],
                 "kept_heads": [s["heads"] for s in record.layer_shapes],
+                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # so far
                 "threads": torch.get_num_threads(),
             }
             print(json.dumps(result), flush=True)

@@ -318,18 +318,21 @@ def _metric(trainer, name: str) -> float | None:
 
 
 def prune_again(model, tokenizer, record):
-    """``model`` (the dense original) pruned as ``record`` did, without recovery.
+    """``model`` (the dense original) pruned as ``record`` did, without recovery; ``None`` where no
+    such model exists.
 
     The recorded removals are replayed. Compensation refits the kept weights to values no plan
     holds, so a one-step compensated run is pruned again with its settings and calibration text.
     Pruning is deterministic, so this gives the same model; its plan is checked against the record.
-    When that cannot be done (several steps, calibration from the datamodule), the replayed model
-    lacks the refit and a warning says so.
+    Several compensated steps refit a model trained in between: ``None``. Calibration from the
+    datamodule cannot be drawn again: the replayed model lacks the refit and a warning says so.
     """
     known = {f.name for f in dataclasses.fields(PruneConfig)}  # an older record may hold other keys
     settings = {k: v for k, v in record.settings.items() if k in known}
     config = PruneConfig(**settings).resolved(model) if settings else None
     compensated = config is not None and config.compensate != "none"
+    if compensated and len(record.steps) > 1:
+        return None
     calibration = record.calibration
     if compensated and len(record.steps) == 1 and calibration and calibration.source != "datamodule":
         step = record.steps[0]
@@ -365,7 +368,10 @@ def evaluate(output: Path, settings: EvalSettings) -> Perplexity:
         if settings.dense:
             measure("dense", model, tokenizer)
         model = prune_again(model, tokenizer, record)
-        measure("pruned", model, tokenizer)
+        if model is None:
+            print(f"perplexity    pruned: none ({len(record.steps)} steps refit a model trained in between)")
+        else:
+            measure("pruned", model, tokenizer)
         del model
         model, tokenizer = load_model(str(output))
         measure("recovered", model, tokenizer)

@@ -100,6 +100,26 @@ def test_the_search_leaves_the_model_as_it_found_it():
     assert dense.config.to_dict() == config_before
 
 
+def test_statistics_spilled_to_disk_give_the_same_search(monkeypatch, tmp_path):
+    """Past ``stats_bytes`` the Grams are read back by memory map: the same counts, the same fitness,
+    and the temporary folder gone afterwards."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read again
+    dense, calib = model(), calibration()
+    part = adapter_for(dense).discover(dense, config().kinds)
+    params = groups_element_parameters(part.groups, dense)
+    target = round(0.3 * sum(p.numel() for p in dense.parameters()))
+    resolved = config(allocation="search").resolved(dense)
+    runs = [
+        allocate(
+            dense, part, params, target, resolved, calib, search_settings=SearchSettings(generations=2, stats_bytes=b)
+        )
+        for b in (1 << 30, 0)
+    ]
+    assert runs[0].counts == runs[1].counts and runs[0].search.fitness == runs[1].search.fitness
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_searched_plan_replays_to_the_same_model():
     calib = calibration()
     pruned = model()

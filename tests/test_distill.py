@@ -353,3 +353,13 @@ def test_fit_measures_the_compensated_pruned_model_it_trained(tiny_dir, allocati
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_several_compensated_steps_have_no_untrained_pruned_model(tiny_dir):
+    """A schedule's later steps refit a model trained in between: the `pruned` stage has no model
+    to measure (a replay without the refit would report a model no step made)."""
+    model, tokenizer = load_model(str(tiny_dir))
+    config = PruneConfig(ratio=0.3, attention="kv", criterion="flap", compensate="lstsq", layerwise=True)
+    record = prune(model, config, calibration_samples("c4", tokenizer, 4, 32, config.seed))
+    record.steps.append(record.steps[0])
+    assert prune_again(load_model(str(tiny_dir))[0], tokenizer, record) is None

@@ -232,15 +232,17 @@ class Metrics(L.pytorch.loggers.Logger):
         pass
 
 
-def test_scheduled_fit_prunes_between_epochs(tiny_dir):
+@pytest.mark.parametrize("allocation", ["uniform", "search"])
+def test_scheduled_fit_prunes_between_epochs(tiny_dir, allocation):
     module = RecoveryModule(str(tiny_dir), learning_rate=1e-3, warmup_steps=1)
-    callback = StructuredPruning(
-        PruneConfig(ratio=0.3, layers="0:4"), schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16
-    )
+    config = PruneConfig(ratio=0.3, layers="0:4", allocation=allocation, search_generations=2)
+    callback = StructuredPruning(config, schedule={0: 0.1, 1: 0.3}, num_samples=2, seq_len=16)
     logger = Metrics()
     fit = trainer(callbacks=[callback], max_epochs=2, logger=logger)
     fit.fit(module, datamodule=data(tiny_dir))
     assert callback.done == [0, 1] and len(module.record.steps) == 2
+    assert [s.allocation.rule for s in module.record.steps] == [allocation] * 2  # searched at each step
+    assert [s.allocation.generations for s in module.record.steps] == [2 if allocation == "search" else None] * 2
     steps = [m for m in logger.logged if "pruning/ratio" in m]
     assert [round(m["pruning/ratio"], 1) for m in steps] == [0.1, 0.3]
     assert steps[1]["pruning/params_before"] == steps[0]["pruning/params"] > steps[1]["pruning/params"]

@@ -7,7 +7,8 @@ re-pruning), and a mutation moves one level from one layer to another of the sam
 parameter budget holds. Here:
 
 - a layer's variant is built on demand, from the dense layer's own calibration statistics
-  (scores and the least-squares refit of the dense inputs), and kept while memory allows;
+  (scores and the least-squares refit of the dense inputs), and kept while memory allows
+  (:mod:`llmp.allocation.variants`);
 - fitness is KL(dense ‖ candidate) over the dense model's top-k tokens at each position of the
   calibration samples, cached once; offspring are ranked on the first ``first_samples`` samples,
   the survivors on all of them (staged selection), and the parent is replaced only by a better
@@ -25,7 +26,6 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -33,18 +33,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llmp import surgery
+from llmp.allocation.variants import Counts, Database
 from llmp.errors import LlmpError
-from llmp.importance import activations
-from llmp.plan import choose
-from llmp.pruning import compensation
-from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
-from llmp.structure import Group, Kind, Structure, adapter_for
+from llmp.structure import Group, Kind, Structure
 
 log = logging.getLogger(__name__)
 
-Counts = dict[str, int]
-"""Group name → elements removed in each of its blocks."""
 
 LEVELS = 32
 """An MLP move is 1/32 of the layer's channels (rounded to ``round_to``): fine enough to matter,
@@ -65,6 +59,8 @@ class SearchSettings:
         first_samples: of them, those of the first, cheap ranking.
         top_k: the dense model's most likely tokens kept per position for the KL.
         variant_bytes: memory for the layers' pruned variants (least recently used go first).
+        stats_bytes: memory for the dense layers' Gram matrices (the refit's statistics); those
+            beyond it go to a temporary file (``TMPDIR``) and are read back by memory map.
         seed: of the mutations.
     """
 
@@ -76,6 +72,7 @@ class SearchSettings:
     first_samples: int = 2
     top_k: int = 64
     variant_bytes: int = 1 << 30
+    stats_bytes: int = 4 << 30
     seed: int = 0
 
 
@@ -166,85 +163,6 @@ class _Space:
         return counts
 
 
-class _Database:
-    """The pruned variants of each layer, built from the dense layer's statistics when first
-    asked for, and the stitching of a candidate from them."""
-
-    def __init__(self, model: PreTrainedModel, part: Structure, config, calibration: torch.Tensor, variant_bytes: int):
-        self.model, self.config = model, config
-        self.adapter = adapter_for(model)
-        self.layers = self.adapter.layers(model)
-        self.dense = list(self.layers)
-        self.parts: dict[int, Structure] = {}
-        for g in part.groups:
-            self.parts.setdefault(g.layer, Structure(part.family, [])).groups.append(g)
-        self.owners = activations.projections(part)
-        self.compute = compute_dtype(model)
-        self.stats, self.scores = {}, {}
-        self.variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
-        self.bytes, self.budget = 0, variant_bytes
-        self._record(calibration)
-
-    @torch.no_grad()
-    def _record(self, calibration: torch.Tensor) -> None:
-        """Each pruned layer's input statistics and scores, on the dense model's activations."""
-        inputs = layer_inputs(self.model, calibration, self.config.batch_size, self.compute)
-        last = max(self.parts)
-        gram = self.config.compensate == "lstsq"
-        for i, layer in enumerate(self.dense[: last + 1]):
-            part = self.parts.get(i)
-            owners = [self.owners[g.name] for g in part.groups] if part else []
-            with computing(layer, self.compute), activations.recording(self.model, owners, gram) as stats:
-                outputs = run_layer(layer, inputs, whole=True)
-            if part is not None:
-                self.stats[i] = stats
-                self.scores.update(activations.score(self.model, part, stats, self.config.criterion))
-            inputs = outputs
-
-    @torch.no_grad()
-    def variant(self, i: int, counts: Counts) -> torch.nn.Module:
-        part = self.parts[i]
-        key = (i, *(counts[g.name] for g in part.groups))
-        if not any(key[1:]):
-            return self.dense[i]
-        if key in self.variants:
-            self.variants.move_to_end(key)
-            return self.variants[key]
-        plan = {g.name: choose(g, self.scores[g.name], counts[g.name]) for g in part.groups if counts[g.name]}
-        layer = copy.deepcopy(self.dense[i])
-        self.layers[i] = layer
-        try:
-            with computing(layer, self.compute):
-                stats = {name: copy.copy(s) for name, s in self.stats[i].items()}  # refits release their copy
-                refits = compensation.compensation(
-                    self.model, part, plan, stats, self.config.compensate, self.config.ridge
-                )
-                surgery.apply(self.model, part, plan, self.adapter)
-                compensation.install(self.model, refits)
-        finally:
-            self.layers[i] = self.dense[i]
-        self.variants[key] = layer
-        self.bytes += _bytes(layer)
-        while self.bytes > self.budget and len(self.variants) > 1:
-            _, old = self.variants.popitem(last=False)
-            self.bytes -= _bytes(old)
-        return layer
-
-    def stitch(self, counts: Counts) -> None:
-        for i in self.parts:
-            self.layers[i] = self.variant(i, counts)
-
-    def restore(self) -> None:
-        for i, layer in enumerate(self.dense):
-            self.layers[i] = layer
-        self.adapter.sync(self.model)
-        self.variants.clear()
-
-
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 class DenseKL:
     """KL(dense ‖ model) on the calibration samples, over the dense model's ``top_k`` tokens."""
 
@@ -299,8 +217,8 @@ def search(
     space = _Space(part.groups, params, config, target)
     starts = {name: space.repair({g.name: c.get(g.name, 0) for g in part.groups}, rng) for name, c in seeds.items()}
     held = min(settings.holdout, max(1, len(calibration) // 2))  # half at most: the rest makes the variants
-    database = _Database(model, part, config, calibration[:-held], settings.variant_bytes)
     fitness = DenseKL(model, calibration[-held:], settings.top_k)
+    database = Database(model, part, config, calibration[:-held], settings)
     result = SearchResult({})
     try:
         for name, counts in starts.items():
