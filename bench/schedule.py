@@ -1,6 +1,6 @@
 """Benchmark: pruning schedules at equal training steps, with the StructuredPruning callback.
 
-    python bench/schedule.py --config recipes/smollm2-135m-half.yaml \
+    python bench/schedule.py --config recipes/smollm2-135m-half.yaml [--config OVERLAY.yaml] \
         --schedules none,cubic:2,cubic:4 --epochs 4 --steps 20 --out OUT
 
 Each variant runs ``llmp fit`` in this process on the recipe with ``trainer.max_epochs`` EPOCHS,
@@ -96,15 +96,26 @@ def run(recipe: dict, schedule: str, epochs: int, steps: int, output: Path) -> d
     }
 
 
+def merge(into: dict, overlay: dict) -> None:
+    """``overlay``'s keys over ``into``'s, mappings merged key by key (as ``llmp fit`` reads several ``--config``)."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="recipes/smollm2-135m-half.yaml")
+    parser.add_argument("--config", action="append", help="recipe, then overlays merged over it (repeat)")
     parser.add_argument("--schedules", default="none,cubic:2,cubic:4")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20, help="training steps per epoch (0: the recipe's)")
     parser.add_argument("--out", required=True, help="folder for the variants' models")
     args = parser.parse_args()
-    recipe = yaml.safe_load(Path(args.config).read_text())
+    recipe: dict = {}
+    for path in args.config or ["recipes/smollm2-135m-half.yaml"]:
+        merge(recipe, yaml.safe_load(Path(path).read_text()))
     for schedule in args.schedules.split(","):
         output = Path(args.out) / schedule.replace(":", "-")
         print(json.dumps(run(recipe, schedule, args.epochs, args.steps, output)), flush=True)

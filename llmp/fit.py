@@ -19,9 +19,7 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +31,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmp import (
+    fitsave,
     outdir,
-    strategies,  # registers the llmp_deepspeed* strategy names
+    strategies,  # noqa: F401 (registers the llmp_deepspeed* strategy names)
 )
 from llmp.checkpoints import weights_only_loads
 from llmp.data import calibration_samples, read_text
@@ -43,11 +42,11 @@ from llmp.errors import LlmpError, raise_all
 from llmp.eval.stages import Stages
 from llmp.export import beside, check_export, export
 from llmp.models import input_paths, load_model
-from llmp.outcheck import check_output_dir, check_space, no_space_message, weights_bytes
+from llmp.outcheck import check_output_dir, check_space, weights_bytes
 from llmp.outdir import write_atomic
 from llmp.pruning import PruneConfig, prune, replay
 from llmp.record import Perplexity, Recovery, read_record, write_record
-from llmp.recovery import RecoveryModule, export_checkpoint
+from llmp.recovery import RecoveryModule
 from llmp.report import write_report
 from llmp.targets import export_problems
 from llmp.workflow import check_data
@@ -187,19 +186,7 @@ def _run(cli: FitCLI) -> int:
     if output is None:
         return 0
     recovery = _recovery(module, trainer, fit_s)
-    if isinstance(trainer.strategy, strategies.DeepSpeedStrategy):
-        ckpt = output.with_name(f"{output.name}.zero-checkpoint")
-        trainer.save_checkpoint(ckpt)  # every rank writes its shards
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            export_checkpoint(ckpt, output, recovery, overwrite=config.overwrite)
-    elif trainer.is_global_zero:
-        try:
-            module.export(output, recovery, overwrite=config.overwrite)
-        except Exception as err:  # the writers raise it as ENOSPC (llmp.outdir), other errors pass
-            if no_space_message(err) is None:
-                raise
-            raise LlmpError(f"{no_space_message(err)}; {_rescue(trainer, output)}") from err
+    fitsave.save(trainer, module, output, recovery, config.overwrite)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
@@ -247,28 +234,6 @@ def _recovery(module: RecoveryModule, trainer, fit_s: float) -> Recovery:
         fit_s=round(fit_s, 2),
         val_ppl=_metric(trainer, "val_ppl"),
     )
-
-
-def _rescue(trainer, output: Path) -> str:
-    """Keep the trained weights where there is room (the fit's root folder, else the system's
-    temporary folder) when the output could not be written: hours of training are not lost."""
-    module = trainer.lightning_module
-    if module.mode == "lora" and not module.is_lora_wrapped:
-        module.mode = "full"  # the export merged the adapters: plain weights, checkpointed as such
-    needed = sum(p.numel() * p.element_size() for p in module.parameters())
-    for folder in (Path(trainer.default_root_dir), Path(tempfile.gettempdir())):
-        try:
-            if shutil.disk_usage(folder).free < needed + needed // 4:
-                continue
-            path = folder / f"llmp-trained-{os.getpid()}.ckpt"
-            trainer.save_checkpoint(path, weights_only=True)  # the weights and llmp's entry, no optimizer
-        except OSError:
-            continue
-        return (
-            f"the trained model was kept in {path}: free space, then "
-            f"`python -c \"from llmp.recovery import export_checkpoint; export_checkpoint('{path}', '{output}')\"`"
-        )
-    return "and no other folder had room for the trained model: enable checkpointing to keep it"
 
 
 def _interrupted(trainer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of a given size at tmp_path/small (root and mount(2) needed: skipped elsewhere)."""
+    mounted = []
+
+    def make(size_kib: int, options: str = "") -> Path:
+        where = tmp_path / "small"
+        where.mkdir()
+        settings = f"size={size_kib}k" + (f",{options}" if options else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", settings, "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)  # lazy: a test that failed may hold files open

@@ -128,3 +128,19 @@ def test_ab_versions_runs_two_commits_in_one_process(tiny_dir):
     result = json.loads(out)
     assert result["taylor"]["same_weights"] and result["default"]["same_weights"]
     assert len(result["default"]["old_s"]) == len(result["default"]["new_s"]) == 1
+
+
+def test_search_memory_spills_past_its_budget(tiny_dir):
+    """`bench/search_memory.py` builds the search's database; with no memory for the statistics
+    every Gram goes to the memory-mapped file, and the variants are still made."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "search_memory.py"
+    args = [sys.executable, script, "--model", tiny_dir, "--num-samples", "4", "--attention", "none", "--ratio", "0.2"]
+    result = json.loads(subprocess.run([*args, "--stats-gib", "0"], capture_output=True, text=True, check=True).stdout)
+    assert (
+        result["statistics_bytes_held"] == 0 and result["statistics_bytes_spilled"] > 0 and result["variants_bytes"] > 0
+    )
+    assert result["peak_rss_gb_variants"] >= result["peak_rss_gb_model"] > 0 and result["threads"] >= 1

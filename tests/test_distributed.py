@@ -65,11 +65,14 @@ def check_output(tmp_path: Path, world_size: int, steps: int) -> dict:
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert report["recovery"]["world_size"] == world_size and len(report["steps"]) == steps
     ppl = report["perplexity"]
-    assert set(ppl) >= {"dense", "pruned", "recovered"} and ppl["data"] == "wikitext2"  # the data name, as `llmp prune`
-    assert all(v > 1 for k, v in ppl.items() if k not in ("data", "protocol"))
+    assert ppl["data"] == "wikitext2"  # the data name, as `llmp prune`
+    assert ppl["dense"] > 1 and ppl["recovered"] > 1
     # It trained: 2 epochs x 2 batches per rank, and the weights moved (recovered != pruned).
     assert report["recovery"]["optimizer_steps"] == 4
-    assert abs(ppl["recovered"] - ppl["pruned"]) > 1e-3 * ppl["pruned"]
+    if steps == 1:
+        assert abs(ppl["recovered"] - ppl["pruned"]) > 1e-3 * ppl["pruned"] > 0
+    else:  # later steps refit a model trained in between: no untrained pruned model to measure
+        assert ppl.get("pruned") is None
     model = load_pruned(tmp_path / "out")
     assert 0.25 < report["achieved_ratio"] < 0.35
     with torch.no_grad():
@@ -110,6 +113,18 @@ def test_deepspeed_zero_on_cpu(tiny_dir, tmp_path, stage, mode):
     assert len(shards) == 2  # one optimizer shard per rank
     report = check_output(tmp_path, world_size=2, steps=1)
     assert report["recovery"]["strategy"] == "DeepSpeedStrategy" and report["recovery"]["mode"] == mode
+
+
+def test_a_zero_checkpoint_without_room_beside_the_output_goes_where_there_is(tiny_dir, tmp_path, small_fs):
+    """The output's file system holds the model but not the ZeRO checkpoint (its optimizer states):
+    the shards go to the fit's root folder (said in the log), and the output is written from them."""
+    pytest.importorskip("deepspeed")
+    small = small_fs(1600)  # the dense weights (742 KiB) fit; 2 ranks' fp32 states and Adam moments do not
+    output = fabric_run("deepspeed_stage_2", tiny_recipe(tiny_dir, tmp_path, "full", output=small / "out"))
+    assert "no room for the ZeRO checkpoint beside" in output, output[-3000:]
+    (kept,) = tmp_path.glob("llmp-out-*.zero-checkpoint")
+    assert len(list(kept.rglob("*optim_states.pt"))) == 2 and not (small / "out.zero-checkpoint").exists()
+    assert load_pruned(small / "out").num_parameters() > 0
 
 
 @pytest.mark.parametrize(

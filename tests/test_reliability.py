@@ -286,26 +286,6 @@ def test_export_of_a_folder_with_a_dangling_weights_link(exportable, tmp_path):
 # -- a full disk: refused before the work where the size is known, one clear line where it is not ------
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A tmpfs of a given size at tmp_path/small (root and mount(2) needed: skipped elsewhere)."""
-    mounted = []
-
-    def make(size_kib: int, options: str = "") -> Path:
-        where = tmp_path / "small"
-        where.mkdir()
-        settings = f"size={size_kib}k" + (f",{options}" if options else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", settings, "tmpfs", str(where)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)  # lazy: a test that failed may hold files open
-
-
 def test_a_prune_to_a_full_disk_is_refused_before_the_work(tiny_dir, small_fs, capsys):
     small = small_fs(256)
     code, _, err = run_cli(
