@@ -184,19 +184,28 @@ def _run(cli: FitCLI) -> int:
     fit_s = time.perf_counter() - start
     module.teacher = None  # its memory, before the export and the evaluation load models again
     if output is None:
-        return 0
+        return _leave()
     recovery = _recovery(module, trainer, fit_s)
     fitsave.save(trainer, module, output, recovery, config.overwrite)
     trainer.strategy.barrier()
-    if trainer.is_global_zero:
-        write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
-        if config.eval.data:
-            evaluate(output, EvalSettings(**vars(config.eval)))
+    if not trainer.is_global_zero:
+        return _leave()
+    write_atomic(output / "recipe.yaml", cli.parser.dump(config, skip_none=False))  # what produced it
+    if config.eval.data:
+        evaluate(output, EvalSettings(**vars(config.eval)))
+    print(f"saved {output}; summary in {write_report(output)[0]}")
+    if config.export:
+        result = export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
+        print(f"exported to {result.path} ({config.export}, {result.details['dtype']})")
+    return _leave()
 
-        print(f"saved {output}; summary in {write_report(output)[0]}")
-        if config.export:
-            result = export(output, config.export, beside(output, config.export), config.export_dtype, config.overwrite)
-            print(f"exported to {result.path} ({config.export}, {result.details['dtype']})")
+
+def _leave() -> int:
+    """Tear the process group down before the interpreter does: a rank that exits with gloo's
+    threads alive aborts ("terminate called without an active exception"), and the launcher then
+    fails the job after its work is done. No collective follows: destroying it is local."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
