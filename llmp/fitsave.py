@@ -5,8 +5,8 @@ weights are checkpointed where there is room (the fit's root folder, else the sy
 folder) and the message says how to export them. DeepSpeed: every rank writes its ZeRO shards
 beside the output — or, when the checkpoint would not fit there, in the first of those folders
 with room (rank 0 decides and broadcasts it: nodes see different disks) — and rank 0
-consolidates them into the output; when that fills the disk, the message names the checkpoint and
-how to export it. Hours of training are not lost to a full disk.
+consolidates them into the output; when that fails, the message names the checkpoint and how to
+export it. Hours of training are not lost to a full disk.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ def save(trainer, module: RecoveryModule, output: Path, recovery: Recovery, over
         if trainer.is_global_zero:
             try:
                 export_checkpoint(ckpt, output, recovery, overwrite=overwrite)
-            except Exception as err:  # the writers raise it as ENOSPC (llmp.outdir), other errors pass
-                if no_space_message(err) is None:
+            except Exception as err:  # whatever failed, the shards hold the trained model: say where
+                kept = f"the trained model is kept in the ZeRO checkpoint {ckpt}: {_export(ckpt, output)} exports it"
+                reason = no_space_message(err) or (str(err) if isinstance(err, LlmpError) else None)
+                if reason is None:
+                    log.error(kept)
                     raise
-                kept = (
-                    f"the trained model is kept in the ZeRO checkpoint {ckpt}: free space, then {_export(ckpt, output)}"
-                )
-                raise LlmpError(f"{no_space_message(err)}; {kept}") from err
+                raise LlmpError(f"{reason}; {kept}") from err
     elif trainer.is_global_zero:
         try:
             module.export(output, recovery, overwrite=overwrite)

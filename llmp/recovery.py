@@ -350,7 +350,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, recovery: Reco
         LlmpError: the checkpoint is unreadable or was not written by a RecoveryModule.
     """
     check_output_dir(output, overwrite)  # before the consolidation, which takes a while
-    with temp_dir(output) as scratch:
+    # The consolidated fp32 file goes beside the ZeRO folder: its file system held the larger shards.
+    with temp_dir(checkpoint if Path(checkpoint).is_dir() else output) as scratch:
         state, entry = read_trained(checkpoint, scratch)
         module = RecoveryModule(entry.model, mode=entry.mode, lora=entry.lora, dtype=entry.dtype)
         module.rebuild(entry.record)

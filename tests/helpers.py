@@ -284,6 +284,8 @@ class FillDisk(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         import shutil
 
+        if not trainer.is_global_zero:  # one writer: another rank's truncating open would empty the file
+            return
         free = shutil.disk_usage(self.folder).free
         with open(f"{self.folder}/filler", "wb") as f:
             f.write(b"0" * max(0, free - (16 << 10)))
