@@ -24,12 +24,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from distill_grid import france  # the same greedy chat answer as the recovery grid's
 
 from llmp.fit import main as fit
 from llmp.models import load_model
 from llmp.record import read_record
-
-PROMPT = "What is the capital of France?"
 
 
 class Clock(L.Callback):
@@ -50,18 +49,6 @@ class Clock(L.Callback):
         point = {"s": round(time.perf_counter() - self.start, 1), "step": trainer.global_step}
         with self.path.open("a") as file:
             file.write(json.dumps({**point, "val_ppl": ppl and round(float(ppl), 2)}) + "\n")
-
-
-def france(folder: Path) -> str:
-    """The greedy chat answer of ``llmp generate --chat --max-new-tokens 24``."""
-    model, tokenizer = load_model(str(folder))
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-    )
-    inputs = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def run(recipe: dict, schedule: str, epochs: int, steps: int, output: Path) -> dict:
@@ -91,7 +78,7 @@ def run(recipe: dict, schedule: str, epochs: int, steps: int, output: Path) -> d
         "achieved_ratio": record.achieved_ratio,
         "curve": [json.loads(line) for line in curve.read_text().splitlines()],
         "perplexity": {k: v for k, v in vars(record.perplexity).items() if k != "protocol"},
-        "france": france(output),
+        "france": france(*load_model(str(output))),
         "threads": torch.get_num_threads(),
     }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llmp import strategies
 from llmp.errors import LlmpError
-from llmp.outcheck import no_space_message
+from llmp.outcheck import free_bytes, no_space_message
 from llmp.record import Recovery
 from llmp.recovery import RecoveryModule, export_checkpoint
 
@@ -71,7 +71,7 @@ def zero_checkpoint_path(trainer, module: RecoveryModule, output: Path) -> Path:
         if trainer.num_nodes == 1:  # another node's shards would not reach rank 0's temporary folder
             folders.append(Path(tempfile.gettempdir()))
         for folder in folders:
-            if _free(folder) >= needed + needed // 8:
+            if free_bytes(folder) >= needed + needed // 8:
                 path = str(output.with_name(f"{output.name}.zero-checkpoint"))
                 if folder != output.parent:
                     path = str(folder.resolve() / f"llmp-{output.name}-{os.getpid()}.zero-checkpoint")
@@ -84,13 +84,6 @@ def zero_checkpoint_path(trainer, module: RecoveryModule, output: Path) -> Path:
             "in the fit's root folder or the temporary folder; free space (enable checkpointing to keep a run's weights)"
         )
     return Path(path)
-
-
-def _free(folder: Path) -> int:
-    folder = folder.resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
 
 
 def _export(checkpoint: Path, output: Path) -> str:

@@ -169,7 +169,7 @@ def check_space(output: str | Path, needed: int, flag: str = "output") -> None:
     if needed <= 0:
         return
     parent = _nearest_existing(real_path(output))
-    free = shutil.disk_usage(parent).free
+    free = free_bytes(parent)
     wanted = needed + needed // 8
     if free < wanted:
         raise LlmpError(
@@ -194,6 +194,11 @@ def no_space_message(err: BaseException) -> str | None:
         f"no space left on the device{f' of {place}' if place else ''}{free} while writing"
         f"{f' {Path(where).name}' if where else ''}: nothing partial was kept; free space or choose another output"
     )
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes of the file system that ``path`` is on, or would be created on."""
+    return shutil.disk_usage(_nearest_existing(real_path(path))).free
 
 
 def _nearest_existing(path: Path) -> Path:
