@@ -42,9 +42,13 @@ def kept_mlp(record: PruningRecord) -> list[int]:
     return [s["mlp"] for s in record.layer_shapes]
 
 
-@pytest.mark.parametrize("rule", ["uniform", "depth", "sensitivity", "search"])
-def test_every_allocation_meets_the_budget(rule):
-    record = prune(model(), config(allocation=rule), calibration())
+@pytest.mark.parametrize(
+    ("rule", "attention"),
+    [("uniform", "query"), ("depth", "query"), ("sensitivity", "query"), ("search", "query"), ("search", "kv")],
+)
+def test_every_allocation_meets_the_budget(rule, attention):
+    """Query heads within their KV groups, or whole KV groups (``--attention kv``), against MLP channels."""
+    record = prune(model(), config(allocation=rule, attention=attention), calibration())
     removed = record.params_before - record.params_after
     step = 4 * 3 * 128  # the plan's finest step: one MLP channel (gate, up, down) in each of 4 layers
     assert abs(removed - round(RATIO * record.params_before)) <= step
