@@ -179,6 +179,16 @@ def check_shapes(twin: PreTrainedModel, state: dict[str, torch.Tensor], path: Pa
                     f"{found} under config head_dim {getattr(config, 'head_dim', None)}, but {SHAPES_KEY} says {saved}; "
                     "the folder is corrupt or its config.json was edited"
                 )
+    _forward_on_shapes(twin, path)
+
+
+def _forward_on_shapes(twin: PreTrainedModel, path: Path) -> None:
+    """Run ``twin``'s forward on the ``meta`` device; a failure names the innermost module.
+
+    Raises:
+        LlmpError: the forward fails on shapes (a forward that reads values is let through).
+    """
+    config = twin.config
     entered: list[str] = []
     names = {module: name for name, module in twin.named_modules()}
 
@@ -190,7 +200,10 @@ def check_shapes(twin: PreTrainedModel, state: dict[str, torch.Tensor], path: Pa
 
     handles = [m.register_forward_pre_hook(enter) for m in twin.modules()]
     handles += [m.register_forward_hook(leave) for m in twin.modules()]
+    experts = getattr(config, "_experts_implementation", None)
     try:
+        if experts is not None:  # the grouped-matmul kernels check dtypes a meta tensor does not settle
+            config._experts_implementation = "eager"
         twin(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"))
     except Exception as err:  # shape errors come as RuntimeError, ValueError, IndexError...
         if "meta" in str(err):  # a forward that reads values (GPT-2's `.item()`, Baichuan's CPU masks):
@@ -204,5 +217,7 @@ def check_shapes(twin: PreTrainedModel, state: dict[str, torch.Tensor], path: Pa
             "or its config.json was edited; re-create it with `llmp prune`"
         ) from None
     finally:
+        if experts is not None:
+            config._experts_implementation = experts
         for handle in handles:
             handle.remove()

@@ -110,6 +110,9 @@ def mask(model: PreTrainedModel, structure: Structure, plan: Plan, adapter: Adap
                 for name in adapter.layer_writes(model, i):
                     params[name].zero_()
             continue
+        if group.kind is Kind.EXPERTS:  # a zero expert would still take its share of the routing
+            adapter.mask_experts(model, group, elements)
+            continue
         index = torch.as_tensor(sorted(elements), dtype=torch.long)
         for s in group.slices:
             if s.writes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,14 +149,55 @@ def put_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo the renamings transformers applies on save (GPT-NeoX writes ``lm_head`` as ``embed_out``)."""
+    """Undo what transformers does on save: its renamings (GPT-NeoX writes ``lm_head`` as
+    ``embed_out``) and its split of fused expert tensors into one tensor per expert (MoE models)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    if not renamings:
-        return state
-    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if renamings:
+        state = {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+    for converter in transforms:
+        if isinstance(converter, WeightConverter) and any("*" in p for p in converter.source_patterns):
+            state = fuse_experts(state, converter)
+    return state
+
+
+def fuse_experts(state: dict[str, torch.Tensor], converter) -> dict[str, torch.Tensor]:
+    """Stack per-expert tensors (``mlp.experts.3.gate_proj.weight``) into the fused one the model
+    holds (``mlp.experts.gate_up_proj`` [experts, 2·inter, hidden]), as ``converter`` (a
+    transformers ``WeightConverter``: stack along dim 0, then concatenate along dim 1) describes.
+
+    Raises:
+        LlmpError: the converter does other operations than those two, or experts are missing.
+    """
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = converter.operations
+    merge_ok = ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+    if not merge_ok or len(ops) > 2 or (len(ops) == 2 and not (isinstance(ops[1], Concatenate) and ops[1].dim == 1)):
+        raise LlmpError(f"llmp cannot read expert tensors converted by {ops}; this model's layout is not supported")
+    (target,) = converter.target_patterns
+    patterns = [re.compile(re.escape(p).replace(r"\*", r"(\d+)") + "$") for p in converter.source_patterns]
+    found: dict[str, list[dict[int, torch.Tensor]]] = {}
+    rest = {}
+    for key, tensor in state.items():
+        for n, pattern in enumerate(patterns):
+            match = pattern.search(key)
+            if match:
+                parts = found.setdefault(key[: match.start()], [{} for _ in patterns])
+                parts[n][int(match.group(1))] = tensor
+                break
+        else:
+            rest[key] = tensor
+    for prefix, parts in found.items():
+        experts = sorted(parts[0])
+        if any(sorted(p) != experts for p in parts) or experts != list(range(len(experts))):
+            raise LlmpError(f"the experts under {prefix!r} are incomplete: {[sorted(p) for p in parts]}")
+        stacked = [torch.stack([p[e] for e in experts]) for p in parts]
+        rest[prefix + target] = torch.cat(stacked, dim=1) if len(stacked) > 1 else stacked[0]
+    return rest
 
 
 def add_biases(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:

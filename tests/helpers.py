@@ -76,6 +76,54 @@ def tiny_model(name: str, layers: int = 4, vocab_size: int = 128, **overrides) -
     return model
 
 
+# name → (model class name, config): 8 experts of width 32, top-2; the variants llmp must keep apart.
+TINY_MOE = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True)),
+    "qwen3_moe-dense": (  # layer 1 a dense MLP, top-k probabilities not renormalised
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1]),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False),
+    ),
+    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=8, intermediate_size=32)),
+    "olmoe": ("OlmoeForCausalLM", dict(num_experts=8, intermediate_size=32, norm_topk_prob=False)),
+}
+MOE_FAMILIES = tuple(TINY_MOE)
+
+
+def tiny_moe(name: str, layers: int = 3, vocab_size: int = 128, **overrides) -> torch.nn.Module:
+    """A tiny mixture-of-experts model (``TINY_MOE``), weights scaled up as :func:`tiny_model`'s."""
+    import transformers
+
+    cls_name, extra = TINY_MOE[name]
+    model_cls = getattr(transformers, cls_name)
+    settings = dict(
+        num_hidden_layers=layers,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+    )
+    config = model_cls.config_class(**{**settings, **extra, **overrides})
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    return model
+
+
 def tiny_tokenizer():
     """A real byte-level BPE tokenizer of 320 tokens, trained on the start of WikiText-2."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     MLP = "mlp"  # intermediate channels: gate/up rows + down columns
     HIDDEN = "hidden"  # residual-stream channels: embeddings, norms, every projection
     LAYERS = "layers"  # whole decoder layers
+    EXPERTS = "experts"  # whole experts of a mixture-of-experts layer: their weights and router rows
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from llmp.structure.adapters.gpt2 import GPT2Adapter
 from llmp.structure.adapters.gpt_bigcode import GPTBigCodeAdapter
 from llmp.structure.adapters.gpt_neox import GPTNeoXAdapter
 from llmp.structure.adapters.llama import LlamaAdapter
+from llmp.structure.adapters.moe import MoeAdapter
 from llmp.structure.adapters.opt import OPTAdapter
 from llmp.structure.adapters.phi3 import Phi3Adapter
 
@@ -35,6 +36,7 @@ register(BaichuanAdapter)
 register(FalconAdapter)
 register(GPTNeoXAdapter)
 register(GPTBigCodeAdapter)
+register(MoeAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -38,13 +38,20 @@ def set_config_fields(config, **fields) -> bool:
     :func:`llmp.load_pruned` reshapes from the weights) and this returns ``False``.
     """
     old = {k: config.__dict__.get(k) for k in fields}
+    before = {k: getattr(config, k, None) for k in fields}
     config.__dict__.update(fields)
     try:
+        for k, v in fields.items():
+            if getattr(config, k, None) != v:  # held behind a descriptor (MoE configs' ``num_experts``)
+                setattr(config, k, v)
         validate = getattr(config, "validate", None)
         if validate is not None:
             validate()
     except Exception:  # transformers' StrictDataclassClassValidationError and friends
         config.__dict__.update(old)
+        for k, v in before.items():
+            if getattr(config, k, None) != v:
+                object.__setattr__(config, k, v)
         return False
     return True
 
