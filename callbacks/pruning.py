@@ -98,7 +98,7 @@ class StructuredPruning(L.Callback):
         if seq_len < 2:
             problems.append(f"`seq_len` must be >= 2; got {seq_len}")
         try:
-            self.targets = self._targets(schedule, self.config.ratio)
+            self.targets = self._targets(schedule, self.config.fraction)
         except LlmpError as err:
             problems.append(str(err))
         raise_all(problems)

@@ -313,7 +313,7 @@ def prune_again(model, tokenizer, record):
         tokens = calibration_samples(
             calibration.source, tokenizer, calibration.num_samples, calibration.seq_len, config.seed
         )
-        config = dataclasses.replace(config, ratio=step.target_ratio or config.ratio, steps=1)
+        config = dataclasses.replace(config, ratio=step.target_ratio or config.fraction, steps=1)
         if step.allocation is not None and step.allocation.generations:  # the same search, not the same time
             config = dataclasses.replace(config, search_generations=step.allocation.generations, search_seconds=1e9)
         again = prune(model, config, tokens, reference_params=record.params_before)

@@ -129,45 +129,58 @@ def write_report(folder: str | Path, generations: Generations | None = None) -> 
     return md, png
 
 
+PANELS = (
+    ("heads", "attention heads", "tab:blue"),
+    ("mlp", "MLP channels", "tab:orange"),
+    ("experts", "experts", "tab:green"),
+)
+"""Per-layer counts the report draws, each in its own panel when any layer has it (MoE layers have
+experts and no MLP channels; a dense layer between them the reverse)."""
+
+
 def plot_shapes(record: PruningRecord, dense: list[dict] | None):
-    """Kept heads and MLP channels per layer as bars over the dense counts (grey), one panel each."""
+    """Kept heads, MLP channels and experts per layer as bars over the dense counts (grey), one panel each."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg is used to save
 
     kept = record.layer_shapes
     layers = list(range(len(kept)))
     searches = [s.allocation for s in record.steps if s.allocation is not None and s.allocation.fitness]
-    fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 8.0 if searches else 5.6), layout="constrained")
-    axes = fig.subplots(3 if searches else 2, 1)
-    axes[0].sharex(axes[1])
+    panels = [p for p in PANELS if any(p[0] in k for k in kept)] or list(PANELS[:2])
+    rows = len(panels) + bool(searches)
+    fig = Figure(figsize=(max(6.0, 0.32 * len(kept) + 2), 2.8 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, 1))
+    for ax in axes[1 : len(panels)]:
+        ax.sharex(axes[0])
     if searches:
-        _plot_fitness(axes[2], searches)
+        _plot_fitness(axes[-1], searches)
     if not kept:
         axes[0].text(0.5, 0.5, "no per-layer shapes recorded", ha="center", va="center", transform=axes[0].transAxes)
-    for ax, key, label, color in (
-        (axes[0], "heads", "attention heads", "tab:blue"),
-        (axes[1], "mlp", "MLP channels", "tab:orange"),
-    ):
-        if dense:
-            ax.bar(layers, [d[key] for d in dense], color="0.88", edgecolor="0.6", label="dense")
-        values = [k[key] for k in kept]
-        ax.bar(layers, values, width=0.6, color=color, label="kept")
+    for ax, (key, label, color) in zip(axes, panels, strict=False):
+        _bars(ax, layers, [k.get(key, 0) for k in kept], [d.get(key, 0) for d in dense] if dense else None, color)
         if key == "heads" and any(k["kv_heads"] != k["heads"] for k in kept):
             ax.plot(layers, [k["kv_heads"] for k in kept], "k_", markersize=10, label="kept KV heads")
-        if dense:
-            for x, (k, d) in enumerate(zip(kept, dense, strict=True)):
-                if k[key] < d[key]:
-                    ax.text(x, k[key], f"{k[key] / d[key]:.0%}", ha="center", va="bottom", fontsize=6)
         ax.set_ylabel(label)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    axes[1].set_xlabel("layer")
-    axes[1].set_xticks(layers)
-    axes[1].tick_params(axis="x", labelsize=7)
+    last = axes[len(panels) - 1]
+    last.set_xlabel("layer")
+    last.set_xticks(layers)
+    last.tick_params(axis="x", labelsize=7)
     before, after = record.params_before, record.params_after
     title = f"{record.model or 'pruned model'}: kept structures per layer"
     if before and after:
         title += f"\nparameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)"
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _bars(ax, layers: list[int], values: list[int], dense: list[int] | None, color: str) -> None:
+    """Kept counts over the dense ones, each shrunk bar labelled with the share kept."""
+    if dense:
+        ax.bar(layers, dense, color="0.88", edgecolor="0.6", label="dense")
+    ax.bar(layers, values, width=0.6, color=color, label="kept")
+    for x, (k, d) in enumerate(zip(values, dense or values, strict=True)):
+        if k < d:
+            ax.text(x, k, f"{k / d:.0%}", ha="center", va="bottom", fontsize=6)
 
 
 def _plot_fitness(ax, searches) -> None:
@@ -221,12 +234,16 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
 
 def _shape_table(kept: list[dict], dense) -> list[str]:
     def cell(k, d, key):
+        if key not in k:
+            return "–"
         return f"{k[key]}" if d is None else f"{k[key]} / {d[key]} ({k[key] / d[key]:.0%})"
 
-    rows = ["| layer | heads kept | KV heads kept | MLP channels kept |", "| ---: | ---: | ---: | ---: |"]
+    keys = [("heads", "heads"), ("kv_heads", "KV heads"), ("mlp", "MLP channels"), ("experts", "experts")]
+    keys = [(key, name) for key, name in keys if key in ("heads", "kv_heads", "mlp") or any(key in k for k in kept)]
+    rows = ["| layer | " + " | ".join(f"{name} kept" for _, name in keys) + " |", "| ---: " * (len(keys) + 1) + "|"]
     for i, k in enumerate(kept):
         d = dense[i] if dense else None
-        rows.append(f"| {i} | {cell(k, d, 'heads')} | {cell(k, d, 'kv_heads')} | {cell(k, d, 'mlp')} |")
+        rows.append(f"| {i} | " + " | ".join(cell(k, d, key) for key, _ in keys) + " |")
     if dense is None:
         rows.append("\n(The dense counts are not recorded in this folder; kept counts only.)")
     return rows

@@ -170,7 +170,9 @@ def _check_outputs(run: _Run, export: str | None, export_dtype: str) -> Path:
     from llmp.outcheck import check_output_dir, check_space, weights_bytes
 
     real = check_output_dir(run.output, run.overwrite, run.inputs, flag="output")
-    kept = round(weights_bytes(input_paths(run.model)) * (1 - run.config.ratio))  # the pruned weights, and their export
+    kept = round(
+        weights_bytes(input_paths(run.model)) * (1 - run.config.fraction)
+    )  # the pruned weights, and their export
     check_space(real, kept * (2 if export else 1), flag="output")
     if export:
         from llmp.export import beside, check_export

@@ -12,7 +12,7 @@ import torch
 from helpers import MOE_FAMILIES, blank_record, logits, prune_and_mask, tiny_moe
 from transformers import AutoModelForCausalLM
 
-from llmp import LlmpError, load_pruned, surgery
+from llmp import LlmpError, PruneConfig, load_pruned, prune, surgery
 from llmp.io import save_pruned
 from llmp.structure import Kind, adapter_for
 
@@ -92,3 +92,104 @@ def test_olmoe_heads_are_refused_with_the_reason():
     model = tiny_moe("olmoe")
     with pytest.raises(LlmpError, match="q_norm and k_norm normalise over all heads"):
         adapter_for(model).discover(model, (Kind.QUERY_HEADS,))
+
+
+def calibration(n: int = 8, length: int = 64) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_expert_statistics_are_what_the_router_and_experts_compute(family):
+    """REAP, frequency, router weight and output norm of layer 0 by hand, from its MoE block's input."""
+    from llmp.importance.experts import recording
+
+    model = tiny_moe(family)
+    block = model.model.layers[0].mlp
+    seen = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 64)))
+    with recording(block) as stats:
+        model(calibration(2, 16))
+    handle.remove()
+    x = torch.cat(seen).double()
+    probs = torch.softmax(x @ block.gate.weight.double().T, dim=-1)
+    top, index = probs.topk(2, dim=-1)
+    if family == "qwen3_moe":  # norm_topk_prob
+        top = top / top.sum(-1, keepdim=True)
+    experts = block.experts
+    for e in range(8):
+        rows, slot = torch.where(index == e)
+        gate, up = (x[rows] @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        norms = ((torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].double().T).norm(dim=-1)
+        assert stats.routed[e] == len(rows)
+        torch.testing.assert_close(stats.probability[e], probs[:, e].sum(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.norm[e], norms.sum(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats.weighted_norm[e], (top[rows, slot] * norms).sum(), rtol=1e-4, atol=1e-5)
+    assert stats.tokens == len(x)
+
+
+@pytest.mark.parametrize("criterion", ["reap", "frequency", "router_weight", "activation_norm"])
+def test_experts_alone_remove_that_fraction_of_every_layer_and_nothing_else(criterion):
+    model = tiny_moe("qwen3_moe-dense", layers=4, num_experts_per_tok=4)
+    before = adapter_for(model).layer_shapes(model)
+    record = prune(model, PruneConfig(experts=0.75, expert_criterion=criterion), calibration())
+    after = adapter_for(model).layer_shapes(model)
+    for old, new in zip(before, after, strict=True):
+        assert new == ({**old, "experts": 2} if "experts" in old else old)  # 6 of 8 go; heads, dense MLP stay
+    assert model.config.num_experts == 2 and model.config.num_experts_per_tok == 2
+    assert [s.kinds for s in record.steps] == [["experts"]] and record.settings["ratio"] == 0.0
+    assert all(len(v) == 6 for v in record.steps[0].plan.values()) and len(record.steps[0].plan) == 3
+
+
+def test_experts_then_ratio_prune_the_other_kinds_on_top():
+    model = tiny_moe("qwen3_moe-dense", layers=4)
+    total = sum(p.numel() for p in model.parameters())
+    record = prune(model, PruneConfig(experts=0.5, ratio=0.05, attention="query"), calibration())
+    experts_only = record.steps[0].params_before - record.steps[0].params_after
+    assert [s.kinds for s in record.steps] == [["experts"], ["query_heads", "mlp"]]
+    assert abs(record.params_before - record.params_after - experts_only - 0.05 * total) < 0.01 * total
+    assert record.params_before == total
+
+
+def test_a_pruned_step_replays(tmp_path):
+    from llmp.pruning import replay
+
+    model, again = tiny_moe("mixtral"), tiny_moe("mixtral")
+    record = prune(model, PruneConfig(experts=0.5), calibration())
+    replay(again, record.steps)
+    torch.testing.assert_close(logits(again, IDS), logits(model, IDS), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        ("qwen3_moe", dict(experts=1.0), "`experts` must be in \\[0, 1\\)"),
+        ("qwen3_moe", dict(experts=0.01), "`experts` 0.01 removes 0 of the 8 experts"),
+        ("qwen3_moe", dict(experts=0.5, ratio=1.0), "`ratio` must be in \\[0, 1\\) with `experts`"),
+        ("llama", dict(experts=0.5), "`experts` 0.5: this llama model has no mixture-of-experts layers"),
+    ],
+)
+def test_expert_settings_are_checked(model, kwargs, message):
+    from helpers import tiny_model
+
+    with pytest.raises(LlmpError, match=message):
+        prune(tiny_moe(model) if model != "llama" else tiny_model("llama-gqa"), PruneConfig(**kwargs), calibration())
+
+
+def test_llmp_prune_experts_writes_a_folder_plain_transformers_loads(tmp_path, capsys):
+    from helpers import run_cli, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_moe("qwen2_moe", vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    code, out, err = run_cli(
+        capsys, "prune", "--model", tmp_path / "moe", "--experts", "0.25", "--output", tmp_path / "out",
+        "--num-samples", "4", "--seq-len", "64", "--samples", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "25% of every MoE layer's experts" in out
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    assert plain.config.num_experts == 6 and plain.config.num_experts_per_tok == 2
+    ids = tokenizer("The river", return_tensors="pt").input_ids
+    assert plain.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         result = prune_folder(config=config, **{name: getattr(args, name) for name in FLAGS})
     record = result.record
     how = ", streamed layer by layer" if args.stream else ""
+    experts = f" and {config.experts:.0%} of every MoE layer's experts" if config.experts else ""
     print(
         f"parameters: {record.params_before:,} -> {record.params_after:,} "
-        f"({record.achieved_ratio:.2%} removed, asked {config.ratio:.2%}) in {result.prune_s:.1f} s{how}"
+        f"({record.achieved_ratio:.2%} removed, asked {config.fraction:.2%}{experts}) in {result.prune_s:.1f} s{how}"
     )
     if record.perplexity is not None:
         ppl = record.perplexity

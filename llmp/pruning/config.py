@@ -19,10 +19,12 @@ from llmp import importance
 from llmp.errors import LlmpError, raise_all
 from llmp.importance import ACTIVATION, CRITERIA, Criterion, Reduction, ScoringSettings, needs_calibration
 from llmp.importance.activations import projections
+from llmp.importance.experts import ExpertCriterion
 from llmp.structure import Kind, adapter_for
 from llmp.targets import TARGET_ALIGN, Target
 from llmp.validate import literal_problems
 
+DEFAULT_RATIO = 0.2
 Scope = Literal["block", "channel", "layer"]
 Attention = Literal["query", "kv", "none"]
 
@@ -35,8 +37,16 @@ class PruneConfig:
     (docs/pruning.md), decided per model by :meth:`resolved`.
     """
 
-    ratio: float = 0.2
-    """fraction of all model parameters to remove, in [0, 1)"""
+    ratio: float | None = None
+    """fraction of all model parameters to remove, in [0, 1) (unset: 0.2, or 0 with `experts`)"""
+    experts: float = 0.0
+    """fraction of the experts of every mixture-of-experts layer to remove, the lowest-scored by
+    expert_criterion (the same count in every layer, so plain transformers loads the result); alone
+    it prunes nothing else; with `ratio`, the other kinds then remove that fraction of the original
+    model's parameters on top"""
+    expert_criterion: ExpertCriterion = "reap"
+    """how experts are scored, from one calibration forward: reap (mean gate × output norm over the
+    tokens routed to the expert), frequency, router_weight, activation_norm; see llmp.importance.experts"""
     scope: Scope = "block"
     """block (attention heads and MLP channels inside layers), channel (hidden channels of the
     whole model) or layer (whole decoder layers)"""
@@ -135,16 +145,25 @@ class PruneConfig:
         if layerwise is None:
             layerwise = by_activations and self.steps == 1
         return dataclasses.replace(
-            self, criterion=criterion, compensate=compensate, layerwise=layerwise, layout=layout, round_to=round_to
+            self,
+            ratio=self.fraction,
+            criterion=criterion,
+            compensate=compensate,
+            layerwise=layerwise,
+            layout=layout,
+            round_to=round_to,
         )
+
+    @property
+    def fraction(self) -> float:
+        """``ratio`` as set, or its default: 0.2, or 0 when only experts are asked for."""
+        if self.ratio is not None:
+            return self.ratio
+        return 0.0 if self.experts else DEFAULT_RATIO
 
     def problems(self) -> list[str]:
         """What is wrong without looking at a model, one message per argument (raised on construction)."""
-        problems = literal_problems(self)
-        if not 0.0 < self.ratio < 1.0:
-            problems.append(
-                f"`ratio` must be between 0 and 1, both excluded (a fraction of all parameters, e.g. 0.2); got {self.ratio}"
-            )
+        problems = literal_problems(self) + self._ratio_problems()
         if self.steps < 1:
             problems.append(f"`steps` must be >= 1; got {self.steps}")
         if not self.ridge > 0:
@@ -196,6 +215,22 @@ class PruneConfig:
                     parse_range(getattr(self, name), None)
                 except LlmpError as err:
                     problems.append(str(err))
+        return problems
+
+    def _ratio_problems(self) -> list[str]:
+        problems = []
+        if self.experts and not 0.0 <= self.fraction < 1.0:
+            problems.append(
+                f"`ratio` must be in [0, 1) with `experts` (0: experts only; a fraction of all parameters); got {self.ratio}"
+            )
+        elif not self.experts and not 0.0 < self.fraction < 1.0:
+            problems.append(
+                f"`ratio` must be between 0 and 1, both excluded (a fraction of all parameters, e.g. 0.2); got {self.ratio}"
+            )
+        if not 0.0 <= self.experts < 1.0:
+            problems.append(
+                f"`experts` must be in [0, 1) (a fraction of every MoE layer's experts, e.g. 0.5); got {self.experts}"
+            )
         return problems
 
     def _allocation_problems(self) -> list[str]:

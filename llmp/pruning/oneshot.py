@@ -13,7 +13,9 @@ setting scores the whole model at once per step, here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from transformers import PreTrainedModel
@@ -24,6 +26,7 @@ from llmp.importance import activations
 from llmp.plan import PlanSettings, groups_element_parameters, make_plan
 from llmp.pruning import compensation
 from llmp.pruning.config import PruneConfig, layer_ranges
+from llmp.pruning.experts import prune_experts
 from llmp.pruning.layerwise import prune_layerwise
 from llmp.pruning.preflight import preflight
 from llmp.pruning.steps import (
@@ -52,8 +55,7 @@ def prune(
 ) -> PruningRecord:
     """Prune ``model`` in place and return the record of it (settings, counts, shapes, timings).
 
-    Each of ``record.steps`` holds its ``plan`` and ``kinds``: :func:`llmp.pruning.replay`
-    repeats the same removals on another copy of the original model without scoring.
+    Each of ``record.steps`` holds its ``plan`` and ``kinds``: :func:`llmp.pruning.replay` repeats them.
 
     Args:
         model: the causal LM, pruned in place.
@@ -70,6 +72,8 @@ def prune(
         LlmpError: as :func:`llmp.pruning.preflight`, or no calibration for a criterion that needs it.
     """
     config = preflight(model, config)
+    if config.experts:
+        return _experts_first(model, config, calibration, agree, given)
     if config.layerwise:
         return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params, given=given)
     adapter = adapter_for(model)
@@ -101,6 +105,26 @@ def prune(
             timings.seconds[key] += value
         steps.append(step_record(model, config, plan, before, step, seconds.seconds, gained))
     return run_record(model, config, start, steps, timings, given)
+
+
+def _experts_first(model, config: PruneConfig, calibration, agree: Agree | None, given) -> PruningRecord:
+    """``config.experts`` of every MoE layer's experts, then (``ratio`` > 0) the other kinds remove
+    ``ratio`` of the original parameters on top, scored on the expert-pruned model."""
+    start = Start.of(model)
+    first = prune_experts(model, config, calibration, agree)
+    if not config.ratio:
+        return run_record(model, config, start, [first], Timings({**Timings().seconds, **first.timings}), given)
+    rest = dataclasses.replace(config, experts=0.0, ratio=config.ratio * start.params / count_parameters(model))
+    record = prune(model, rest, calibration, agree, given=given)
+    for step in record.steps:
+        step.step += 1
+    return dataclasses.replace(
+        record,
+        params_before=start.params,
+        dense_layer_shapes=start.shapes,
+        settings=asdict(config),
+        steps=[first, *record.steps],
+    )
 
 
 def _structure(model: PreTrainedModel, config: PruneConfig) -> Structure:

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from llmp.errors import LlmpError
 from llmp.pruning.config import PruneConfig, layer_ranges
+from llmp.pruning.experts import check_experts
 from llmp.structure import Kind, adapter_for
 from llmp.targets import EXPORT_FAMILIES, TARGET_ALIGN
 from llmp.verify import verify
@@ -36,6 +37,7 @@ def preflight(model: PreTrainedModel, config: PruneConfig) -> PruneConfig:
     adapter = adapter_for(model)
     layer_ranges(config, len(adapter.layers(model)))
     _refuse_mqa_kv(model, config)
+    check_experts(model, config)
     _refuse_target(model, config)
     if config.allocation == "search" and not config.layerwise:
         raise LlmpError(
