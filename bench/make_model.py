@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SHAPES = {
     # TinyLlama-1.1B (Llama layout, GQA 32/4): 1.10B parameters
@@ -41,6 +41,20 @@ SHAPES = {
         vocab_size=32000,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    # OLMoE-1B-7B: 16 layers of 64 experts (width 1024, top-8), 6.92B parameters
+    "olmoe-1b-7b": dict(
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=50304,
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
     ),
 }
@@ -70,13 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    config = LlamaConfig(**SHAPES[args.shape])
+    shape = dict(SHAPES[args.shape])
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype))
     model.to_empty(device="cpu")  # allocated in the target dtype: a 7B bf16 model needs 13.5 GB, not 27
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # (OLMoE's q_norm / k_norm too)
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, config.initializer_range)

@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--folder", required=True, help="the model folder (written first if missing)")
     parser.add_argument("--output", help="the pruned folder (default: FOLDER-pruned)")
-    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument(
+        "--ratio", type=float, default=None, help="as `llmp prune --ratio` (unset: 0.2, 0 with --experts)"
+    )
+    parser.add_argument("--experts", type=float, default=0.0, help="as `llmp prune --experts` (MoE shapes)")
     parser.add_argument("--attention", default="none")
     parser.add_argument("--criterion", default="flap")
     parser.add_argument("--compensate", default="lstsq")
@@ -53,6 +56,7 @@ def main() -> None:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     config = PruneConfig(
         ratio=args.ratio,
+        experts=args.experts,
         attention=args.attention,
         criterion=args.criterion,
         compensate=args.compensate,
@@ -73,7 +77,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "weights_gb": round(weights / 1024**3, 3),
         "calibration": f"c4: {args.num_samples} x {args.seq_len} tokens",
-        "settings": {k: getattr(config, k) for k in ("ratio", "attention", "criterion", "compensate", "ranking")},
+        "settings": {
+            k: getattr(config, k) for k in ("ratio", "experts", "attention", "criterion", "compensate", "ranking")
+        },
         "prune_s": round(t2 - t1, 1),
         "total_s": round(t2 - t0, 1),
         "peak_rss_gb": round(peak / 1024**3, 3),

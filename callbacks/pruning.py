@@ -31,6 +31,7 @@ from llmp.data.text import loader_samples
 from llmp.errors import LlmpError, raise_all
 from llmp.pruning import PruneConfig, count_parameters, prune
 from llmp.record import Calibration, PruningRecord
+from llmp.structure import Kind
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,11 @@ class StructuredPruning(L.Callback):
             problems.append(f"`num_samples` must be >= 1; got {num_samples}")
         if seq_len < 2:
             problems.append(f"`seq_len` must be >= 2; got {seq_len}")
+        if self.config.experts and schedule is not None:
+            problems.append(
+                f"`config.experts` {self.config.experts} prunes experts once, at fit start: drop `schedule` "
+                f"({schedule!r}), or prune the experts first with `llmp prune --experts`"
+            )
         try:
             self.targets = self._targets(schedule, self.config.fraction)
         except LlmpError as err:
@@ -215,7 +221,8 @@ class StructuredPruning(L.Callback):
             pl_module.merge_adapters()
         model = pl_module.base_model
         original, current = pl_module.record.params_before, count_parameters(model)
-        if self.targets[epoch] * original <= original - current:  # already there
+        experts_left = self.config.experts and not any(Kind.EXPERTS.value in s.kinds for s in pl_module.record.steps)
+        if not experts_left and self.targets[epoch] * original <= original - current:  # already there
             self.done.append(epoch)
             return
         config = dataclasses.replace(self.config, ratio=self.targets[epoch], steps=1)  # of the original

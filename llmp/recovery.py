@@ -145,7 +145,7 @@ class RecoveryModule(L.LightningModule):
         if self.mode != "lora" or self.is_lora_wrapped:
             return
 
-        config = self.lora.peft_config()
+        config = self.lora.peft_config(self.model)
         # Seeded by the pruning step: a resumed fit re-creates the adapters an uninterrupted one did.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + len(self.record.steps))

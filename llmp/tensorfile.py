@@ -148,9 +148,17 @@ def put_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             module._buffers[attr] = tensor
 
 
-def current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def stack_experts(parts: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per-expert tensors (``parts[pattern][expert]``, each [out, in]) as the fused one: stacked
+    along a new expert dimension, the patterns concatenated along dim 1 ([gate; up])."""
+    stacked = [torch.stack(p) for p in parts]
+    return torch.cat(stacked, dim=1) if len(stacked) > 1 else stacked[0]
+
+
+def current_names(model: PreTrainedModel, state: dict, combine=stack_experts) -> dict:
     """Undo what transformers does on save: its renamings (GPT-NeoX writes ``lm_head`` as
-    ``embed_out``) and its split of fused expert tensors into one tensor per expert (MoE models)."""
+    ``embed_out``) and its split of fused expert tensors into one tensor per expert (MoE models),
+    whose values ``combine`` joins (``parts[pattern][expert]``; default: the tensors, stacked)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -160,14 +168,14 @@ def current_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dic
         state = {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
     for converter in transforms:
         if isinstance(converter, WeightConverter) and any("*" in p for p in converter.source_patterns):
-            state = fuse_experts(state, converter)
+            state = fuse_experts(state, converter, combine)
     return state
 
 
-def fuse_experts(state: dict[str, torch.Tensor], converter) -> dict[str, torch.Tensor]:
-    """Stack per-expert tensors (``mlp.experts.3.gate_proj.weight``) into the fused one the model
-    holds (``mlp.experts.gate_up_proj`` [experts, 2·inter, hidden]), as ``converter`` (a
-    transformers ``WeightConverter``: stack along dim 0, then concatenate along dim 1) describes.
+def fuse_experts(state: dict, converter, combine=stack_experts) -> dict:
+    """Join per-expert entries (``mlp.experts.3.gate_proj.weight``) into the fused one the model
+    holds (``mlp.experts.gate_up_proj`` [experts, 2·inter, hidden]) as ``converter`` (a transformers
+    ``WeightConverter``: stack along dim 0, then concatenate along dim 1) describes, by ``combine``.
 
     Raises:
         LlmpError: the converter does other operations than those two, or experts are missing.
@@ -195,8 +203,7 @@ def fuse_experts(state: dict[str, torch.Tensor], converter) -> dict[str, torch.T
         experts = sorted(parts[0])
         if any(sorted(p) != experts for p in parts) or experts != list(range(len(experts))):
             raise LlmpError(f"the experts under {prefix!r} are incomplete: {[sorted(p) for p in parts]}")
-        stacked = [torch.stack([p[e] for e in experts]) for p in parts]
-        rest[prefix + target] = torch.cat(stacked, dim=1) if len(stacked) > 1 else stacked[0]
+        rest[prefix + target] = combine([[p[e] for e in experts] for p in parts])
     return rest
 
 

@@ -193,3 +193,101 @@ def test_llmp_prune_experts_writes_a_folder_plain_transformers_loads(tmp_path, c
     assert plain.config.num_experts == 6 and plain.config.num_experts_per_tok == 2
     ids = tokenizer("The river", return_tensors="pt").input_ids
     assert plain.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe-dense", "mixtral", "qwen2_moe"])
+def test_streamed_expert_pruning_equals_the_in_memory_one(family, tmp_path):
+    """From the per-expert tensors transformers saves, one layer at a time, to a folder plain
+    transformers loads: the same experts removed and the same logits as in memory."""
+    from llmp.pruning import prune_streamed
+
+    model = tiny_moe(family, layers=4)
+    model.save_pretrained(tmp_path / "dense")
+    record = prune_streamed(tmp_path / "dense", tmp_path / "out", PruneConfig(experts=0.5), calibration())
+    in_memory = prune(model, PruneConfig(experts=0.5), calibration())
+    assert record.steps[0].plan == in_memory.steps[0].plan
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    torch.testing.assert_close(logits(plain, IDS), logits(model, IDS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS), rtol=0, atol=1e-5)
+
+
+def test_streaming_experts_and_a_ratio_at_once_is_refused(tmp_path):
+    from llmp.pruning import prune_streamed
+
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    with pytest.raises(LlmpError, match="`stream` prunes experts in a pass of their own"):
+        prune_streamed(tmp_path / "dense", tmp_path / "out", PruneConfig(experts=0.5, ratio=0.1), calibration())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_streamed_benchmark_and_the_plain_load_check_run_on_a_tiny_moe(tmp_path):
+    """bench/scale.py --experts and bench/plain_load.py, as docs/benchmarks/moe.md runs them on the OLMoE shape."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import tiny_tokenizer
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    tokenizer = tiny_tokenizer()
+    tiny_moe("olmoe", vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    run = [sys.executable, bench / "scale.py", "--folder", tmp_path / "m", "--experts", "0.5", "--num-samples", "4"]
+    scale = json.loads(subprocess.run([str(a) for a in run], check=True, capture_output=True, text=True).stdout)
+    assert scale["settings"]["experts"] == 0.5 and scale["params_after"] < scale["params_before"]
+    run = [sys.executable, bench / "plain_load.py", tmp_path / "m-pruned", "--new-tokens", "3"]
+    loaded = json.loads(subprocess.run([str(a) for a in run], check=True, capture_output=True, text=True).stdout)
+    assert loaded["clean"] and loaded["config"]["num_experts"] == 4 and loaded["generated_tokens"] == 3
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Qwen2-MoE folder (shared expert, 8 experts) with a real tokenizer."""
+    from helpers import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = tiny_tokenizer()
+    tiny_moe("qwen2_moe", vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_fit_prunes_experts_and_recovers_with_distillation(moe_dir, tmp_path, mode):
+    """The callback removes experts at fit start; LoRA adapts attention and the fused experts
+    (peft's target_parameters) with routers frozen, full training moves the routers too; the
+    export loads in plain transformers with the trained model's logits."""
+    import lightning as L
+
+    from llmp.callbacks import StructuredPruning
+    from llmp.data.recovery import InstructionData
+    from llmp.distill import DistillSettings
+    from llmp.recovery import RecoveryModule
+
+    module = RecoveryModule(
+        str(moe_dir), mode=mode, learning_rate=1e-2, warmup_steps=0, distill=DistillSettings(weight=0.5)
+    )
+    data = InstructionData(
+        path="alpaca-1k", tokenizer=str(moe_dir), max_samples=12, val_size=2, cutoff_len=128, batch_size=2
+    )
+    callback = StructuredPruning(PruneConfig(experts=0.5), num_samples=2, seq_len=32)
+    fit = L.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+    fit.fit(module, datamodule=data)
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    if mode == "lora":
+        assert any("experts" in n and "lora_" in n for n in trained)
+        assert not any(n.endswith("mlp.gate.weight") for n in trained)  # routers frozen
+    else:
+        assert any(n.endswith("mlp.gate.weight") for n in trained)
+    assert module.record.steps[0].kinds == ["experts"]
+    out = module.export(tmp_path / "out", {"mode": mode})
+    plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert plain.config.num_experts == 4
+    ids = torch.randint(0, 200, (2, 12))
+    torch.testing.assert_close(logits(plain, ids), logits(module.model, ids), rtol=0, atol=1e-5)

@@ -21,6 +21,7 @@ from llmp.importance import activations
 from llmp.importance.experts import recording
 from llmp.pruning.config import PruneConfig
 from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
+from llmp.pruning.layerwise import Layers
 from llmp.pruning.steps import Timings, count_parameters, step_record
 from llmp.record import Step
 from llmp.structure import Kind, Structure, adapter_for
@@ -66,18 +67,21 @@ def prune_experts(
     config: PruneConfig,
     calibration: torch.Tensor,
     agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
-    step: int = 1,
+    layers_io: Layers | None = None,
 ) -> Step:
     """Remove ``config.experts`` of every MoE layer's experts in place (module docstring); the
-    :class:`~llmp.record.Step` of it. ``agree`` as in :func:`llmp.prune`."""
+    :class:`~llmp.record.Step` of it. ``agree`` as in :func:`llmp.prune`; ``layers_io``: where
+    the layers' weights live (streamed: read before their turn, written after)."""
     activations.require_calibration(calibration)
-    adapter = adapter_for(model)
+    adapter, io = adapter_for(model), layers_io or Layers()
     structure = adapter.discover(model, (Kind.EXPERTS,))
     groups = {g.layer: g for g in structure.groups}
     last, compute, timings = max(groups), compute_dtype(model), Timings()
     before, plan = count_parameters(model), {}
     inputs = layer_inputs(model, calibration, config.batch_size, compute)
-    for i, layer in enumerate(adapter.layers(model)[: last + 1]):
+    layers = adapter.layers(model)
+    for i, layer in enumerate(layers if io.visits_all else layers[: last + 1]):
+        io.load(i)
         with computing(layer, compute):
             group = groups.get(i)
             if group is not None:
@@ -92,6 +96,7 @@ def prune_experts(
                 plan.update(mine)
             if i < last:
                 inputs = run_layer(layer, inputs)
-    record = step_record(model, config, plan, before, step, timings.seconds, [])
+        io.release(i)
+    record = step_record(model, config, plan, before, 1, timings.seconds, [])
     record.kinds = [Kind.EXPERTS.value]
     return record

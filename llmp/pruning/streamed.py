@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +33,10 @@ from llmp.importance import ACTIVATION
 from llmp.io import finish_config
 from llmp.outdir import write_folder, write_json_atomic
 from llmp.pruning.config import PruneConfig
+from llmp.pruning.experts import prune_experts
 from llmp.pruning.layerwise import Layers, prune_layerwise
 from llmp.pruning.preflight import preflight
-from llmp.pruning.steps import RunInput
+from llmp.pruning.steps import RunInput, Start, Timings, run_record
 from llmp.record import REPORT, PruningRecord
 from llmp.structure import adapter_for
 from llmp.structure.adapters.base import module_name
@@ -48,6 +50,7 @@ from llmp.tensorfile import (
     put_tensors,
     read_header,
     read_safetensors,
+    stack_experts,
 )
 
 
@@ -90,14 +93,36 @@ class StreamedLayers(Layers):
         self.total_size += sum(t.numel() * t.element_size() for t in state.values())
 
 
-def read_tensors(model: PreTrainedModel, where: dict[str, tuple[Path, str]], names: list[str], dtype) -> None:
-    """Read tensors ``names`` (current names; ``where`` says in which file, under which name) into ``model``."""
-    by_file = defaultdict(list)
+@dataclass(frozen=True)
+class Fused:
+    """Where a fused expert tensor's parts are stored: ``parts[pattern][expert]`` = (file, name)."""
+
+    parts: list[list[tuple[Path, str]]]
+
+    def shape(self, headers: dict[Path, dict]) -> list[int]:
+        """[experts, Σ rows of the patterns, columns], from the parts' headers."""
+        first = [headers[p[0][0]][p[0][1]]["shape"] for p in self.parts]
+        return [len(self.parts[0]), sum(s[0] for s in first), first[0][1]]
+
+
+def read_tensors(model: PreTrainedModel, where: dict, names: list[str], dtype) -> None:
+    """Read tensors ``names`` (current names; ``where`` says in which file, under which name, or
+    from which per-expert parts) into ``model``."""
+    by_file, fused = defaultdict(list), {}
     for name in names:
-        by_file[where[name][0]].append(name)
+        if isinstance(where[name], Fused):
+            fused[name] = where[name]
+        else:
+            by_file[where[name][0]].append(name)
     for file, wanted in by_file.items():
         tensors = read_safetensors(file, dtype, [where[n][1] for n in wanted])
         put_tensors(model, {n: tensors[where[n][1]] for n in wanted})
+    for name, source in fused.items():  # one fused tensor at a time: its parts and it, never a layer's twice
+        keys = defaultdict(list)
+        for file, key in (entry for pattern in source.parts for entry in pattern):
+            keys[file].append(key)
+        read = {(file, k): t for file, ks in keys.items() for k, t in read_safetensors(file, dtype, ks).items()}
+        put_tensors(model, {name: stack_experts([[read.pop(entry) for entry in p] for p in source.parts])})
 
 
 def open_skeleton(
@@ -119,10 +144,14 @@ def open_skeleton(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     stored = {name: (file, name) for file, entries in headers.items() for name in entries}
-    where = current_names(model, stored)  # current name → (file, name in the file)
+    where = current_names(model, stored, combine=Fused)  # current name → (file, name in the file) or Fused
     shapes = {}
-    for name, (file, key) in where.items():
-        info = headers[file][key]
+    for name, source in where.items():
+        if isinstance(source, Fused):
+            file, key = source.parts[0][0]
+            shapes[name] = torch.empty(source.shape(headers), dtype=dtype or headers[file][key]["dtype"], device="meta")
+            continue
+        info = headers[source[0]][source[1]]
         shapes[name] = torch.empty(info["shape"], dtype=dtype or info["dtype"], device="meta")
     add_biases(model, shapes)
     expected = set(model.state_dict())
@@ -188,7 +217,12 @@ def prune_streamed(
     _outside_to(model, device)
     with write_folder(output, overwrite, inputs=[path]) as tmp:
         layers = StreamedLayers(model, where, dtype, tmp, device)
-        record = prune_layerwise(model, config, calibration, layers, given=given)
+        if config.experts:
+            start = Start.of(model)
+            step = prune_experts(model, config, calibration, layers_io=layers)
+            record = run_record(model, config, start, [step], Timings({**Timings().seconds, **step.timings}), given)
+        else:
+            record = prune_layerwise(model, config, calibration, layers, given=given)
         prefix = layers.adapter.layers_path + "."
         rest = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if not n.startswith(prefix)}
         head = model.get_output_embeddings()
@@ -211,6 +245,11 @@ def stream_problems(config: PruneConfig) -> list[str]:
     """What streamed pruning cannot do, named as the user asked it (``stream``, not ``layerwise``):
     it scores heads and MLP channels from each layer's activations, in one pass."""
     problems = []
+    if config.experts and config.fraction:
+        problems.append(
+            f"`stream` prunes experts in a pass of their own: use `experts` {config.experts} alone (no `ratio`), "
+            f"then stream the output again with `ratio` {config.ratio}"
+        )
     if config.scope != "block":
         problems.append(
             f"`stream` prunes heads and MLP channels from each layer's activations: it takes `scope` block; "
