@@ -185,16 +185,23 @@ def input_paths(spec: str | Path) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def max_positions(spec: str | Path) -> int | None:
-    """The model's longest input (``max_position_embeddings``) from its config.json, without loading it;
-    ``None`` when that cannot be read cheaply (a hub id, a GGUF file, no such field)."""
+def local_config(spec: str | Path) -> dict | None:
+    """The model's config.json as a dict, without loading anything else; ``None`` when it cannot be
+    read cheaply (a hub id, a GGUF file)."""
     spec = str(spec)
     folder = cache_dir() / spec if spec in BUILTINS else Path(spec).expanduser()
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def max_positions(spec: str | Path) -> int | None:
+    """The model's longest input (``max_position_embeddings``) from its config.json, without loading it;
+    ``None`` when that cannot be read cheaply (a hub id, a GGUF file, no such field)."""
+    config = local_config(spec) or {}
+    value = config.get("max_position_embeddings", config.get("n_positions"))
     return value if isinstance(value, int) and value > 0 else None
 
 

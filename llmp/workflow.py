@@ -20,6 +20,7 @@ from pathlib import Path
 from llmp import pruning
 from llmp.errors import LlmpError, raise_all
 from llmp.pruning import PruneConfig, RunInput
+from llmp.pruning.experts import check_experts_config
 from llmp.pruning.streamed import stream_problems
 from llmp.record import Calibration, PruningRecord
 from llmp.targets import export_problems
@@ -74,7 +75,7 @@ def prune_folder(
     Raises:
         LlmpError: bad arguments (checked before the model is read), or as the steps it runs.
     """
-    from llmp.models import input_paths
+    from llmp.models import input_paths, local_config
     from llmp.outlock import output_lock
 
     run = _Run(
@@ -84,6 +85,7 @@ def prune_folder(
     calibration_file = check_data("calibration", calibration)
     eval_file = check_data("eval_data", eval_data)
     check_seq_len("seq_len", seq_len, model)
+    check_experts_config(config, local_config(model))
     run.inputs = [*input_paths(model), calibration_file, eval_file]
     real = _check_outputs(run, export, export_dtype)
     with output_lock(real):  # held from here: a second run to the same output stops now

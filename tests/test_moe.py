@@ -291,3 +291,42 @@ def test_a_fit_prunes_experts_and_recovers_with_distillation(moe_dir, tmp_path, 
     assert plain.config.num_experts == 4
     ids = torch.randint(0, 200, (2, 12))
     torch.testing.assert_close(logits(plain, ids), logits(module.model, ids), rtol=0, atol=1e-5)
+
+
+def test_an_unknown_moe_family_is_refused_by_name():
+    import transformers
+
+    config = transformers.GraniteMoeConfig(
+        num_local_experts=4, num_experts_per_tok=2, hidden_size=64, intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.GraniteMoeForCausalLM(config)
+    with pytest.raises(LlmpError, match="`granitemoe` is a mixture-of-experts model, and llmp prunes the experts of"):
+        adapter_for(model)
+
+
+@pytest.mark.parametrize(
+    ("family", "argv", "message"),
+    [
+        ("qwen2_moe", ["--experts", "0.05"], "`--experts` 0.05 removes 0 of the 8 experts"),
+        ("llama", ["--experts", "0.5"], "`--experts` 0.5: this llama model has no mixture-of-experts layers"),
+    ],
+)
+def test_expert_flags_are_refused_before_the_model_loads(family, argv, message, tmp_path, capsys, monkeypatch):
+    from helpers import make_tiny_folder, run_cli
+
+    import llmp.models
+
+    folder = tmp_path / "m"
+    if family == "llama":
+        make_tiny_folder(folder)
+    else:
+        tiny_moe(family, max_position_embeddings=512).save_pretrained(folder)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(llmp.models, "load_model", no_loading)
+    code, _, err = run_cli(capsys, "prune", "--model", folder, "--output", tmp_path / "out", *argv)
+    assert code != 0 and message in err

@@ -25,6 +25,7 @@ from llmp.pruning.layerwise import Layers
 from llmp.pruning.steps import Timings, count_parameters, step_record
 from llmp.record import Step
 from llmp.structure import Kind, Structure, adapter_for
+from llmp.structure.adapters import expert_count, moe_problem
 from llmp.structure.adapters.moe import sparse_block
 
 
@@ -55,10 +56,35 @@ def check_experts(model: PreTrainedModel, config: PruneConfig) -> None:
     if Kind.EXPERTS not in adapter.kinds:
         raise LlmpError(
             f"`experts` {config.experts}: this {getattr(model.config, 'model_type', '?')} model has no "
-            "mixture-of-experts layers llmp knows; use `ratio` (heads, MLP channels, layers)"
+            "mixture-of-experts layers; use `ratio` (heads, MLP channels, layers)"
         )
     for group in adapter.discover(model, (Kind.EXPERTS,)).groups:
         experts_removed(config, group.size)
+
+
+def check_experts_config(config: PruneConfig, fields: dict | None) -> None:
+    """Before any weight is read: an unknown mixture-of-experts family, or ``experts`` for a model
+    without experts or a fraction that removes none or all, refused from config.json (``fields``;
+    ``None``: not readable cheaply, checked after loading instead).
+
+    Raises:
+        LlmpError: naming the family or the argument.
+    """
+    if fields is None:
+        return
+    model_type = fields.get("model_type")
+    problem = moe_problem(model_type, fields)
+    if problem:
+        raise LlmpError(problem)
+    if not config.experts:
+        return
+    n = expert_count(fields)
+    if n is None:
+        raise LlmpError(
+            f"`experts` {config.experts}: this {model_type} model has no mixture-of-experts layers; use `ratio` "
+            "(heads, MLP channels, layers)"
+        )
+    experts_removed(config, n)
 
 
 @torch.no_grad()

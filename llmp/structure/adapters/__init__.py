@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
+from llmp.errors import LlmpError
 from llmp.structure.adapters.baichuan import BaichuanAdapter
 from llmp.structure.adapters.base import Adapter
 from llmp.structure.adapters.bloom import BloomAdapter
@@ -43,6 +44,28 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Config fields that give a model routed experts (Qwen/OLMoE/gpt-oss, Mixtral/Granite, DeepSeek, others)."""
+
+
+def expert_count(fields: dict) -> int | None:
+    """The routed experts per layer a config (as a dict) declares, if any."""
+    counts = [fields.get(f) for f in EXPERT_COUNTS]
+    return next((n for n in counts if isinstance(n, int) and n > 1), None)
+
+
+def moe_problem(model_type: str | None, fields: dict) -> str | None:
+    """Why llmp refuses a mixture-of-experts family it has no adapter for (``None``: not refused)."""
+    if model_type in _ADAPTERS or expert_count(fields) is None:
+        return None
+    return (
+        f"`{model_type}` is a mixture-of-experts model, and llmp prunes the experts of "
+        f"{', '.join(MoeAdapter.model_types)} only (routers and fused expert tensors it knows); automatic "
+        "discovery does not map routed experts. Use one of those families, or write an adapter for this "
+        "one (docs/adapters.md, docs/moe.md)"
+    )
+
+
 def adapter_for(model: PreTrainedModel) -> Adapter:
     """The adapter for ``model``'s family; for a family llmp does not know, automatic discovery.
 
@@ -53,6 +76,9 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
         LlmpError: the model has no decoder layers to discover.
     """
     model_type = getattr(model.config, "model_type", None)
+    problem = moe_problem(model_type, model.config.to_dict())
+    if problem:
+        raise LlmpError(problem)
     if model_type not in _ADAPTERS:
         from llmp.structure.auto import AutoAdapter  # auto imports adapters.base, whose package is this one
 
