@@ -85,6 +85,8 @@ class Step:
         target_ratio: the cumulative fraction of the original parameters asked by then.
         biases: the modules to which compensation gave a bias in this step (``replay`` adds them).
         allocation: how many elements each layer lost, and how that was chosen.
+        routing: MoE layers' expert groups → each original expert's share of the calibration
+            tokens routed to it (summing to ``num_experts_per_tok``), measured before the removal.
     """
 
     kinds: list[str]
@@ -99,6 +101,7 @@ class Step:
     target_ratio: float | None = None
     biases: list[str] | None = None
     allocation: Allocation | None = None
+    routing: dict[str, list[float]] | None = None
 
 
 @with_config(_STRICT)

@@ -218,6 +218,7 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
                 f"{found.fitness[-1]:.4f} in {found.generations} generations, {found.seconds:.0f} s."
             )
     lines += ["", "## Where the model was cut", "", *_shape_table(record.layer_shapes, dense)]
+    lines += _routing_table(record.steps)
     if record.perplexity is not None:
         lines += ["", "## Perplexity", "", *_perplexity_table(record.perplexity)]
     if record.recovery:
@@ -230,6 +231,25 @@ def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations
     if record.timings:
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in record.timings.items())]
     return "\n".join(lines) + "\n"
+
+
+def _routing_table(steps) -> list[str]:
+    """Per MoE layer: how much of the calibration tokens' routing the kept and removed experts had."""
+    rows = []
+    for step in steps:
+        for name, shares in (step.routing or {}).items():
+            removed = set(step.plan.get(name, []))
+            total = sum(shares) or 1.0
+            gone = sum(f for e, f in enumerate(shares) if e in removed) / total
+            busiest = max((f for e, f in enumerate(shares) if e in removed), default=0.0)
+            rows.append(
+                f"| {name} | {len(shares) - len(removed)} of {len(shares)} | {1 - gone:.1%} | {gone:.1%} | {busiest:.2%} |"
+            )
+    if not rows:
+        return []
+    head = "| MoE layer | experts kept | routing to kept | routing to removed | busiest removed expert |"
+    return ["", "Routing on the calibration text before the removal (share of routed tokens):", "", head,
+            "| --- | ---: | ---: | ---: | ---: |", *rows]  # fmt: skip
 
 
 def _shape_table(kept: list[dict], dense) -> list[str]:

@@ -124,6 +124,14 @@ def tiny_moe(name: str, layers: int = 3, vocab_size: int = 128, **overrides) -> 
     return model
 
 
+def make_tiny_moe_folder(path: Path, family: str = "qwen2_moe", layers: int = 3) -> Path:
+    """A tiny MoE model (``TINY_MOE``) with a real byte-level BPE tokenizer, saved as a model folder."""
+    tokenizer = tiny_tokenizer()
+    tiny_moe(family, layers=layers, vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_tokenizer():
     """A real byte-level BPE tokenizer of 320 tokens, trained on the start of WikiText-2."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -102,6 +102,35 @@ def test_ddp_layerwise_flap_prunes_identically(tiny_dir, tmp_path):
     assert report["settings"]["criterion"] == "flap" and report["steps"][0]["biases"]
 
 
+@pytest.mark.parametrize(
+    ("strategy", "mode"),
+    [("ddp", "lora"), ("ddp", "full"), ("deepspeed_stage_2", "full"), ("deepspeed_stage_3", "lora")],
+    ids=lambda v: str(v),
+)
+def test_a_moe_prunes_experts_identically_and_distils_on_two_processes(tmp_path, strategy, mode):
+    """A MoE under DDP and ZeRO: both ranks remove the same experts at fit start, train (LoRA on the
+    fused experts, or everything with the routers) with distillation from the unpruned model, and
+    the folder (for ZeRO: consolidated) loads in plain transformers."""
+    from helpers import make_tiny_moe_folder
+    from transformers import AutoModelForCausalLM
+
+    moe = make_tiny_moe_folder(tmp_path / "moe")
+    pruning = {"experts": 0.5, "ratio": 0.0, "attention": "none", "layers": None}
+    config = tiny_recipe(moe, tmp_path, mode, pruning=pruning, model={"distill": {"weight": 0.5}})
+    if strategy != "ddp":
+        pytest.importorskip("deepspeed")
+    output = fabric_run(strategy, config)
+    plans = plans_by_rank(output)
+    assert set(plans) == {0, 1} and plans[0] == plans[1]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["recovery"]["world_size"] == 2 and report["recovery"]["optimizer_steps"] == 4
+    assert [s["kinds"] for s in report["steps"]] == [["experts"]]
+    ppl = report["perplexity"]
+    assert abs(ppl["recovered"] - ppl["pruned"]) > 1e-3 * ppl["pruned"] > 0  # it trained
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()) and plain.config.num_experts == 4
+
+
 @pytest.mark.parametrize(("stage", "mode"), [(2, "lora"), (2, "full"), (3, "lora"), (3, "full")], ids=lambda v: str(v))
 def test_deepspeed_zero_on_cpu(tiny_dir, tmp_path, stage, mode):
     """ZeRO-2/3 on 2 CPU processes: trained, checkpoint sharded, consolidated to fp32, exported."""

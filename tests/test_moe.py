@@ -245,13 +245,9 @@ def test_the_streamed_benchmark_and_the_plain_load_check_run_on_a_tiny_moe(tmp_p
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
     """A tiny Qwen2-MoE folder (shared expert, 8 experts) with a real tokenizer."""
-    from helpers import tiny_tokenizer
+    from helpers import make_tiny_moe_folder
 
-    path = tmp_path_factory.mktemp("tiny-moe")
-    tokenizer = tiny_tokenizer()
-    tiny_moe("qwen2_moe", vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_moe_folder(tmp_path_factory.mktemp("tiny-moe"))
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -330,3 +326,20 @@ def test_expert_flags_are_refused_before_the_model_loads(family, argv, message, 
     monkeypatch.setattr(llmp.models, "load_model", no_loading)
     code, _, err = run_cli(capsys, "prune", "--model", folder, "--output", tmp_path / "out", *argv)
     assert code != 0 and message in err
+
+
+def test_the_report_shows_experts_kept_and_their_routing(tmp_path):
+    from llmp.record import PruningRecord
+    from llmp.report import render_markdown
+
+    model = tiny_moe("mixtral")
+    record = prune(model, PruneConfig(experts=0.5, expert_criterion="frequency"), calibration())
+    routing = record.steps[0].routing
+    assert set(routing) == set(record.steps[0].plan) and all(len(v) == 8 for v in routing.values())
+    assert all(abs(sum(v) - 2.0) < 1e-4 for v in routing.values())  # top-2: two routings per token
+    record = PruningRecord.from_json(record.to_json())
+    text = render_markdown(record, record.dense_layer_shapes, [], None, "report.png")
+    assert "| experts kept |" in text or "experts kept |" in text
+    assert "| layers.0.experts | 4 of 8 |" in text
+    kept_share = float(text.split("| layers.0.experts | 4 of 8 | ")[1].split("%")[0])
+    assert kept_share > 50  # by frequency, the kept half took most of the routing

@@ -103,7 +103,7 @@ def prune_experts(
     structure = adapter.discover(model, (Kind.EXPERTS,))
     groups = {g.layer: g for g in structure.groups}
     last, compute, timings = max(groups), compute_dtype(model), Timings()
-    before, plan = count_parameters(model), {}
+    before, plan, routing = count_parameters(model), {}, {}
     inputs = layer_inputs(model, calibration, config.batch_size, compute)
     layers = adapter.layers(model)
     for i, layer in enumerate(layers if io.visits_all else layers[: last + 1]):
@@ -114,6 +114,7 @@ def prune_experts(
                 with timings.phase("scoring_s"), recording(sparse_block(layer)) as stats:
                     run_layer(layer, inputs, whole=True)
                 scores = stats.score(config.expert_criterion)
+                routing[group.name] = [round(float(f), 6) for f in stats.score("frequency")]
                 order = sorted(range(group.size), key=lambda e: (float(scores[e]), e))  # ties: the lower index goes
                 mine = {group.name: sorted(order[: experts_removed(config, group.size)])}
                 mine = agree(mine) if agree is not None else mine
@@ -124,5 +125,5 @@ def prune_experts(
                 inputs = run_layer(layer, inputs)
         io.release(i)
     record = step_record(model, config, plan, before, 1, timings.seconds, [])
-    record.kinds = [Kind.EXPERTS.value]
+    record.kinds, record.routing = [Kind.EXPERTS.value], routing
     return record
