@@ -16,6 +16,8 @@ DECILM_ARCHITECTURE = "DeciLMForCausalLM"
 """What ``llmp export --format decilm`` writes: a folder for vLLM, which llmp reads no further."""
 EXPORT_FAMILIES = ("llama", "mistral", "qwen2")
 """The families :mod:`llmp.export` writes (the Llama layout)."""
+MOE_GGUF_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+"""Mixture-of-experts families :mod:`llmp.export.gguf_moe` writes, with one expert count for all layers."""
 
 
 def export_problems(config, export: str | None) -> list[str]:
@@ -34,6 +36,8 @@ def export_problems(config, export: str | None) -> list[str]:
 def engines_for(family: str | None, layer_shapes: list[dict], plain: bool) -> list[str]:
     """Where a model of ``family`` with these per-layer counts runs (the report's "loads in")."""
     engines = ["llmp.load_pruned"] + (["transformers"] if plain else [])
+    if family in MOE_GGUF_FAMILIES and plain:
+        engines.append("llama.cpp (llmp export --format gguf)")
     if family in EXPORT_FAMILIES:
         engines.append("llama.cpp (llmp export --format gguf)")
         if len({s["heads"] for s in layer_shapes}) <= 1:

@@ -343,3 +343,42 @@ def test_the_report_shows_experts_kept_and_their_routing(tmp_path):
     assert "| layers.0.experts | 4 of 8 |" in text
     kept_share = float(text.split("| layers.0.experts | 4 of 8 | ")[1].split("%")[0])
     assert kept_share > 50  # by frequency, the kept half took most of the routing
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_a_pruned_moe_runs_in_llamacpp_with_the_same_logits(family, tmp_path):
+    """llmp export --format gguf writes llama.cpp's own MoE architecture (Mixtral: llama with
+    experts), from the per-expert tensors of an in-memory save and from the fused ones --stream
+    writes; llama.cpp computes what transformers computes."""
+    pytest.importorskip("llama_cpp")
+    from helpers import tiny_tokenizer
+
+    from llmp.eval.llamacpp import LlamaCpp
+    from llmp.export import export
+    from llmp.pruning import prune_streamed
+
+    tokenizer = tiny_tokenizer()
+    kv = {"num_key_value_heads": 4} if family == "olmoe" else {}  # llama.cpp's olmoe: no grouped KV heads
+    model = tiny_moe(family, vocab_size=len(tokenizer), max_position_embeddings=512, **kv)
+    model.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    ids = tokenizer("The river flows into the sea near the town", return_tensors="pt").input_ids
+    prune_streamed(tmp_path / "dense", tmp_path / "streamed", PruneConfig(experts=0.5), ids.repeat(2, 4), tokenizer)
+    prune(model, PruneConfig(experts=0.5), ids.repeat(2, 4))
+    save_pruned(model, tmp_path / "memory", tokenizer, record=blank_record())
+    expected = logits(model, ids)[0].numpy()
+    for folder in ("memory", "streamed"):
+        exported = export(tmp_path / folder, "gguf", tmp_path / f"{folder}.gguf", dtype="f32")
+        with LlamaCpp(exported.path, n_ctx=64, threads=1) as engine:
+            got = engine.logits(ids[0].tolist())
+        assert abs(got - expected).max() < 1e-4, (folder, abs(got - expected).max())
+
+
+def test_moe_exports_llamacpp_would_compute_differently_are_refused(tmp_path):
+    from llmp.export import export
+
+    tiny_moe("qwen3_moe-dense").save_pretrained(tmp_path / "m")  # a dense layer, no renormalisation
+    with pytest.raises(LlmpError, match="llama.cpp's qwen3moe always renormalises"):
+        export(tmp_path / "m", "gguf", tmp_path / "m.gguf")
+    with pytest.raises(LlmpError, match="vLLM's DeciLM holds no experts"):
+        export(tmp_path / "m", "decilm", tmp_path / "m.decilm")

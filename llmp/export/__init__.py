@@ -121,6 +121,9 @@ def export(
     from llmp.outlock import output_lock
 
     path = check_export(model, format, output, dtype, overwrite)
+    moe = moe_source(model, format)
+    if moe is not None:
+        return _export_moe(moe, model, path, dtype, overwrite)
     source = open_source(model)
     check_tokenizer(source.folder, format)
     check_space(path, weights_bytes([source.folder]), flag="output")
@@ -138,3 +141,46 @@ def export(
         with write_file(path) as tmp:
             details = write_gguf(source, tmp, dtype, name=Path(str(model)).name)
     return Exported(path, format, details)
+
+
+def moe_source(model: str | Path, format: str):
+    """The folder read for a mixture-of-experts export (:mod:`llmp.export.gguf_moe`), or ``None``
+    for another family.
+
+    Raises:
+        LlmpError: a MoE model asked for DeciLM, or one llama.cpp cannot run as it is.
+    """
+    import json
+
+    from llmp.export.gguf_moe import ARCHES, open_moe_source
+    from llmp.export.source import _folder
+
+    folder = _folder(model)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise LlmpError(f"cannot read {folder / 'config.json'}: {err}") from err
+    if config.get("model_type") not in ARCHES:
+        return None
+    if format == "decilm":
+        raise LlmpError(
+            f"{folder} is a mixture-of-experts model ({config['model_type']}); vLLM's DeciLM holds no experts. "
+            "vLLM serves the folder itself (its experts are the same in every layer); export gguf for llama.cpp"
+        )
+    return open_moe_source(folder, config)
+
+
+def _export_moe(source, model, path: Path, dtype: str, overwrite: bool) -> Exported:
+    from llmp.export.gguf_moe import write_moe_gguf
+    from llmp.export.source import check_tokenizer
+    from llmp.outcheck import check_space, weights_bytes
+    from llmp.outdir import write_file
+    from llmp.outlock import output_lock
+
+    check_tokenizer(source.folder, "gguf")
+    check_space(path, weights_bytes([source.folder]), flag="output")
+    with output_lock(path):
+        path = check_export(model, "gguf", path, dtype, overwrite)  # again, under the lock
+        with write_file(path) as tmp:
+            details = write_moe_gguf(source, tmp, dtype, name=Path(str(model)).name)
+    return Exported(path, "gguf", details)
