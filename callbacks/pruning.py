@@ -98,9 +98,9 @@ class StructuredPruning(L.Callback):
             problems.append(f"`num_samples` must be >= 1; got {num_samples}")
         if seq_len < 2:
             problems.append(f"`seq_len` must be >= 2; got {seq_len}")
-        if self.config.experts and schedule is not None:
+        if self.config.moe and schedule is not None:
             problems.append(
-                f"`config.experts` {self.config.experts} prunes experts once, at fit start: drop `schedule` "
+                "`config.experts` / `config.expert_channels` prune experts once, at fit start: drop `schedule` "
                 f"({schedule!r}), or prune the experts first with `llmp prune --experts`"
             )
         try:
@@ -221,7 +221,8 @@ class StructuredPruning(L.Callback):
             pl_module.merge_adapters()
         model = pl_module.base_model
         original, current = pl_module.record.params_before, count_parameters(model)
-        experts_left = self.config.experts and not any(Kind.EXPERTS.value in s.kinds for s in pl_module.record.steps)
+        moe_kinds = {Kind.EXPERTS.value, Kind.EXPERT_CHANNELS.value}
+        experts_left = self.config.moe and not any(moe_kinds & set(s.kinds) for s in pl_module.record.steps)
         if not experts_left and self.targets[epoch] * original <= original - current:  # already there
             self.done.append(epoch)
             return

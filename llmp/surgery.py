@@ -35,6 +35,9 @@ def apply(model: PreTrainedModel, structure: Structure, plan: Plan, adapter: Ada
         elements = plan.get(group.name, [])
         if not elements or group.kind is Kind.LAYERS:
             continue
+        if group.kind is Kind.EXPERT_CHANNELS:  # per-expert gathers of shared 3-D tensors
+            adapter.cut_expert_channels(model, group, sorted(elements))
+            continue
         adapter.note_removal(model, group, sorted(elements))
         index = torch.as_tensor(sorted(elements), dtype=torch.long)
         for s in group.slices:
@@ -112,6 +115,9 @@ def mask(model: PreTrainedModel, structure: Structure, plan: Plan, adapter: Adap
             continue
         if group.kind is Kind.EXPERTS:  # a zero expert would still take its share of the routing
             adapter.mask_experts(model, group, elements)
+            continue
+        if group.kind is Kind.EXPERT_CHANNELS:
+            adapter.cut_expert_channels(model, group, sorted(elements), mask=True)
             continue
         index = torch.as_tensor(sorted(elements), dtype=torch.long)
         for s in group.slices:

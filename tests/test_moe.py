@@ -363,8 +363,9 @@ def test_a_pruned_moe_runs_in_llamacpp_with_the_same_logits(family, tmp_path):
     model.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     ids = tokenizer("The river flows into the sea near the town", return_tensors="pt").input_ids
-    prune_streamed(tmp_path / "dense", tmp_path / "streamed", PruneConfig(experts=0.5), ids.repeat(2, 4), tokenizer)
-    prune(model, PruneConfig(experts=0.5), ids.repeat(2, 4))
+    config = PruneConfig(experts=0.5, expert_channels=0.25)  # experts of width 24: q8_0's blocks do not fit, f32 does
+    prune_streamed(tmp_path / "dense", tmp_path / "streamed", config, ids.repeat(2, 4), tokenizer)
+    prune(model, config, ids.repeat(2, 4))
     save_pruned(model, tmp_path / "memory", tokenizer, record=blank_record())
     expected = logits(model, ids)[0].numpy()
     for folder in ("memory", "streamed"):
@@ -382,3 +383,63 @@ def test_moe_exports_llamacpp_would_compute_differently_are_refused(tmp_path):
         export(tmp_path / "m", "gguf", tmp_path / "m.gguf")
     with pytest.raises(LlmpError, match="vLLM's DeciLM holds no experts"):
         export(tmp_path / "m", "decilm", tmp_path / "m.decilm")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_removed_expert_channels_compute_what_zeroed_down_columns_compute(family):
+    """Each expert keeps its own channels (a different set per expert, the same count), with and
+    without whole experts removed in the same plan."""
+    model = tiny_moe(family)
+    g = torch.Generator().manual_seed(3)
+    structure = adapter_for(model).discover(model, (Kind.EXPERT_CHANNELS,))
+    plan = {
+        grp.name: sorted(b * 32 + int(c) for b in range(8) for c in torch.randperm(32, generator=g)[:12])
+        for grp in structure.groups
+    }
+    for extra in ({}, {name.replace("expert_channels", "experts"): [1, 4] for name in plan}):
+        pruned, masked, _ = prune_and_mask(model, (Kind.EXPERT_CHANNELS, Kind.EXPERTS), plan={**plan, **extra})
+        torch.testing.assert_close(logits(pruned, IDS), logits(masked, IDS), rtol=0, atol=1e-5)
+        moe_layers = [s for s in adapter_for(pruned).layer_shapes(pruned) if "experts" in s]
+        assert {s["expert_mlp"] for s in moe_layers} == {20}
+
+
+def test_expert_channel_scores_are_the_routed_gate_weighted_energy_times_the_column_norm():
+    from llmp.importance.experts import channel_recording, channel_scores
+
+    model = tiny_moe("qwen3_moe")
+    block = model.model.layers[1].mlp
+    seen = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 64)))
+    with channel_recording(block) as energy:
+        model(calibration(2, 16))
+    handle.remove()
+    x = torch.cat(seen).double()
+    top, index = torch.softmax(x @ block.gate.weight.double().T, dim=-1).topk(2, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    experts = block.experts
+    for e in (0, 5):
+        rows, slot = torch.where(index == e)
+        gate, up = (x[rows] @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        a = torch.nn.functional.silu(gate) * up * top[rows, slot, None]
+        expected = a.pow(2).sum(0) * experts.down_proj[e].double().pow(2).sum(0)
+        torch.testing.assert_close(channel_scores(block, energy)[e], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_expert_channels_prune_every_expert_alike_stream_and_replay(tmp_path):
+    from llmp.pruning import prune_streamed, replay
+
+    model, again = tiny_moe("qwen2_moe", layers=4), tiny_moe("qwen2_moe", layers=4)
+    model.save_pretrained(tmp_path / "dense")
+    config = PruneConfig(experts=0.5, expert_channels=0.25)
+    record = prune(model, config, calibration())
+    assert [s.kinds for s in record.steps] == [["experts"], ["expert_channels"]]
+    assert record.steps[0].params_after == record.steps[1].params_before
+    assert record.steps[1].params_after == record.params_after
+    assert {(s["experts"], s["expert_mlp"]) for s in record.layer_shapes} == {(4, 24)}
+    replay(again, record.steps)
+    torch.testing.assert_close(logits(again, IDS), logits(model, IDS), rtol=0, atol=0)
+    streamed = prune_streamed(tmp_path / "dense", tmp_path / "out", config, calibration())
+    assert [s.plan for s in streamed.steps] == [s.plan for s in record.steps]
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()) and plain.config.moe_intermediate_size == 24
+    torch.testing.assert_close(logits(plain, IDS), logits(model, IDS), rtol=0, atol=1e-5)

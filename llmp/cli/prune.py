@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     record = result.record
     how = ", streamed layer by layer" if args.stream else ""
     experts = f" and {config.experts:.0%} of every MoE layer's experts" if config.experts else ""
+    experts += f" and {config.expert_channels:.0%} of every expert's channels" if config.expert_channels else ""
     print(
         f"parameters: {record.params_before:,} -> {record.params_after:,} "
         f"({record.achieved_ratio:.2%} removed, asked {config.fraction:.2%}{experts}) in {result.prune_s:.1f} s{how}"

@@ -92,3 +92,39 @@ def recording(block: nn.Module) -> Iterator[ExpertStats]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def channel_recording(block: nn.Module) -> Iterator[torch.Tensor]:
+    """Accumulate, over every forward inside the MoE ``block``, each expert channel's energy
+    ``Σ (g_j(x)·a_c(x))²`` over the tokens routed to the expert (``a_c``: the channel's input to
+    ``down_proj``, ``g_j``: the router's weight): ``[experts, width]``, float64.
+
+    Times the squared norm of the channel's ``down_proj`` column it is the channel's mean squared
+    contribution to the layer's output: FLAP's fluctuation and Wanda's ``|W|·‖X‖`` score channels
+    the same way, by what they write.
+    """
+    experts = block.experts
+    energy = torch.zeros(experts.down_proj.shape[0], experts.down_proj.shape[2], dtype=torch.float64)
+
+    def hook(module, args, _output) -> None:
+        hidden, index, weights = args[:3]
+        for e in index.unique().tolist():
+            if not 0 <= e < len(energy):
+                continue
+            rows, slot = torch.where(index == e)
+            gate, up = nn.functional.linear(hidden[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
+            contribution = module.act_fn(gate) * up * weights[rows, slot, None]
+            energy[e] += contribution.double().pow(2).sum(0).cpu()
+
+    handle = experts.register_forward_hook(hook)
+    try:
+        yield energy
+    finally:
+        handle.remove()
+
+
+def channel_scores(block: nn.Module, energy: torch.Tensor) -> torch.Tensor:
+    """``[experts, width]``: each channel's energy times its ``down_proj`` column's squared norm."""
+    columns = block.experts.down_proj.detach().double().pow(2).sum(1).cpu()
+    return energy * columns

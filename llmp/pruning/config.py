@@ -44,6 +44,10 @@ class PruneConfig:
     expert_criterion (the same count in every layer, so plain transformers loads the result); alone
     it prunes nothing else; with `ratio`, the other kinds then remove that fraction of the original
     model's parameters on top"""
+    expert_channels: float = 0.0
+    """fraction of the MLP channels of every expert to remove (the same count from each, so the
+    experts keep one width), after `experts`; scored by what each channel writes: its routed,
+    gate-weighted activation energy times its down_proj column's squared norm"""
     expert_criterion: ExpertCriterion = "reap"
     """how experts are scored, from one calibration forward: reap (mean gate × output norm over the
     tokens routed to the expert), frequency, router_weight, activation_norm; see llmp.importance.experts"""
@@ -155,11 +159,16 @@ class PruneConfig:
         )
 
     @property
+    def moe(self) -> bool:
+        """Whether experts or their channels are asked for (a pass of their own, before the rest)."""
+        return bool(self.experts or self.expert_channels)
+
+    @property
     def fraction(self) -> float:
         """``ratio`` as set, or its default: 0.2, or 0 when only experts are asked for."""
         if self.ratio is not None:
             return self.ratio
-        return 0.0 if self.experts else DEFAULT_RATIO
+        return 0.0 if self.moe else DEFAULT_RATIO
 
     def problems(self) -> list[str]:
         """What is wrong without looking at a model, one message per argument (raised on construction)."""
@@ -218,18 +227,23 @@ class PruneConfig:
         return problems
 
     def _ratio_problems(self) -> list[str]:
-        problems = []
-        if self.experts and not 0.0 <= self.fraction < 1.0:
+        problems, moe = [], self.moe
+        if moe and not 0.0 <= self.fraction < 1.0:
             problems.append(
                 f"`ratio` must be in [0, 1) with `experts` (0: experts only; a fraction of all parameters); got {self.ratio}"
             )
-        elif not self.experts and not 0.0 < self.fraction < 1.0:
+        elif not moe and not 0.0 < self.fraction < 1.0:
             problems.append(
                 f"`ratio` must be between 0 and 1, both excluded (a fraction of all parameters, e.g. 0.2); got {self.ratio}"
             )
         if not 0.0 <= self.experts < 1.0:
             problems.append(
                 f"`experts` must be in [0, 1) (a fraction of every MoE layer's experts, e.g. 0.5); got {self.experts}"
+            )
+        if not 0.0 <= self.expert_channels < 1.0:
+            problems.append(
+                f"`expert_channels` must be in [0, 1) (a fraction of every expert's channels, e.g. 0.25); "
+                f"got {self.expert_channels}"
             )
         return problems
 

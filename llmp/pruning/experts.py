@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from llmp import surgery
 from llmp.errors import LlmpError
 from llmp.importance import activations
-from llmp.importance.experts import recording
+from llmp.importance.experts import channel_recording, channel_scores, recording
 from llmp.pruning.config import PruneConfig
 from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
 from llmp.pruning.layerwise import Layers
@@ -29,19 +29,24 @@ from llmp.structure.adapters import expert_count, moe_problem
 from llmp.structure.adapters.moe import sparse_block
 
 
-def experts_removed(config: PruneConfig, n: int) -> int:
-    """How many of a layer's ``n`` experts ``config.experts`` removes.
+def removed_of(fraction: float, n: int, flag: str, what: str) -> int:
+    """How many of ``n`` elements (experts of a layer, channels of an expert) ``fraction`` removes.
 
     Raises:
         LlmpError: none, or all of them.
     """
-    k = round(config.experts * n)
+    k = round(fraction * n)
     if not 0 < k < n:
         raise LlmpError(
-            f"`experts` {config.experts} removes {k} of the {n} experts of each MoE layer; choose a fraction "
-            f"that removes between 1 and {n - 1} (e.g. {round(1 / n, 3)} to {round((n - 1) / n, 3)})"
+            f"`{flag}` {fraction} removes {k} of the {n} {what}; choose a fraction that removes between 1 and "
+            f"{n - 1} (e.g. {round(1 / n, 3)} to {round((n - 1) / n, 3)})"
         )
     return k
+
+
+def experts_removed(config: PruneConfig, n: int) -> int:
+    """How many of a layer's ``n`` experts ``config.experts`` removes (see :func:`removed_of`)."""
+    return removed_of(config.experts, n, "experts", "experts of each MoE layer")
 
 
 def check_experts(model: PreTrainedModel, config: PruneConfig) -> None:
@@ -50,16 +55,20 @@ def check_experts(model: PreTrainedModel, config: PruneConfig) -> None:
     Raises:
         LlmpError: naming the argument, the value and what to do instead.
     """
-    if not config.experts:
+    asked = [(flag, v) for flag, v in (("experts", config.experts), ("expert_channels", config.expert_channels)) if v]
+    if not asked:
         return
     adapter = adapter_for(model)
     if Kind.EXPERTS not in adapter.kinds:
         raise LlmpError(
-            f"`experts` {config.experts}: this {getattr(model.config, 'model_type', '?')} model has no "
+            f"`{asked[0][0]}` {asked[0][1]}: this {getattr(model.config, 'model_type', '?')} model has no "
             "mixture-of-experts layers; use `ratio` (heads, MLP channels, layers)"
         )
-    for group in adapter.discover(model, (Kind.EXPERTS,)).groups:
-        experts_removed(config, group.size)
+    for group in adapter.discover(model, (Kind.EXPERT_CHANNELS,)).groups:
+        if config.experts:
+            experts_removed(config, group.blocks)
+        if config.expert_channels:
+            removed_of(config.expert_channels, group.block_size, "expert_channels", "channels of each expert")
 
 
 def check_experts_config(config: PruneConfig, fields: dict | None) -> None:
@@ -76,15 +85,20 @@ def check_experts_config(config: PruneConfig, fields: dict | None) -> None:
     problem = moe_problem(model_type, fields)
     if problem:
         raise LlmpError(problem)
-    if not config.experts:
+    asked = [(flag, v) for flag, v in (("experts", config.experts), ("expert_channels", config.expert_channels)) if v]
+    if not asked:
         return
     n = expert_count(fields)
     if n is None:
         raise LlmpError(
-            f"`experts` {config.experts}: this {model_type} model has no mixture-of-experts layers; use `ratio` "
+            f"`{asked[0][0]}` {asked[0][1]}: this {model_type} model has no mixture-of-experts layers; use `ratio` "
             "(heads, MLP channels, layers)"
         )
-    experts_removed(config, n)
+    if config.experts:
+        experts_removed(config, n)
+    width = fields.get("moe_intermediate_size") or fields.get("intermediate_size")
+    if config.expert_channels and isinstance(width, int):
+        removed_of(config.expert_channels, width, "expert_channels", "channels of each expert")
 
 
 @torch.no_grad()
@@ -94,36 +108,78 @@ def prune_experts(
     calibration: torch.Tensor,
     agree: Callable[[dict[str, list[int]]], dict[str, list[int]]] | None = None,
     layers_io: Layers | None = None,
-) -> Step:
-    """Remove ``config.experts`` of every MoE layer's experts in place (module docstring); the
-    :class:`~llmp.record.Step` of it. ``agree`` as in :func:`llmp.prune`; ``layers_io``: where
-    the layers' weights live (streamed: read before their turn, written after)."""
+) -> list[Step]:
+    """Remove ``config.experts`` of every MoE layer's experts, then ``config.expert_channels`` of
+    each kept expert's channels, in place (module docstring), in one pass over the layers; one
+    :class:`~llmp.record.Step` per kind, in that order (replay repeats them in turn). ``agree`` as
+    in :func:`llmp.prune`; ``layers_io``: where the layers' weights live (streamed: read before
+    their turn, written after)."""
     activations.require_calibration(calibration)
     adapter, io = adapter_for(model), layers_io or Layers()
-    structure = adapter.discover(model, (Kind.EXPERTS,))
-    groups = {g.layer: g for g in structure.groups}
-    last, compute, timings = max(groups), compute_dtype(model), Timings()
-    before, plan, routing = count_parameters(model), {}, {}
+    moe = [i for i, layer in enumerate(adapter.layers(model)) if sparse_block(layer) is not None]
+    last, compute, timings = moe[-1], compute_dtype(model), Timings()
+    before, plans, routing = count_parameters(model), {Kind.EXPERTS: {}, Kind.EXPERT_CHANNELS: {}}, {}
     inputs = layer_inputs(model, calibration, config.batch_size, compute)
     layers = adapter.layers(model)
+    removed = dict.fromkeys(plans, 0)
     for i, layer in enumerate(layers if io.visits_all else layers[: last + 1]):
         io.load(i)
         with computing(layer, compute):
-            group = groups.get(i)
-            if group is not None:
-                with timings.phase("scoring_s"), recording(sparse_block(layer)) as stats:
-                    run_layer(layer, inputs, whole=True)
-                scores = stats.score(config.expert_criterion)
-                routing[group.name] = [round(float(f), 6) for f in stats.score("frequency")]
-                order = sorted(range(group.size), key=lambda e: (float(scores[e]), e))  # ties: the lower index goes
-                mine = {group.name: sorted(order[: experts_removed(config, group.size)])}
-                mine = agree(mine) if agree is not None else mine
-                with timings.phase("surgery_s"):
-                    surgery.apply(model, Structure(structure.family, [group]), mine, adapter)
-                plan.update(mine)
+            if i in moe and config.experts:
+                n = count_parameters(model)
+                mine, routing[f"layers.{i}.experts"] = _experts_of_layer(model, i, config, inputs, timings, agree)
+                plans[Kind.EXPERTS].update(mine)
+                removed[Kind.EXPERTS] += n - count_parameters(model)
+            if i in moe and config.expert_channels:
+                n = count_parameters(model)
+                plans[Kind.EXPERT_CHANNELS].update(_channels_of_layer(model, i, config, inputs, timings, agree))
+                removed[Kind.EXPERT_CHANNELS] += n - count_parameters(model)
             if i < last:
                 inputs = run_layer(layer, inputs)
         io.release(i)
-    record = step_record(model, config, plan, before, 1, timings.seconds, [])
-    record.kinds, record.routing = [Kind.EXPERTS.value], routing
-    return record
+    return _steps(model, config, plans, removed, routing, before, timings)
+
+
+def _experts_of_layer(model, i: int, config: PruneConfig, inputs, timings: Timings, agree) -> tuple[dict, list]:
+    """Score layer ``i``'s experts on ``inputs``, remove the lowest; (its plan, the routing shares)."""
+    adapter = adapter_for(model)
+    layer, group = adapter.layers(model)[i], adapter.expert_group(model, i)
+    with timings.phase("scoring_s"), recording(sparse_block(layer)) as stats:
+        run_layer(layer, inputs, whole=True)
+    scores = stats.score(config.expert_criterion)
+    order = sorted(range(group.size), key=lambda e: (float(scores[e]), e))  # ties: the lower index goes
+    mine = {group.name: sorted(order[: experts_removed(config, group.size)])}
+    mine = agree(mine) if agree is not None else mine
+    with timings.phase("surgery_s"):
+        surgery.apply(model, Structure(adapter.family, [group]), mine, adapter)
+    return mine, [round(float(f), 6) for f in stats.score("frequency")]
+
+
+def _channels_of_layer(model, i: int, config: PruneConfig, inputs, timings: Timings, agree) -> dict:
+    """Score layer ``i``'s (kept) experts' channels on ``inputs``; each expert loses its lowest."""
+    adapter = adapter_for(model)
+    layer, group = adapter.layers(model)[i], adapter.expert_channel_group(model, i)
+    block = sparse_block(layer)
+    with timings.phase("scoring_s"), channel_recording(block) as energy:
+        run_layer(layer, inputs, whole=True)
+    scores = channel_scores(block, energy)
+    width = group.block_size
+    k = removed_of(config.expert_channels, width, "expert_channels", "channels of each expert")
+    lowest = scores.argsort(dim=1, stable=True)[:, :k]
+    mine = {group.name: sorted(int(e * width + c) for e in range(group.blocks) for c in lowest[e])}
+    mine = agree(mine) if agree is not None else mine
+    with timings.phase("surgery_s"):
+        surgery.apply(model, Structure(adapter.family, [group]), mine, adapter)
+    return mine
+
+
+def _steps(model, config: PruneConfig, plans: dict, removed: dict, routing: dict, before: int, timings) -> list[Step]:
+    """The pass's steps: experts, then expert channels, each with the parameters it removed."""
+    steps, params = [], before
+    for number, (kind, plan) in enumerate(((k, p) for k, p in plans.items() if p), 1):
+        step = step_record(model, config, plan, params, number, timings.seconds, [])
+        step.kinds, step.params_after = [kind.value], params - removed[kind]
+        step.routing = (routing or None) if kind is Kind.EXPERTS else None
+        steps.append(step)
+        params = step.params_after
+    return steps

@@ -72,7 +72,7 @@ def prune(
         LlmpError: as :func:`llmp.pruning.preflight`, or no calibration for a criterion that needs it.
     """
     config = preflight(model, config)
-    if config.experts:
+    if config.moe:
         return _experts_first(model, config, calibration, agree, given)
     if config.layerwise:
         return prune_layerwise(model, config, calibration, agree=agree, reference_params=reference_params, given=given)
@@ -108,22 +108,24 @@ def prune(
 
 
 def _experts_first(model, config: PruneConfig, calibration, agree: Agree | None, given) -> PruningRecord:
-    """``config.experts`` of every MoE layer's experts, then (``ratio`` > 0) the other kinds remove
+    """``config.experts`` of every MoE layer's experts (and ``expert_channels``), then (``ratio`` > 0) the other kinds remove
     ``ratio`` of the original parameters on top, scored on the expert-pruned model."""
     start = Start.of(model)
     first = prune_experts(model, config, calibration, agree)
     if not config.ratio:
-        return run_record(model, config, start, [first], Timings({**Timings().seconds, **first.timings}), given)
-    rest = dataclasses.replace(config, experts=0.0, ratio=config.ratio * start.params / count_parameters(model))
+        return run_record(model, config, start, first, Timings({**Timings().seconds, **first[0].timings}), given)
+    rest = dataclasses.replace(
+        config, experts=0.0, expert_channels=0.0, ratio=config.ratio * start.params / count_parameters(model)
+    )
     record = prune(model, rest, calibration, agree, given=given)
     for step in record.steps:
-        step.step += 1
+        step.step += len(first)
     return dataclasses.replace(
         record,
         params_before=start.params,
         dense_layer_shapes=start.shapes,
         settings=asdict(config),
-        steps=[first, *record.steps],
+        steps=[*first, *record.steps],
     )
 
 

@@ -217,10 +217,10 @@ def prune_streamed(
     _outside_to(model, device)
     with write_folder(output, overwrite, inputs=[path]) as tmp:
         layers = StreamedLayers(model, where, dtype, tmp, device)
-        if config.experts:
+        if config.moe:
             start = Start.of(model)
-            step = prune_experts(model, config, calibration, layers_io=layers)
-            record = run_record(model, config, start, [step], Timings({**Timings().seconds, **step.timings}), given)
+            steps = prune_experts(model, config, calibration, layers_io=layers)
+            record = run_record(model, config, start, steps, Timings({**Timings().seconds, **steps[0].timings}), given)
         else:
             record = prune_layerwise(model, config, calibration, layers, given=given)
         prefix = layers.adapter.layers_path + "."
@@ -245,9 +245,9 @@ def stream_problems(config: PruneConfig) -> list[str]:
     """What streamed pruning cannot do, named as the user asked it (``stream``, not ``layerwise``):
     it scores heads and MLP channels from each layer's activations, in one pass."""
     problems = []
-    if config.experts and config.fraction:
+    if config.moe and config.fraction:
         problems.append(
-            f"`stream` prunes experts in a pass of their own: use `experts` {config.experts} alone (no `ratio`), "
+            f"`stream` prunes experts in a pass of their own: use `experts` / `expert_channels` alone (no `ratio`), "
             f"then stream the output again with `ratio` {config.ratio}"
         )
     if config.scope != "block":

@@ -32,6 +32,7 @@ class Kind(StrEnum):
     HIDDEN = "hidden"  # residual-stream channels: embeddings, norms, every projection
     LAYERS = "layers"  # whole decoder layers
     EXPERTS = "experts"  # whole experts of a mixture-of-experts layer: their weights and router rows
+    EXPERT_CHANNELS = "expert_channels"  # each expert's MLP channels, the same count from every expert
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def renormalises(router: nn.Module) -> bool:
 class MoeAdapter(LlamaAdapter):
     family = "moe"
     model_types = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
-    kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS, Kind.EXPERTS)
+    kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS, Kind.EXPERTS, Kind.EXPERT_CHANNELS)
     hidden_readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     bias_flags: ClassVar[dict[str, tuple[str, ...]]] = {}
     whole_width_qk_norms: ClassVar[tuple[str, ...]] = ("olmoe",)
@@ -66,6 +66,8 @@ class MoeAdapter(LlamaAdapter):
                 groups.append(self.mlp_group(model, i))
             if Kind.EXPERTS in kinds and block is not None:
                 groups.append(self.expert_group(model, i))
+            if Kind.EXPERT_CHANNELS in kinds and block is not None:
+                groups.append(self.expert_channel_group(model, i))
         if Kind.LAYERS in kinds:
             groups.append(self.layer_group(model))
         return Structure(self.family, groups)
@@ -93,6 +95,33 @@ class MoeAdapter(LlamaAdapter):
             Slice(f"{p}.experts.down_proj", 0, 1, writes=True),
         )
         return Group(f"layers.{i}.experts", Kind.EXPERTS, i, n, slices)
+
+    def expert_channel_group(self, model: PreTrainedModel, i: int) -> Group:
+        """Layer ``i``'s expert channels: element ``e · width + c`` is channel ``c`` of expert ``e``
+        (its gate and up rows, its down column); every expert (a block) loses the same count, so
+        the experts keep one width. Cut by :meth:`cut_expert_channels`, not by slices: each expert
+        keeps its own channels of the shared 3-D tensors."""
+        experts = sparse_block(self.layers(model)[i]).experts
+        n, width = experts.down_proj.shape[0], experts.down_proj.shape[2]
+        return Group(f"layers.{i}.expert_channels", Kind.EXPERT_CHANNELS, i, n * width, blocks=n)
+
+    def cut_expert_channels(
+        self, model: PreTrainedModel, group: Group, elements: list[int], mask: bool = False
+    ) -> None:
+        """Remove (``mask``: zero the down columns of) the channels ``elements`` of ``group``."""
+        experts = sparse_block(self.layers(model)[group.layer]).experts
+        n, width = group.blocks, group.block_size
+        gone = torch.zeros(n, width, dtype=torch.bool)
+        gone.view(-1)[torch.as_tensor(elements, dtype=torch.long)] = True
+        if mask:
+            experts.down_proj.data.masked_fill_(gone[:, None, :].to(experts.down_proj.device), 0.0)
+            return
+        keep = (~gone).nonzero()[:, 1].reshape(n, -1).to(experts.down_proj.device)  # each expert's kept channels
+        rows = torch.cat([keep, keep + width], dim=1)  # [gate; up]
+        gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+        experts.gate_up_proj.data = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
+        experts.down_proj.data = torch.gather(down, 2, keep[:, None, :].expand(-1, down.shape[1], -1))
+        experts.gate_up_proj.grad = experts.down_proj.grad = None
 
     def layer_writes(self, model: PreTrainedModel, i: int) -> list[str]:
         """Attention's output projection, and the dense MLP's, or every expert's and the shared expert's."""
@@ -138,6 +167,7 @@ class MoeAdapter(LlamaAdapter):
             n = block.gate.weight.shape[0]
             counts.append(n)
             block.gate.num_experts = block.experts.num_experts = n
+            block.experts.intermediate_dim = block.experts.down_proj.shape[2]
             block.gate.top_k = min(getattr(block.gate, "top_k", top_k), n)
             if hasattr(block, "top_k"):  # Mixtral's block keeps its own copy
                 block.top_k = block.gate.top_k
