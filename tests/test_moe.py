@@ -443,3 +443,18 @@ def test_expert_channels_prune_every_expert_alike_stream_and_replay(tmp_path):
     plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info.values()) and plain.config.moe_intermediate_size == 24
     torch.testing.assert_close(logits(plain, IDS), logits(model, IDS), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(ratio=0.02, attention="query"), dict(ratio=0.04, attention="kv"), dict(ratio=0.2, scope="layer")],
+    ids=["query-heads", "kv-groups", "layers"],
+)
+def test_heads_and_layers_prune_on_a_moe_as_on_a_dense_model(settings, tmp_path):
+    """Without experts asked, a Mixtral loses heads (flap, layer by layer) or whole layers (Taylor);
+    the folder loads in plain transformers with the pruned model's logits."""
+    model = tiny_moe("mixtral", layers=4)
+    record = prune(model, PruneConfig(**settings), calibration())
+    assert 0 < record.achieved_ratio and {s.kinds[0] for s in record.steps} <= {"query_heads", "kv_groups", "layers"}
+    save_pruned(model, tmp_path / "out", record=blank_record())
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS), rtol=0, atol=1e-5)
