@@ -410,7 +410,7 @@ def test_expert_channel_scores_are_the_routed_gate_weighted_energy_times_the_col
     block = model.model.layers[1].mlp
     seen = []
     handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 64)))
-    with channel_recording(block) as energy:
+    with channel_recording(block) as stats:
         model(calibration(2, 16))
     handle.remove()
     x = torch.cat(seen).double()
@@ -422,7 +422,7 @@ def test_expert_channel_scores_are_the_routed_gate_weighted_energy_times_the_col
         gate, up = (x[rows] @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
         a = torch.nn.functional.silu(gate) * up * top[rows, slot, None]
         expected = a.pow(2).sum(0) * experts.down_proj[e].double().pow(2).sum(0)
-        torch.testing.assert_close(channel_scores(block, energy)[e], expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(channel_scores(block, stats)[e], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_expert_channels_prune_every_expert_alike_stream_and_replay(tmp_path):
@@ -430,7 +430,7 @@ def test_expert_channels_prune_every_expert_alike_stream_and_replay(tmp_path):
 
     model, again = tiny_moe("qwen2_moe", layers=4), tiny_moe("qwen2_moe", layers=4)
     model.save_pretrained(tmp_path / "dense")
-    config = PruneConfig(experts=0.5, expert_channels=0.25)
+    config = PruneConfig(experts=0.5, expert_channels=0.25, compensate="none")  # replay repeats no refit
     record = prune(model, config, calibration())
     assert [s.kinds for s in record.steps] == [["experts"], ["expert_channels"]]
     assert record.steps[0].params_after == record.steps[1].params_before
@@ -458,3 +458,17 @@ def test_heads_and_layers_prune_on_a_moe_as_on_a_dense_model(settings, tmp_path)
     assert 0 < record.achieved_ratio and {s.kinds[0] for s in record.steps} <= {"query_heads", "kv_groups", "layers"}
     save_pruned(model, tmp_path / "out", record=blank_record())
     torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS), rtol=0, atol=1e-5)
+
+
+
+def test_the_refit_of_each_expert_brings_the_pruned_model_closer_to_the_dense_one():
+    """lstsq (the default) refits each expert's kept down columns to what the whole expert wrote on
+    its routed calibration tokens: the pruned model's logits move less than without it."""
+    dense, calib = tiny_moe("qwen3_moe"), calibration(16, 64)
+    errors = {}
+    for compensate in ("none", "lstsq"):
+        model = tiny_moe("qwen3_moe")
+        record = prune(model, PruneConfig(expert_channels=0.5, compensate=compensate), calib)
+        assert record.settings["compensate"] == compensate
+        errors[compensate] = float((logits(model, calib) - logits(dense, calib)).pow(2).mean())
+    assert errors["lstsq"] < 0.95 * errors["none"], errors

@@ -94,37 +94,70 @@ def recording(block: nn.Module) -> Iterator[ExpertStats]:
             handle.remove()
 
 
-@contextmanager
-def channel_recording(block: nn.Module) -> Iterator[torch.Tensor]:
-    """Accumulate, over every forward inside the MoE ``block``, each expert channel's energy
-    ``Σ (g_j(x)·a_c(x))²`` over the tokens routed to the expert (``a_c``: the channel's input to
-    ``down_proj``, ``g_j``: the router's weight): ``[experts, width]``, float64.
+@dataclass
+class ChannelStats:
+    """Per expert, over the tokens routed to it, of ``u = g_j(x)·a(x)`` (the gate-weighted inputs of
+    its ``down_proj``): ``energy`` ``Σ u_c²`` [experts, width], float64, and with ``gram`` the
+    uncentred ``Σ u uᵀ`` [experts, width, width], float32 (the least-squares refit's)."""
 
-    Times the squared norm of the channel's ``down_proj`` column it is the channel's mean squared
+    energy: torch.Tensor
+    gram: torch.Tensor | None = None
+
+
+@contextmanager
+def channel_recording(block: nn.Module, gram: bool = False) -> Iterator[ChannelStats]:
+    """Accumulate :class:`ChannelStats` over every forward inside the MoE ``block``.
+
+    A channel's energy times the squared norm of its ``down_proj`` column is its mean squared
     contribution to the layer's output: FLAP's fluctuation and Wanda's ``|W|·‖X‖`` score channels
     the same way, by what they write.
     """
     experts = block.experts
-    energy = torch.zeros(experts.down_proj.shape[0], experts.down_proj.shape[2], dtype=torch.float64)
+    n, width = experts.down_proj.shape[0], experts.down_proj.shape[2]
+    stats = ChannelStats(torch.zeros(n, width, dtype=torch.float64))
+    if gram:
+        stats.gram = torch.zeros(n, width, width, dtype=torch.float32)
 
     def hook(module, args, _output) -> None:
         hidden, index, weights = args[:3]
         for e in index.unique().tolist():
-            if not 0 <= e < len(energy):
+            if not 0 <= e < n:
                 continue
             rows, slot = torch.where(index == e)
             gate, up = nn.functional.linear(hidden[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
-            contribution = module.act_fn(gate) * up * weights[rows, slot, None]
-            energy[e] += contribution.double().pow(2).sum(0).cpu()
+            u = (module.act_fn(gate) * up * weights[rows, slot, None]).float()
+            stats.energy[e] += u.double().pow(2).sum(0).cpu()
+            if stats.gram is not None:
+                stats.gram[e] += (u.T @ u).cpu()
 
     handle = experts.register_forward_hook(hook)
     try:
-        yield energy
+        yield stats
     finally:
         handle.remove()
 
 
-def channel_scores(block: nn.Module, energy: torch.Tensor) -> torch.Tensor:
+def channel_scores(block: nn.Module, stats: ChannelStats) -> torch.Tensor:
     """``[experts, width]``: each channel's energy times its ``down_proj`` column's squared norm."""
     columns = block.experts.down_proj.detach().double().pow(2).sum(1).cpu()
-    return energy * columns
+    return stats.energy * columns
+
+
+def refit_down(block: nn.Module, stats: ChannelStats, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Each expert's ``down_proj`` on its kept channels ``keep`` [experts, kept], refit by ridge
+    least squares to what the whole expert wrote on its routed tokens (as
+    :mod:`llmp.pruning.compensation`'s ``lstsq``, uncentred: experts have no bias):
+    ``W_K' = W_K + W_R Σ_RK (Σ_KK + λI)⁻¹``, λ = ``ridge`` × mean diag Σ_KK. Returns [experts, hidden, kept]."""
+    down = block.experts.down_proj.detach()
+    out = []
+    for e in range(down.shape[0]):
+        k = keep[e].cpu()
+        r = torch.ones(down.shape[2], dtype=torch.bool)
+        r[k] = False
+        sigma = stats.gram[e].double()
+        s_kk, s_kr = sigma[k][:, k], sigma[k][:, r]
+        s_kk.diagonal().add_(ridge * float(s_kk.diagonal().mean()) + 1e-12)
+        w = down[e].double().cpu()
+        correction = torch.linalg.solve(s_kk, s_kr @ w[:, r].T).T  # W_R Σ_RK Σ_KK⁻¹ (Σ symmetric)
+        out.append((w[:, k] + correction).to(down.dtype))
+    return torch.stack(out).to(down.device)

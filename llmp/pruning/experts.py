@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from llmp import surgery
 from llmp.errors import LlmpError
 from llmp.importance import activations
-from llmp.importance.experts import channel_recording, channel_scores, recording
+from llmp.importance.experts import channel_recording, channel_scores, recording, refit_down
 from llmp.pruning.config import PruneConfig
 from llmp.pruning.layercalls import compute_dtype, computing, layer_inputs, run_layer
 from llmp.pruning.layerwise import Layers
@@ -159,17 +159,23 @@ def _channels_of_layer(model, i: int, config: PruneConfig, inputs, timings: Timi
     """Score layer ``i``'s (kept) experts' channels on ``inputs``; each expert loses its lowest."""
     adapter = adapter_for(model)
     layer, group = adapter.layers(model)[i], adapter.expert_channel_group(model, i)
-    block = sparse_block(layer)
-    with timings.phase("scoring_s"), channel_recording(block) as energy:
+    block, refit = sparse_block(layer), config.compensate == "lstsq"
+    with timings.phase("scoring_s"), channel_recording(block, gram=refit) as stats:
         run_layer(layer, inputs, whole=True)
-    scores = channel_scores(block, energy)
+    scores = channel_scores(block, stats)
     width = group.block_size
     k = removed_of(config.expert_channels, width, "expert_channels", "channels of each expert")
     lowest = scores.argsort(dim=1, stable=True)[:, :k]
     mine = {group.name: sorted(int(e * width + c) for e in range(group.blocks) for c in lowest[e])}
     mine = agree(mine) if agree is not None else mine
     with timings.phase("surgery_s"):
+        gone = torch.zeros(group.blocks, width, dtype=torch.bool)
+        gone.view(-1)[torch.as_tensor(mine[group.name], dtype=torch.long)] = True
+        keep = (~gone).nonzero()[:, 1].reshape(group.blocks, -1)
+        new_down = refit_down(block, stats, keep, config.ridge) if refit else None
         surgery.apply(model, Structure(adapter.family, [group]), mine, adapter)
+        if new_down is not None:
+            block.experts.down_proj.data = new_down
     return mine
 
 
