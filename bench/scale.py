@@ -37,6 +37,7 @@ def main() -> None:
         "--ratio", type=float, default=None, help="as `llmp prune --ratio` (unset: 0.2, 0 with --experts)"
     )
     parser.add_argument("--experts", type=float, default=0.0, help="as `llmp prune --experts` (MoE shapes)")
+    parser.add_argument("--expert-channels", type=float, default=0.0, help="as `llmp prune --expert-channels`")
     parser.add_argument("--attention", default="none")
     parser.add_argument("--criterion", default="flap")
     parser.add_argument("--compensate", default="lstsq")
@@ -57,6 +58,7 @@ def main() -> None:
     config = PruneConfig(
         ratio=args.ratio,
         experts=args.experts,
+        expert_channels=args.expert_channels,
         attention=args.attention,
         criterion=args.criterion,
         compensate=args.compensate,
@@ -78,7 +80,8 @@ def main() -> None:
         "weights_gb": round(weights / 1024**3, 3),
         "calibration": f"c4: {args.num_samples} x {args.seq_len} tokens",
         "settings": {
-            k: getattr(config, k) for k in ("ratio", "experts", "attention", "criterion", "compensate", "ranking")
+            k: getattr(config, k)
+            for k in ("ratio", "experts", "expert_channels", "attention", "criterion", "compensate", "ranking")
         },
         "prune_s": round(t2 - t1, 1),
         "total_s": round(t2 - t0, 1),
