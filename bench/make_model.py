@@ -19,6 +19,17 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SHAPES = {
+    # a few layers of Llama for the GPU check's CPU dry run (bench/gpu_check.py --dry-run)
+    "tiny-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
     # TinyLlama-1.1B (Llama layout, GQA 32/4): 1.10B parameters
     "tinyllama-1.1b": dict(
         hidden_size=2048,

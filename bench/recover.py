@@ -1,7 +1,7 @@
 """Benchmark: training step time of RecoveryModule's losses under a Lightning Trainer, and of a bare loop.
 
     python bench/recover.py [--model smollm2-135m] [--mode lora|full] [--data alpaca-1k]
-        [--variants bare,ce,kd] [--batch-size 4] [--steps 10]
+        [--variants bare,ce,kd] [--batch-size 4] [--steps 10] [--device cuda --strategy ddp]
 
 Every variant trains the same model (loaded and LoRA-wrapped by RecoveryModule.setup), on the
 same batches (``--data`` through RecoveryData: Alpaca records with their template and cutoff, or
@@ -68,21 +68,29 @@ def module(args, distill: DistillSettings | None = None) -> RecoveryModule:
     return RecoveryModule(args.model, mode=args.mode, learning_rate=1e-4, warmup_steps=2, dtype=dtype, distill=distill)
 
 
+def sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()  # a step's kernels are done before its time is read
+
+
 def bare(args, batches: list[dict]) -> list[float]:
     m = module(args)
     m.setup("fit")
-    model = m.model
+    model = m.model.to(args.device)
+    batches = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
     times = []
     for i, batch in enumerate(batches):
+        sync(args)
         start = time.perf_counter()
         loss = model(**{k: v for k, v in batch.items() if k != "example"}).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(args)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -91,8 +99,9 @@ def bare(args, batches: list[dict]) -> list[float]:
 def lightning(args, batches: list[dict], distill: DistillSettings | None) -> list[float]:
     timer = Timer(args.warmup)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.device,
         devices=1,
+        strategy=args.strategy,
         precision=args.precision,
         max_steps=len(batches),
         limit_val_batches=0,
@@ -120,6 +129,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--strategy", default="auto", help="Lightning's (ddp: one DDP process, as the GPU check runs it)"
+    )
     args = parser.parse_args()
 
     variants = args.variants.split(",")
@@ -155,6 +168,9 @@ def main() -> None:
                 f"peak_rss_gb_after_{name}", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             )
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    out["device"], out["strategy"] = args.device, args.strategy
+    if args.device == "cuda":
+        out["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     for name, times in results.items():
         out[f"{name}_step_s_median"] = round(statistics.median(times), 4)
         out[f"{name}_tokens_per_s"] = round(sum(tokens) * args.rounds / sum(times), 1)

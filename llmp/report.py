@@ -27,12 +27,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import re
 from pathlib import Path
 
 from llmp.errors import LlmpError
 from llmp.outdir import write_atomic
 from llmp.record import Generations, Perplexity, PruningRecord, read_record
+
+log = logging.getLogger(__name__)
 
 
 def layer_shapes(model) -> list[dict[str, int]]:
@@ -122,9 +125,14 @@ def write_report(folder: str | Path, generations: Generations | None = None) -> 
     md, png = folder / "report.md", folder / "report.png"
     dense = dense_shapes(record, folder)  # both rendered before either is written
     image = io.BytesIO()
-    plot_shapes(record, dense).savefig(image, format="png", dpi=110)
-    text = render_markdown(record, dense, tasks, generations, png.name)
-    write_atomic(png, image.getvalue())
+    try:
+        plot_shapes(record, dense).savefig(image, format="png", dpi=110)
+    except ImportError:  # matplotlib is optional where llmp runs with a minimal set (the GPU check)
+        log.warning("matplotlib is not installed: %s gets no plot", md)
+        image = None
+    text = render_markdown(record, dense, tasks, generations, png.name if image is not None else None)
+    if image is not None:
+        write_atomic(png, image.getvalue())
     write_atomic(md, text)
     return md, png
 
@@ -195,11 +203,14 @@ def _plot_fitness(ax, searches) -> None:
         ax.legend(fontsize=7)
 
 
-def render_markdown(record: PruningRecord, dense, tasks: list[dict], generations: Generations | None, png: str) -> str:
+def render_markdown(
+    record: PruningRecord, dense, tasks: list[dict], generations: Generations | None, png: str | None
+) -> str:
     """The Markdown summary (see the module docstring)."""
     settings = record.settings
     before, after = record.params_before, record.params_after
-    lines = [f"# Pruning report: {record.model or 'model'}", "", f"![kept structures per layer]({png})", ""]
+    lines = [f"# Pruning report: {record.model or 'model'}", ""]
+    lines += [f"![kept structures per layer]({png})", ""] if png else []
     lines += ["| parameters | count |", "| --- | ---: |", f"| before | {before:,} |", f"| after | {after:,} |"]
     asked = settings.get("ratio")
     lines.append(f"| removed | {record.achieved_ratio:.2%}" + (f" (asked {asked:.2%})" if asked else "") + " |")

@@ -144,3 +144,32 @@ def test_search_memory_spills_past_its_budget(tiny_dir):
         result["statistics_bytes_held"] == 0 and result["statistics_bytes_spilled"] > 0 and result["variants_bytes"] > 0
     )
     assert result["peak_rss_gb_variants"] >= result["peak_rss_gb_model"] > 0 and result["threads"] >= 1
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_passes_every_step(tmp_path):
+    """bench/gpu_check.py --dry-run: the GPU check's steps on the CPU with tiny shapes (the ZeRO
+    step through llmp's CPU DeepSpeed strategy), so the script a lent GPU runs cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    steps = {line["step"]: line for line in lines}
+    assert list(steps) == ["machine", "tests", "prune", "zero", "ddp", "vllm"], (
+        done.stdout[-3000:] + done.stderr[-3000:]
+    )
+    failed = {k: v.get("error") for k, v in steps.items() if k != "machine" and not v["ok"]}
+    assert not failed and done.returncode == 0, failed
+    assert set(steps["zero"]["result"]) == {"zero2_lora", "zero2_full", "zero3_lora", "zero3_full"}
+    assert all(r["loads"] for r in steps["zero"]["result"].values())
+    assert steps["ddp"]["result"]["lightning_over_bare"] > 0
+    assert steps["prune"]["result"]["streamed"]["achieved_ratio"] > 0.1

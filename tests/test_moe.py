@@ -460,7 +460,6 @@ def test_heads_and_layers_prune_on_a_moe_as_on_a_dense_model(settings, tmp_path)
     torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS), rtol=0, atol=1e-5)
 
 
-
 def test_the_refit_of_each_expert_brings_the_pruned_model_closer_to_the_dense_one():
     """lstsq (the default) refits each expert's kept down columns to what the whole expert wrote on
     its routed calibration tokens: the pruned model's logits move less than without it."""
