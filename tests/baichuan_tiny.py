@@ -24,6 +24,9 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The outputs' cache field: ``past_key_values`` before transformers renamed it."""
+
 
 class BaichuanConfig(PretrainedConfig):
     model_type = "baichuan"
@@ -255,7 +258,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
         mask = self._mask(attention_mask, hidden_states.dtype, bsz, q_len, past)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids, cache=cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states)
+        )  # no cache kept (its field is named by version)
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
@@ -271,6 +276,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, labels=None, use_cache=None, **kwargs
     ):
+        cache = cache if cache is not None else kwargs.get("past_key_values")  # the name before transformers 5.2x
         out = self.model(input_ids, attention_mask, position_ids, cache, bool(use_cache))
         logits = self.lm_head(out.last_hidden_state)
         loss = None
@@ -278,7 +284,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: getattr(out, CACHE)})
 
 
 AutoConfig.register("baichuan", BaichuanConfig, exist_ok=True)
