@@ -145,3 +145,17 @@ def test_modules_and_functions_stay_small():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert not big and not long, big + long
+
+
+def test_heavy_optional_packages_load_only_when_used():
+    """What the GPU check's minimal environment lacks (datasets, lm-eval, DeepSpeed, llama.cpp,
+    gguf; bench/gpu_wheels.sh) is not imported by importing llmp's commands, its module or callback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmp, llmp.fit, llmp.cli, llmp.recovery, llmp.callbacks, llmp.pruning, llmp.export\n"
+        "print(','.join(m for m in ('datasets', 'lm_eval', 'deepspeed', 'llama_cpp', 'gguf', 'pyarrow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", done.stdout
