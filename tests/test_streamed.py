@@ -109,6 +109,7 @@ def test_streaming_refuses_what_is_not_a_folder(tmp_path, calib):
         prune_streamed(tmp_path, tmp_path / "out", _config(), calib)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_streamed_on_cuda_equals_cpu(calib, tmp_path):
     """One layer on the GPU at a time, computed in the model's dtype there: the same plan as on CPU."""
