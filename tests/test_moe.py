@@ -485,3 +485,9 @@ def test_streamed_expert_pruning_on_cuda_removes_what_the_cpu_removes(tmp_path):
     assert on_gpu.steps[0].plan == on_cpu.steps[0].plan  # the experts; channel ties may order differently
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "gpu")
     assert plain.config.num_experts == 4
+
+
+def test_target_gguf_keeps_expert_widths_in_whole_q8_0_blocks(tmp_path):
+    model = tiny_moe("qwen3_moe", moe_intermediate_size=96)
+    record = prune(model, PruneConfig(experts=0.25, expert_channels=0.4, target="gguf"), calibration())
+    assert {s["expert_mlp"] for s in record.layer_shapes} == {64}  # 96 - 38 = 58 → 64, the nearest multiple of 32

@@ -44,6 +44,19 @@ def removed_of(fraction: float, n: int, flag: str, what: str) -> int:
     return k
 
 
+def channels_removed(config: PruneConfig, width: int) -> int:
+    """How many of an expert's ``width`` channels ``config.expert_channels`` removes: the closest
+    count that keeps a multiple of ``round_to`` (``--target gguf``: 32, q8_0's block)."""
+    k = removed_of(config.expert_channels, width, "expert_channels", "channels of each expert")
+    step = config.round_to
+    if step > 1 and (width - k) % step:
+        kept = max(step, round((width - k) / step) * step)
+        k = removed_of(
+            (width - kept) / width, width, "expert_channels", f"channels of each expert (kept a multiple of {step})"
+        )
+    return k
+
+
 def experts_removed(config: PruneConfig, n: int) -> int:
     """How many of a layer's ``n`` experts ``config.experts`` removes (see :func:`removed_of`)."""
     return removed_of(config.experts, n, "experts", "experts of each MoE layer")
@@ -68,7 +81,7 @@ def check_experts(model: PreTrainedModel, config: PruneConfig) -> None:
         if config.experts:
             experts_removed(config, group.blocks)
         if config.expert_channels:
-            removed_of(config.expert_channels, group.block_size, "expert_channels", "channels of each expert")
+            channels_removed(config, group.block_size)
 
 
 def check_experts_config(config: PruneConfig, fields: dict | None) -> None:
@@ -164,7 +177,7 @@ def _channels_of_layer(model, i: int, config: PruneConfig, inputs, timings: Timi
         run_layer(layer, inputs, whole=True)
     scores = channel_scores(block, stats)
     width = group.block_size
-    k = removed_of(config.expert_channels, width, "expert_channels", "channels of each expert")
+    k = channels_removed(config, width)
     lowest = scores.argsort(dim=1, stable=True)[:, :k]
     mine = {group.name: sorted(int(e * width + c) for e in range(group.blocks) for c in lowest[e])}
     mine = agree(mine) if agree is not None else mine

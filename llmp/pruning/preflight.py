@@ -20,7 +20,7 @@ from llmp.errors import LlmpError
 from llmp.pruning.config import PruneConfig, layer_ranges
 from llmp.pruning.experts import check_experts
 from llmp.structure import Kind, adapter_for
-from llmp.targets import EXPORT_FAMILIES, TARGET_ALIGN
+from llmp.targets import EXPORT_FAMILIES, MOE_GGUF_FAMILIES, TARGET_ALIGN
 from llmp.verify import verify
 
 
@@ -51,6 +51,8 @@ def preflight(model: PreTrainedModel, config: PruneConfig) -> PruneConfig:
 
 def _refuse_target(model: PreTrainedModel, config: PruneConfig) -> None:
     family = getattr(model.config, "model_type", None)
+    if config.target == "gguf" and family in MOE_GGUF_FAMILIES:
+        return  # llmp.export.gguf_moe writes llama.cpp's own MoE architectures
     if config.target in TARGET_ALIGN and family not in EXPORT_FAMILIES:
         raise LlmpError(
             f"`target` {config.target}: llmp exports the Llama layout ({', '.join(EXPORT_FAMILIES)}) to llama.cpp "
