@@ -89,6 +89,7 @@ TINY_MOE = {
     ),
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=8, intermediate_size=32)),
     "olmoe": ("OlmoeForCausalLM", dict(num_experts=8, intermediate_size=32, norm_topk_prob=False)),
+    "granitemoe": ("GraniteMoeForCausalLM", dict(num_local_experts=8, intermediate_size=32)),
 }
 MOE_FAMILIES = tuple(TINY_MOE)
 

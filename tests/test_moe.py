@@ -61,8 +61,9 @@ def test_a_pruned_moe_loads_in_plain_transformers_and_in_llmp(family, tmp_path):
     plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert plain.config.num_experts_per_tok == 2
-    torch.testing.assert_close(logits(plain, IDS), expected, rtol=0, atol=0)
-    torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), expected, rtol=0, atol=0)
+    atol = 1e-6 if family == "granitemoe" else 0  # transformers' own reload of a dense Granite-MoE differs by 1e-7
+    torch.testing.assert_close(logits(plain, IDS), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "out"), IDS), expected, rtol=0, atol=atol)
 
 
 def test_top_k_never_exceeds_the_experts_kept(tmp_path):
@@ -195,7 +196,7 @@ def test_llmp_prune_experts_writes_a_folder_plain_transformers_loads(tmp_path, c
     assert plain.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe-dense", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe-dense", "mixtral", "qwen2_moe", "granitemoe"])
 def test_streamed_expert_pruning_equals_the_in_memory_one(family, tmp_path):
     """From the per-expert tensors transformers saves, one layer at a time, to a folder plain
     transformers loads: the same experts removed and the same logits as in memory."""
@@ -289,16 +290,16 @@ def test_a_fit_prunes_experts_and_recovers_with_distillation(moe_dir, tmp_path, 
     torch.testing.assert_close(logits(plain, ids), logits(module.model, ids), rtol=0, atol=1e-5)
 
 
-def test_an_unknown_moe_family_is_refused_by_name():
+def test_an_unknown_moe_family_is_refused_by_name_with_what_it_lacks():
     import transformers
 
-    config = transformers.GraniteMoeConfig(
+    config = transformers.GptOssConfig(
         num_local_experts=4, num_experts_per_tok=2, hidden_size=64, intermediate_size=32, num_attention_heads=4,
-        num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+        num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=128,
     )  # fmt: skip
     with torch.device("meta"):
-        model = transformers.GraniteMoeForCausalLM(config)
-    with pytest.raises(LlmpError, match="`granitemoe` is a mixture-of-experts model, and llmp prunes the experts of"):
+        model = transformers.GptOssForCausalLM(config)
+    with pytest.raises(LlmpError, match="`gpt_oss` is a mixture-of-experts model.*its router and experts have biases"):
         adapter_for(model)
 
 

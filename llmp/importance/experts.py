@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from llmp.structure.adapters.moe import router
+
 ExpertCriterion = Literal["reap", "frequency", "router_weight", "activation_norm"]
 EXPERT_CRITERIA: tuple[str, ...] = ("reap", "frequency", "router_weight", "activation_norm")
 
@@ -67,10 +69,11 @@ def _expert_outputs(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor
 @contextmanager
 def recording(block: nn.Module) -> Iterator[ExpertStats]:
     """Accumulate :class:`ExpertStats` of the sparse MoE ``block`` over every forward inside the block."""
-    n = block.gate.weight.shape[0]
+    gate = router(block)
+    n = gate.weight.shape[0]
     stats = ExpertStats.empty(n)
 
-    def router(_module, _args, output) -> None:
+    def on_router(_module, _args, output) -> None:
         logits = output[0].reshape(-1, n)
         stats.probability += torch.softmax(logits.double(), dim=-1).sum(0).cpu()
         stats.tokens += logits.shape[0]
@@ -86,7 +89,7 @@ def recording(block: nn.Module) -> Iterator[ExpertStats]:
             stats.norm[e] += norms.sum().cpu()
             stats.weighted_norm[e] += (weights[rows, slot].double() * norms).sum().cpu()
 
-    handles = [block.gate.register_forward_hook(router), block.experts.register_forward_hook(experts)]
+    handles = [gate.register_forward_hook(on_router), block.experts.register_forward_hook(experts)]
     try:
         yield stats
     finally:

@@ -54,15 +54,26 @@ def expert_count(fields: dict) -> int | None:
     return next((n for n in counts if isinstance(n, int) and n > 1), None)
 
 
+UNLIKE_THE_SUPPORTED = {
+    "gpt_oss": "its router and experts have biases, and its experts run a clamped SwiGLU on interleaved gate/up rows",
+    "deepseek_v3": "it routes by sigmoid scores with a correction bias and grouped top-k, beside shared experts and "
+    "latent attention",
+    "llama4": "it routes top-1 by a sigmoid that scales the expert's input, and interleaves MoE and dense layers",
+}
+"""What a known MoE family does that the supported ones (softmax top-k routers, fused SwiGLU
+experts without biases) do not: the part of the mechanism an adapter for it would add."""
+
+
 def moe_problem(model_type: str | None, fields: dict) -> str | None:
     """Why llmp refuses a mixture-of-experts family it has no adapter for (``None``: not refused)."""
     if model_type in _ADAPTERS or expert_count(fields) is None:
         return None
+    why = UNLIKE_THE_SUPPORTED.get(model_type, "automatic discovery does not map routed experts")
     return (
         f"`{model_type}` is a mixture-of-experts model, and llmp prunes the experts of "
-        f"{', '.join(MoeAdapter.model_types)} only (routers and fused expert tensors it knows); automatic "
-        "discovery does not map routed experts. Use one of those families, or write an adapter for this "
-        "one (docs/adapters.md, docs/moe.md)"
+        f"{', '.join(MoeAdapter.model_types)} only (softmax top-k routers, fused SwiGLU experts); for "
+        f"{model_type}, {why}. Use one of those families, or write an adapter for this one "
+        "(docs/adapters.md, docs/moe.md)"
     )
 
 

@@ -32,12 +32,33 @@ from llmp.structure.adapters.base import Unsupported, set_config_fields
 from llmp.structure.adapters.llama import LlamaAdapter
 from llmp.structure.groups import Group, Kind, Slice, Structure
 
+BLOCKS = ("mlp", "block_sparse_moe")  # the sparse block's name in a layer (Granite-MoE: block_sparse_moe)
+ROUTERS = ("gate", "router")  # the router's name in the block (Granite-MoE: router)
+
+
+def block_name(layer: nn.Module) -> str | None:
+    """The name of the layer's sparse MoE block (a router and fused ``experts``), ``None`` for a dense MLP."""
+    for name in BLOCKS:
+        block = getattr(layer, name, None)
+        experts = getattr(block, "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj") and router_name(block):
+            return name
+    return None
+
 
 def sparse_block(layer: nn.Module) -> nn.Module | None:
-    """The layer's sparse MoE block (a router ``gate`` and fused ``experts``), or ``None`` for a dense MLP."""
-    mlp = getattr(layer, "mlp", None)
-    experts = getattr(mlp, "experts", None)
-    return mlp if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(mlp, "gate") else None
+    """The layer's sparse MoE block, or ``None`` for a dense MLP."""
+    name = block_name(layer)
+    return getattr(layer, name) if name else None
+
+
+def router_name(block: nn.Module) -> str | None:
+    return next((name for name in ROUTERS if hasattr(getattr(block, name, None), "weight")), None)
+
+
+def router(block: nn.Module) -> nn.Module:
+    """The block's router (one weight row per expert)."""
+    return getattr(block, router_name(block))
 
 
 def renormalises(router: nn.Module) -> bool:
@@ -47,7 +68,7 @@ def renormalises(router: nn.Module) -> bool:
 
 class MoeAdapter(LlamaAdapter):
     family = "moe"
-    model_types = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+    model_types = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "granitemoe")
     kinds = (Kind.KV_GROUPS, Kind.QUERY_HEADS, Kind.MLP, Kind.LAYERS, Kind.EXPERTS, Kind.EXPERT_CHANNELS)
     hidden_readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     bias_flags: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -87,10 +108,11 @@ class MoeAdapter(LlamaAdapter):
 
     def expert_group(self, model: PreTrainedModel, i: int) -> Group:
         """Layer ``i``'s experts: router row, [gate; up] and down of each."""
-        p = f"{self.layers_path}.{i}.mlp"
-        n = sparse_block(self.layers(model)[i]).gate.weight.shape[0]
+        layer = self.layers(model)[i]
+        p, block = f"{self.layers_path}.{i}.{block_name(layer)}", sparse_block(layer)
+        n = router(block).weight.shape[0]
         slices = (
-            Slice(f"{p}.gate.weight", 0, 1),
+            Slice(f"{p}.{router_name(block)}.weight", 0, 1),
             Slice(f"{p}.experts.gate_up_proj", 0, 1),
             Slice(f"{p}.experts.down_proj", 0, 1, writes=True),
         )
@@ -132,15 +154,15 @@ class MoeAdapter(LlamaAdapter):
         block = sparse_block(layer)
         if block is None:
             return [*names, f"{p}.mlp.down_proj.weight"]
-        names.append(f"{p}.mlp.experts.down_proj")
+        names.append(f"{p}.{block_name(layer)}.experts.down_proj")
         if getattr(block, "shared_expert", None) is not None:
-            names.append(f"{p}.mlp.shared_expert.down_proj.weight")
+            names.append(f"{p}.{block_name(layer)}.shared_expert.down_proj.weight")
         return names
 
     def mask_experts(self, model: PreTrainedModel, group: Group, elements: list[int]) -> None:
         """The reference a removal of ``elements`` must equal: their router logits at −∞ before the
         softmax; everything else (top-k, renormalisation) as the router computes it."""
-        router = sparse_block(self.layers(model)[group.layer]).gate
+        gate = router(sparse_block(self.layers(model)[group.layer]))
         removed = torch.as_tensor(sorted(elements), dtype=torch.long)
 
         def forward(self, hidden_states):
@@ -153,7 +175,7 @@ class MoeAdapter(LlamaAdapter):
                 top = top / top.sum(dim=-1, keepdim=True)
             return logits, top.to(logits.dtype), indices
 
-        router.forward = types.MethodType(forward, router)
+        gate.forward = types.MethodType(forward, gate)
 
     def sync(self, model: PreTrainedModel) -> None:
         super().sync(model)
@@ -164,13 +186,14 @@ class MoeAdapter(LlamaAdapter):
             if block is None:
                 dense.append(i)
                 continue
-            n = block.gate.weight.shape[0]
+            gate = router(block)
+            n = gate.weight.shape[0]
             counts.append(n)
-            block.gate.num_experts = block.experts.num_experts = n
+            gate.num_experts = block.experts.num_experts = n
             block.experts.intermediate_dim = block.experts.down_proj.shape[2]
-            block.gate.top_k = min(getattr(block.gate, "top_k", top_k), n)
+            gate.top_k = min(getattr(gate, "top_k", top_k), n)
             if hasattr(block, "top_k"):  # Mixtral's block keeps its own copy
-                block.top_k = block.gate.top_k
+                block.top_k = gate.top_k
         if hasattr(config, "mlp_only_layers"):  # Qwen MoE: which layers are dense, by their new index
             config.mlp_only_layers, config.decoder_sparse_step = dense, 1
         if counts and len(set(counts)) == 1:
@@ -182,7 +205,7 @@ class MoeAdapter(LlamaAdapter):
 
     @staticmethod
     def _experts_field(config) -> str:
-        return "num_local_experts" if config.model_type == "mixtral" else "num_experts"
+        return "num_local_experts" if config.model_type in ("mixtral", "granitemoe") else "num_experts"
 
     @staticmethod
     def _width_field(config) -> str:
