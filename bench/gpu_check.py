@@ -19,8 +19,9 @@ next step runs whatever happened:
 5. ``vllm``   the DeciLM export served by vLLM, if vLLM is importable there (it is not carried).
 
 ``--dry-run`` runs the same steps on the CPU with tiny shapes (CI runs it, so the script cannot
-rot between GPU runs). Sized for an H100: about 8 minutes, model writes included (see
-docs/benchmarks/gpu.md for the table the lines fill). The wheels llmp needs beyond that machine's
+rot between GPU runs). Meant to fit in 8 minutes of an H100, model writes included, with a few
+steps and a 7-minute limit per child; it has not run on a GPU yet, so its time there is not
+measured: ``--steps`` reruns only some (docs/benchmarks/gpu.md has the table the lines fill). The wheels llmp needs beyond that machine's
 own packages come from ``bash bench/gpu_wheels.sh`` (install them first: see the docs page).
 """
 
