@@ -12,7 +12,9 @@ import json
 import math
 import re
 import struct
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,6 +148,40 @@ def put_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         else:
             module._buffers[attr] = tensor
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Where a fused expert tensor's parts are stored: ``parts[pattern][expert]`` = (file, name)
+    (what :func:`current_names` gives with ``combine=Fused`` for per-expert checkpoints)."""
+
+    parts: list[list[tuple[Path, str]]]
+
+    def shape(self, headers: dict[Path, dict]) -> list[int]:
+        """[experts, Σ rows of the patterns, columns], from the parts' headers."""
+        first = [headers[p[0][0]][p[0][1]]["shape"] for p in self.parts]
+        return [len(self.parts[0]), sum(s[0] for s in first), first[0][1]]
+
+
+def read_stored(where: dict, names: Iterable[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Tensors ``names`` (current names), read where ``where`` says: ``(file, name in the file)``,
+    or :class:`Fused` per-expert parts, stacked one fused tensor at a time."""
+    by_file, fused, out = defaultdict(list), {}, {}
+    for name in names:
+        if isinstance(where[name], Fused):
+            fused[name] = where[name]
+        else:
+            by_file[where[name][0]].append(name)
+    for file, wanted in by_file.items():
+        tensors = read_safetensors(file, dtype, [where[n][1] for n in wanted])
+        out.update({n: tensors[where[n][1]] for n in wanted})
+    for name, source in fused.items():  # its parts and it at once, never a layer's experts twice
+        keys = defaultdict(list)
+        for file, key in (entry for pattern in source.parts for entry in pattern):
+            keys[file].append(key)
+        read = {(file, k): t for file, ks in keys.items() for k, t in read_safetensors(file, dtype, ks).items()}
+        out[name] = stack_experts([[read.pop(entry) for entry in p] for p in source.parts])
+    return out
 
 
 def stack_experts(parts: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -78,15 +78,27 @@ def write_gguf(source: Source, path: Path, dtype: str = "auto", name: str | None
     writer = gguf.GGUFWriter(path, ARCH)
     _add_hparams(writer, source, dtype, name or source.folder.name)
     add_vocabulary(writer, source)
+    return write_tensors(writer, source.record, dtype, tensors, fallback)
+
+
+def write_tensors(writer, record: str | None, dtype: str, tensors: list[_Tensor], fallback: list[str]) -> dict:
+    """Finish a GGUF file whose hyperparameters and vocabulary ``writer`` holds: llmp's keys
+    (its export settings, the pruning ``record``), then ``tensors``, one in memory at a time.
+
+    Returns:
+        what was written (see :func:`write_gguf`).
+    """
+    import gguf
+
     writer.add_string(EXPORT_KEY, json.dumps({"dtype": dtype, "f16_fallback": fallback}))
-    if source.record is not None:
-        writer.add_string(REPORT_KEY, source.record)
+    if record is not None:
+        writer.add_string(REPORT_KEY, record)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.float32, _nbytes(t), raw_dtype=t.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for t in tensors:  # one tensor in memory at a time
+    for t in tensors:
         writer.write_tensor_data(gguf.quants.quantize(t.read().numpy(), t.qtype))
     writer.close()
     notes = []
@@ -96,6 +108,37 @@ def write_gguf(source: Source, path: Path, dtype: str = "auto", name: str | None
             f"({', '.join(fallback[:4])}{', ...' if len(fallback) > 4 else ''})"
         )
     return {"dtype": dtype, "tensors": len(tensors), "f16_fallback": fallback, "notes": notes}
+
+
+def tensor_entries(dtype: str) -> tuple[Callable[..., _Tensor], list[str]]:
+    """``entry(gguf_name, shape, read)``: a tensor of the file in ``dtype`` (1-D ones float32, a
+    matrix whose rows do not split into q8_0's blocks f16), and the list of those f16 fallbacks."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    wanted = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    fallback: list[str] = []
+
+    def entry(gguf_name: str, shape, read: Callable[[], torch.Tensor]) -> _Tensor:
+        qtype = Q.F32 if len(shape) == 1 else wanted
+        if qtype == Q.Q8_0 and shape[-1] % 32:
+            qtype = Q.F16
+            fallback.append(gguf_name)
+        return _Tensor(gguf_name, tuple(shape), qtype, read)
+
+    return entry, fallback
+
+
+def add_file_header(writer, dtype: str, name: str) -> None:
+    """The model's name and file type (and the quantization version for q8_0)."""
+    import gguf
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
+    file_type |= {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_name(name)
+    writer.add_file_type(file_type[dtype])
+    if dtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _nbytes(t: _Tensor) -> int:
@@ -110,20 +153,14 @@ def _plan(source: Source, dtype: str) -> tuple[list[_Tensor], list[str]]:
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    wanted = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
-    fallback: list[str] = []
+    make, fallback = tensor_entries(dtype)
 
     def entry(gguf_name: str, hf_name: str, shape, transform=None) -> _Tensor:
-        qtype = Q.F32 if len(shape) == 1 else wanted
-        if qtype == Q.Q8_0 and shape[-1] % 32:
-            qtype = Q.F16
-            fallback.append(gguf_name)
-
         def read() -> torch.Tensor:
             tensor = source.tensor(hf_name)
             return transform(tensor) if transform else tensor
 
-        return _Tensor(gguf_name, tuple(shape), qtype, read)
+        return make(gguf_name, shape, read)
 
     h, d, vocab = source.hidden, source.head_dim, source.config["vocab_size"]
     plan = [entry("token_embd.weight", "model.embed_tokens.weight", (vocab, h))]
@@ -178,12 +215,7 @@ def _add_hparams(writer, source: Source, dtype: str, name: str) -> None:
     import gguf
 
     config, rope = source.config, source.rope
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-    file_type |= {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_name(name)
-    writer.add_file_type(file_type[dtype])
-    if dtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_file_header(writer, dtype, name)
     writer.add_block_count(len(source.layers))
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(source.hidden)

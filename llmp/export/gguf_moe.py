@@ -20,17 +20,23 @@ says otherwise is refused, since llama.cpp would compute another model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmp.errors import LlmpError
-from llmp.export.gguf import EXPORT_KEY, REPORT_KEY, _Tensor, add_vocabulary, resolve_dtype, rope_pairs
+from llmp.export.gguf import (
+    add_file_header,
+    add_vocabulary,
+    resolve_dtype,
+    rope_pairs,
+    tensor_entries,
+    write_tensors,
+)
 from llmp.record import REPORT
-from llmp.tensorfile import model_files, read_header, read_safetensors
+from llmp.tensorfile import Fused, current_names, model_files, read_header, read_stored
 
 ARCHES = {
     "qwen3_moe": "qwen3moe",
@@ -53,7 +59,7 @@ class MoeSource:
     width: int
     record: str | None
     dtype: torch.dtype
-    files: dict[str, tuple[Path, str]]  # name as the model holds it → (file, name in the file)
+    where: dict  # name as the model holds it → (file, name in the file), or Fused per-expert parts
 
     @property
     def hidden(self) -> int:
@@ -64,21 +70,16 @@ class MoeSource:
         return self.config.get("head_dim") or self.hidden // self.config["num_attention_heads"]
 
     def has(self, name: str) -> bool:
-        return name in self.files
+        return name in self.where
 
     def tensor(self, name: str) -> torch.Tensor:
-        file, key = self.files[name]
-        return read_safetensors(file, torch.float32, [key])[key]
+        """One tensor in float32, read now (a fused expert tensor from its per-expert parts)."""
+        return read_stored(self.where, [name], torch.float32)[name]
 
     def experts_of(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s ([experts, 2·width, hidden] gate_up, [experts, hidden, width] down), fused."""
         p = f"model.layers.{i}.mlp.experts."
-        if self.has(p + "gate_up_proj"):
-            return self.tensor(p + "gate_up_proj"), self.tensor(p + "down_proj")
-        names = ("w1", "w3", "w2") if self.config["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        prefix = f"model.layers.{i}.block_sparse_moe.experts." if self.config["model_type"] == "mixtral" else p
-        parts = [[self.tensor(f"{prefix}{e}.{n}.weight") for e in range(self.experts)] for n in names]
-        return torch.cat([torch.stack(parts[0]), torch.stack(parts[1])], dim=1), torch.stack(parts[2])
+        return self.tensor(p + "gate_up_proj"), self.tensor(p + "down_proj")
 
 
 def open_moe_source(folder: Path, config: dict) -> MoeSource:
@@ -108,13 +109,15 @@ def open_moe_source(folder: Path, config: dict) -> MoeSource:
         problems.append("llama.cpp's olmoe normalises keys over all query heads' width: it takes no grouped KV heads")
     if problems:
         raise LlmpError(f"cannot export {folder} to GGUF: " + "; ".join(problems))
-    files, dtypes = {}, set()
+    stored, dtypes = {}, set()
     for file in model_files(folder):
         entries, _ = read_header(file)
         for name, info in entries.items():
-            files[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = (file, name)  # Mixtral's hub name
+            stored[name] = (file, name)
             if info["dtype"].is_floating_point:
                 dtypes.add(info["dtype"])
+    with torch.device("meta"):  # for transformers' own map of the checkpoint's names (no weights)
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     experts = config.get("num_local_experts") or config.get("num_experts")  # transformers 5 maps one onto the other
     width = config["intermediate_size"] if family in ("mixtral", "olmoe") else config["moe_intermediate_size"]
     record = folder / REPORT
@@ -126,7 +129,7 @@ def open_moe_source(folder: Path, config: dict) -> MoeSource:
         width=width,
         record=record.read_text() if record.is_file() else None,
         dtype=next(iter(dtypes)) if len(dtypes) == 1 else torch.float32,
-        files=files,
+        where=current_names(skeleton, stored, combine=Fused),
     )
 
 
@@ -136,37 +139,18 @@ def write_moe_gguf(source: MoeSource, path: Path, dtype: str = "auto", name: str
     import gguf
 
     dtype = resolve_dtype(dtype, source)
-    Q = gguf.GGMLQuantizationType
-    wanted = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
     writer = gguf.GGUFWriter(path, source.arch)
     _hparams(writer, source, dtype, name or source.folder.name)
     add_vocabulary(writer, source)
-    writer.add_string(EXPORT_KEY, json.dumps({"dtype": dtype, "f16_fallback": []}))
-    if source.record is not None:
-        writer.add_string(REPORT_KEY, source.record)
-    tensors = list(_plan(source, wanted))
-    for t in tensors:
-        block, size = gguf.GGML_QUANT_SIZES[t.qtype]
-        writer.add_tensor_info(t.name, t.shape, np.float32, int(np.prod(t.shape)) // block * size, raw_dtype=t.qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in tensors:  # one tensor in memory at a time (a layer's experts for the three expert tensors)
-        writer.write_tensor_data(gguf.quants.quantize(t.read().numpy(), t.qtype))
-    writer.close()
-    return {"dtype": dtype, "tensors": len(tensors), "f16_fallback": [], "notes": []}
+    entry, fallback = tensor_entries(dtype)
+    tensors = list(_plan(source, entry))  # a layer's three expert tensors read once, when the first is written
+    return write_tensors(writer, source.record, dtype, tensors, fallback)
 
 
 def _hparams(writer, source: MoeSource, dtype: str, name: str) -> None:
-    import gguf
 
     config = source.config
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
-    file_type |= {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_name(name)
-    writer.add_file_type(file_type[dtype])
-    if dtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_file_header(writer, dtype, name)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(source.hidden)
@@ -187,17 +171,8 @@ def _hparams(writer, source: MoeSource, dtype: str, name: str) -> None:
         writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
 
 
-def _plan(source: MoeSource, wanted):
-    """Every tensor of the file, in order, with its type and how to read it."""
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-
-    def entry(gguf_name: str, shape, read) -> _Tensor:
-        qtype = Q.F32 if len(shape) == 1 else wanted
-        if qtype == Q.Q8_0 and shape[-1] % 32:
-            qtype = Q.F16
-        return _Tensor(gguf_name, tuple(shape), qtype, read)
+def _plan(source: MoeSource, entry):
+    """Every tensor of the file, in order (``entry``: :func:`llmp.export.gguf.tensor_entries`'s)."""
 
     def hf(name: str, transform=None):
         return lambda: transform(source.tensor(name)) if transform else source.tensor(name)

@@ -62,21 +62,30 @@ def experts_removed(config: PruneConfig, n: int) -> int:
     return removed_of(config.experts, n, "experts", "experts of each MoE layer")
 
 
+def _asked(config: PruneConfig) -> list[tuple[str, float]]:
+    """The expert flags set: (name, fraction)."""
+    return [(flag, v) for flag, v in (("experts", config.experts), ("expert_channels", config.expert_channels)) if v]
+
+
+def no_experts(flag: str, value: float, model_type) -> LlmpError:
+    return LlmpError(
+        f"`{flag}` {value}: this {model_type} model has no mixture-of-experts layers; use `ratio` "
+        "(heads, MLP channels, layers)"
+    )
+
+
 def check_experts(model: PreTrainedModel, config: PruneConfig) -> None:
     """Refuse ``experts`` for a model without MoE layers or a fraction that removes none or all.
 
     Raises:
         LlmpError: naming the argument, the value and what to do instead.
     """
-    asked = [(flag, v) for flag, v in (("experts", config.experts), ("expert_channels", config.expert_channels)) if v]
+    asked = _asked(config)
     if not asked:
         return
     adapter = adapter_for(model)
     if Kind.EXPERTS not in adapter.kinds:
-        raise LlmpError(
-            f"`{asked[0][0]}` {asked[0][1]}: this {getattr(model.config, 'model_type', '?')} model has no "
-            "mixture-of-experts layers; use `ratio` (heads, MLP channels, layers)"
-        )
+        raise no_experts(*asked[0], getattr(model.config, "model_type", "?"))
     for group in adapter.discover(model, (Kind.EXPERT_CHANNELS,)).groups:
         if config.experts:
             experts_removed(config, group.blocks)
@@ -98,15 +107,12 @@ def check_experts_config(config: PruneConfig, fields: dict | None) -> None:
     problem = moe_problem(model_type, fields)
     if problem:
         raise LlmpError(problem)
-    asked = [(flag, v) for flag, v in (("experts", config.experts), ("expert_channels", config.expert_channels)) if v]
+    asked = _asked(config)
     if not asked:
         return
     n = expert_count(fields)
     if n is None:
-        raise LlmpError(
-            f"`{asked[0][0]}` {asked[0][1]}: this {model_type} model has no mixture-of-experts layers; use `ratio` "
-            "(heads, MLP channels, layers)"
-        )
+        raise no_experts(*asked[0], model_type)
     if config.experts:
         experts_removed(config, n)
     width = fields.get("moe_intermediate_size") or fields.get("intermediate_size")

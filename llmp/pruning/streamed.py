@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,14 +41,14 @@ from llmp.structure.adapters.base import module_name
 from llmp.surgery import sync_module_sizes
 from llmp.tensorfile import (
     INDEX,
+    Fused,
     add_biases,
     current_names,
     materialize_buffers,
     model_files,
     put_tensors,
     read_header,
-    read_safetensors,
-    stack_experts,
+    read_stored,
 )
 
 
@@ -93,36 +91,10 @@ class StreamedLayers(Layers):
         self.total_size += sum(t.numel() * t.element_size() for t in state.values())
 
 
-@dataclass(frozen=True)
-class Fused:
-    """Where a fused expert tensor's parts are stored: ``parts[pattern][expert]`` = (file, name)."""
-
-    parts: list[list[tuple[Path, str]]]
-
-    def shape(self, headers: dict[Path, dict]) -> list[int]:
-        """[experts, Σ rows of the patterns, columns], from the parts' headers."""
-        first = [headers[p[0][0]][p[0][1]]["shape"] for p in self.parts]
-        return [len(self.parts[0]), sum(s[0] for s in first), first[0][1]]
-
-
 def read_tensors(model: PreTrainedModel, where: dict, names: list[str], dtype) -> None:
     """Read tensors ``names`` (current names; ``where`` says in which file, under which name, or
     from which per-expert parts) into ``model``."""
-    by_file, fused = defaultdict(list), {}
-    for name in names:
-        if isinstance(where[name], Fused):
-            fused[name] = where[name]
-        else:
-            by_file[where[name][0]].append(name)
-    for file, wanted in by_file.items():
-        tensors = read_safetensors(file, dtype, [where[n][1] for n in wanted])
-        put_tensors(model, {n: tensors[where[n][1]] for n in wanted})
-    for name, source in fused.items():  # one fused tensor at a time: its parts and it, never a layer's twice
-        keys = defaultdict(list)
-        for file, key in (entry for pattern in source.parts for entry in pattern):
-            keys[file].append(key)
-        read = {(file, k): t for file, ks in keys.items() for k, t in read_safetensors(file, dtype, ks).items()}
-        put_tensors(model, {name: stack_experts([[read.pop(entry) for entry in p] for p in source.parts])})
+    put_tensors(model, read_stored(where, names, dtype))
 
 
 def open_skeleton(
